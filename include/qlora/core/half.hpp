@@ -139,6 +139,19 @@ inline void convert(const float* in, float* out, std::size_t n) {
   if (in != out) std::memcpy(out, in, n * sizeof(float));
 }
 
+#ifdef QLORA_HALF_SIMD
+// Store 8 fp32 lanes as float / bf16 / fp16 (round to nearest even), for vectorized dequantizers.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(fp16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(bf16* p, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  convert(tmp, p, 8);
+}
+#endif
+
 // Element-wise store of one fp32 value into any supported output type (used by dequantizers).
 inline void store(float v, float* p) { *p = v; }
 inline void store(float v, bf16* p) { *p = to_bf16(v); }

@@ -1,0 +1,45 @@
+// Row-wise int8 (LLM.int8 weights): the fast path against the reference, and the rounding rule.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "qlora/quant/rowwise_int8.hpp"
+
+using namespace qlora;
+using namespace qlora::quant;
+
+TEST_CASE("row-wise int8 rounds half to even and keeps the row absmax", "[quant]") {
+  // row absmax 127 makes the scale exactly 1, so x * s == x and the rounding rule shows directly
+  const std::vector<float> x = {127.0f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -126.5f, 3.49f, 0, 0, 0, 0, 0, 0, 0, 0,
+                                0,      0,    0,    0,    0,     0,     0,       0};
+  const RowwiseInt8 q = quantize_rowwise_int8(x.data(), 1, std::int64_t(x.size()));
+  REQUIRE(q.scb[0] == 127.0f);
+  const std::vector<std::int8_t> want = {127, 0, 2, 2, 0, -2, -126, 3};
+  for (std::size_t i = 0; i < want.size(); ++i) REQUIRE(q.q[i] == want[i]);
+}
+
+TEST_CASE("fast row-wise int8 equals the reference", "[quant]") {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 0.02f);
+  for (auto shape : {std::pair<int, int>{1, 1}, {3, 17}, {64, 64}, {33, 1000}, {5, 4096}}) {
+    const int rows = shape.first, cols = shape.second;
+    std::vector<float> x(std::size_t(rows) * cols);
+    for (auto& v : x) v = d(rng);
+    std::fill(x.begin(), x.begin() + cols, 0.0f);  // a zero row
+    const RowwiseInt8 fast = quantize_rowwise_int8(x.data(), rows, cols);
+    std::vector<std::int8_t> q(x.size());
+    std::vector<float> scb(rows);
+    ref::quantize_rowwise_int8(x.data(), rows, cols, q.data(), scb.data());
+    REQUIRE(fast.q == q);
+    REQUIRE(fast.scb == scb);
+    std::vector<float> deq(x.size());
+    dequantize(fast, deq.data());
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) {
+        const std::size_t i = std::size_t(r) * cols + c;
+        REQUIRE(std::fabs(deq[i] - x[i]) <= scb[r] / 127.0f * 0.5f * 1.0001f);  // half a step
+      }
+  }
+}

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The whole test suite (README "command 2"; CI runs it through .ci/run):
+#   1. deps       the Debian packages below (installed when root, else the sudo line is printed)
+#   2. release    Release build of everything (tests, examples, benchmarks) in build/, then ctest
+#   3. asan       tests with AddressSanitizer + UndefinedBehaviorSanitizer (Debug) in build-asan/
+#   4. fuzz       libFuzzer on the safetensors reader for QLORA_FUZZ_SECONDS (default 60), build-fuzz/
+# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
+# The last line is "N passed, N failed": the ctest tests of both runs plus the fuzz run as one
+# test. A configure or build that fails counts as one more failed test, so "0 failed" always
+# means a clean run.
+#
+# Environment: QLORA_SKIP_ASAN=1, QLORA_SKIP_FUZZ=1 skip those steps; QLORA_FUZZ_SECONDS;
+# QLORA_JOBS (build parallelism, default nproc). Build directories are reused (incremental).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+JOBS=${QLORA_JOBS:-$(nproc 2>/dev/null || echo 2)}
+FUZZ_SECONDS=${QLORA_FUZZ_SECONDS:-60}
+export CTEST_OUTPUT_ON_FAILURE=1
+
+passed=0
+failed=0
+failures=()
+timings=()
+T_START=$SECONDS
+
+banner() {
+  echo
+  echo "================================================================================"
+  echo "== $*"
+  echo "================================================================================"
+}
+# step_end NAME START: record how long the step took.
+step_end() {
+  local dt=$((SECONDS - $2))
+  timings+=("$(printf '%-28s %4dm%02ds' "$1" $((dt / 60)) $((dt % 60)))")
+  echo "-- $1: $((dt / 60))m$((dt % 60))s"
+}
+fail() { # fail WHAT: one failed test-equivalent (a step that could not produce its tests)
+  failed=$((failed + 1))
+  failures+=("$1")
+  echo "!! FAILED: $1"
+}
+
+# cmake --build that keeps going past a failed target, so one broken file does not hide the
+# results of all other tests (their ctest entries still run; the broken one reports Not Run).
+build() { # build DIR [cmake --build args...]
+  local dir=$1 gen keep=()
+  shift
+  gen=$(sed -n 's/^CMAKE_GENERATOR:INTERNAL=//p' "$dir/CMakeCache.txt" 2>/dev/null)
+  case "$gen" in
+    Ninja*) keep=(-- -k 0) ;;
+    *Makefiles*) keep=(-- -k) ;;
+  esac
+  cmake --build "$dir" -j "$JOBS" "$@" "${keep[@]}"
+}
+
+# run_ctest DIR LABEL: runs ctest in DIR, adds its counts to the totals.
+run_ctest() {
+  local dir=$1 label=$2 log="$1/ctest.log" rc line total nfail name
+  (cd "$dir" && ctest --output-on-failure -j2 </dev/null) 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  # "100% tests passed, 0 tests failed out of 12"
+  line=$(grep -E '[0-9]+ tests? failed out of [0-9]+' "$log" | tail -1)
+  if [ -n "$line" ]; then
+    nfail=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\1/' <<<"$line")
+    total=$(sed -E 's/.* ([0-9]+) tests? failed out of ([0-9]+).*/\2/' <<<"$line")
+    passed=$((passed + total - nfail))
+    failed=$((failed + nfail))
+    if [ "$nfail" -gt 0 ]; then
+      while IFS= read -r name; do failures+=("$label: $name"); done \
+        < <(sed -n '/The following tests FAILED:/,$p' "$log" | grep -E '^[[:space:]]+[0-9]+ - ' | sed -E 's/^[[:space:]]+[0-9]+ - //')
+    fi
+  elif grep -q 'No tests were found' "$log"; then
+    echo "-- $label: no tests found"
+  else
+    fail "$label: ctest did not report results (exit $rc)"
+    return
+  fi
+  if [ "$rc" -ne 0 ] && [ -z "$line" ]; then fail "$label: ctest exit $rc"; fi
+}
+
+# --- 1. deps ----------------------------------------------------------------------------------
+banner "1/4 deps"
+t=$SECONDS
+# shellcheck source=deps.sh
+source scripts/deps.sh cmake g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev clang libclang-rt-14-dev
+step_end "1 deps" $t
+
+# --- 2. Release build + ctest ------------------------------------------------------------------
+banner "2/4 Release build (tests, examples, benchmarks) in build/ + ctest"
+t=$SECONDS
+if cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
+     -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=ON -DQLORA_BUILD_BENCHMARKS=ON -DQLORA_SANITIZE=OFF; then
+  build build || fail "release: build (see the compiler errors above)"
+  step_end "2a release build" $t
+  t=$SECONDS
+  run_ctest build release
+  step_end "2b release ctest" $t
+else
+  fail "release: cmake configure"
+  step_end "2 release" $t
+fi
+
+# --- 3. ASan + UBSan -----------------------------------------------------------------------------
+banner "3/4 AddressSanitizer + UndefinedBehaviorSanitizer tests (Debug) in build-asan/ + ctest"
+if [ "${QLORA_SKIP_ASAN:-0}" = 1 ]; then
+  echo "-- skipped (QLORA_SKIP_ASAN=1)"
+else
+  t=$SECONDS
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1}
+  export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+  if cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQLORA_SANITIZE=ON \
+       -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF; then
+    build build-asan || fail "asan: build (see the compiler errors above)"
+    step_end "3a asan build" $t
+    t=$SECONDS
+    run_ctest build-asan asan
+    step_end "3b asan ctest" $t
+  else
+    fail "asan: cmake configure"
+    step_end "3 asan" $t
+  fi
+fi
+
+# --- 4. libFuzzer on the safetensors reader ------------------------------------------------------
+banner "4/4 libFuzzer: fuzz_safetensors for ${FUZZ_SECONDS}s in build-fuzz/"
+if [ "${QLORA_SKIP_FUZZ:-0}" = 1 ]; then
+  echo "-- skipped (QLORA_SKIP_FUZZ=1)"
+elif [ ! -f tests/fuzz/CMakeLists.txt ]; then
+  echo "-- skipped: tests/fuzz/CMakeLists.txt does not exist yet"
+else
+  t=$SECONDS
+  CLANGXX=$(command -v clang++ || command -v clang++-14 || echo clang++)
+  if CXX=$CLANGXX cmake -S . -B build-fuzz -DQLORA_FUZZ=ON \
+       -DQLORA_BUILD_TESTS=OFF -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF &&
+     cmake --build build-fuzz -j "$JOBS" --target fuzz_safetensors; then
+    step_end "4a fuzz build" $t
+    t=$SECONDS
+    fuzzer=$(find build-fuzz -type f -name fuzz_safetensors -perm -u+x | head -1)
+    if [ -z "$fuzzer" ]; then
+      fail "fuzz: built, but no fuzz_safetensors executable found under build-fuzz/"
+    else
+      corpus=$(mktemp -d "${TMPDIR:-/tmp}/qlora-fuzz-corpus.XXXXXX")
+      seeds=()
+      for d in tests/data/safetensors tests/data/safetensors/broken; do
+        [ -d "$d" ] && seeds+=("$ROOT/$d")
+      done
+      rm -rf build-fuzz/artifacts && mkdir -p build-fuzz/artifacts
+      echo "-- $fuzzer $corpus ${seeds[*]}"
+      # -timeout: one input taking 10 s is a hang; timeout(1) is a backstop for the whole run.
+      timeout $((FUZZ_SECONDS + 300)) "$fuzzer" -max_total_time="$FUZZ_SECONDS" -timeout=10 \
+        -print_final_stats=1 -artifact_prefix="$ROOT/build-fuzz/artifacts/" \
+        "$corpus" "${seeds[@]}" </dev/null
+      rc=$?
+      rm -rf "$corpus"
+      if [ $rc -eq 0 ]; then
+        passed=$((passed + 1))
+        echo "-- fuzz: no crash in ${FUZZ_SECONDS}s"
+      else
+        fail "fuzz: fuzz_safetensors exit $rc (reproducer in build-fuzz/artifacts/: run $fuzzer <file>)"
+        ls -l build-fuzz/artifacts/ 2>/dev/null
+      fi
+    fi
+    step_end "4b fuzz run" $t
+  else
+    fail "fuzz: configure/build of fuzz_safetensors"
+    step_end "4 fuzz" $t
+  fi
+fi
+
+# --- summary -------------------------------------------------------------------------------------
+banner "summary"
+for l in "${timings[@]}"; do echo "  $l"; done
+dt=$((SECONDS - T_START))
+echo "  $(printf '%-28s %4dm%02ds' total $((dt / 60)) $((dt % 60)))"
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "failed:"
+  for f in "${failures[@]}"; do echo "  $f"; done
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

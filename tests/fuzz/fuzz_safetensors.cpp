@@ -1,0 +1,40 @@
+// libFuzzer target for the safetensors reader: any byte string must either parse into views that are
+// entirely in bounds, or throw qlora::Error. Anything else (a crash, an ASan/UBSan report, another
+// exception type, a leak) is a bug.
+//
+// Run (clang only), with a scratch corpus first so new inputs do not land in the committed seeds:
+//   CXX=clang++ cmake -S . -B build-fuzz -DQLORA_FUZZ=ON -DQLORA_BUILD_TESTS=OFF \
+//     -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF
+//   cmake --build build-fuzz --target fuzz_safetensors
+//   mkdir -p /tmp/st_corpus && ./build-fuzz/tests/fuzz/fuzz_safetensors -max_total_time=60 \
+//     /tmp/st_corpus tests/data/safetensors tests/data/safetensors/broken
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "qlora/core/error.hpp"
+#include "qlora/io/safetensors.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  using namespace qlora;
+  try {
+    const auto f = safetensors::File::from_memory(std::vector<std::uint8_t>(data, data + size), "fuzz");
+    volatile std::uint8_t sink = 0;
+    for (const auto& name : f.names()) {
+      const auto v = f.get(name);
+      // Reading every byte lets ASan prove the view is inside the buffer.
+      std::uint8_t acc = 0;
+      for (std::size_t i = 0; i < v.nbytes; ++i) acc = std::uint8_t(acc ^ v.data[i]);
+      sink = std::uint8_t(sink ^ acc);
+      if (dtype_is_float(v.dtype)) {
+        const auto x = v.to_f32();
+        if (x.size() != std::size_t(v.numel())) __builtin_trap();
+      }
+      if (v.nbytes != std::size_t(v.numel()) * dtype_size(v.dtype)) __builtin_trap();
+    }
+    for (const auto& kv : f.metadata()) sink = std::uint8_t(sink ^ kv.second.size());
+    (void)sink;
+  } catch (const Error&) {
+  }
+  return 0;
+}

@@ -1,0 +1,5 @@
+#pragma once
+// The subcommands of the qlora tool; each returns the process exit code and throws qlora::Error on
+// bad input.
+int cmd_quantize(int argc, char** argv);
+extern const char* quantize_usage;

@@ -10,6 +10,7 @@
 //     /tmp/st_corpus tests/data/safetensors tests/data/safetensors/broken
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "qlora/core/error.hpp"
@@ -34,6 +35,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     for (const auto& kv : f.metadata()) sink = std::uint8_t(sink ^ kv.second.size());
     (void)sink;
+
+    // Whatever was accepted must survive a write and re-read unchanged (the writer's JSON must be
+    // readable by the reader, including escapes and empty tensors sharing an offset).
+    safetensors::Writer w;
+    for (const auto& name : f.names()) {
+      const auto v = f.get(name);
+      w.add(name, v.dtype, v.shape, v.data, v.nbytes);
+    }
+    for (const auto& kv : f.metadata()) w.set_metadata(kv.first, kv.second);
+    const auto g = safetensors::File::from_memory(w.to_bytes(), "rewritten");
+    if (g.names() != f.names() || g.metadata() != f.metadata() || g.data_offset() % 8 != 0) __builtin_trap();
+    for (const auto& name : f.names()) {
+      const auto a = f.get(name), b = g.get(name);
+      if (a.dtype != b.dtype || a.shape != b.shape || a.nbytes != b.nbytes ||
+          (a.nbytes && std::memcmp(a.data, b.data, a.nbytes) != 0))
+        __builtin_trap();
+    }
   } catch (const Error&) {
   }
   return 0;

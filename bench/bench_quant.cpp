@@ -14,9 +14,10 @@
 // core); run with QLORA_NUM_THREADS=1 for single-thread numbers. Times are wall clock (UseRealTime),
 // since CPU time would add up the threads. The ref/ benchmarks are single-threaded by construction.
 //
-// Run: ./build/bench/bench_quant --benchmark_min_time=0.5 [--benchmark_filter=...]
+// Run: ./build/bench/bench_quant --benchmark_min_time=0.2 --benchmark_repetitions=5 [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -84,9 +85,15 @@ const char* out_name<fp16>() {
 }
 
 benchmark::internal::Benchmark* reg(const std::string& name, std::function<void(benchmark::State&)> fn) {
+  // min / max over --benchmark_repetitions: on a machine shared with other work, the fastest
+  // repetition (min time, max GB/s) is the one least disturbed, so docs/performance.md reports those.
   return benchmark::RegisterBenchmark(name.c_str(), [fn](benchmark::State& st) { fn(st); })
       ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
+      ->Unit(benchmark::kMillisecond)
+      ->ComputeStatistics("min",
+                          [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); })
+      ->ComputeStatistics("max",
+                          [](const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); });
 }
 
 // --- 4-bit -----------------------------------------------------------------------------------------

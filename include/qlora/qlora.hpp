@@ -1,0 +1,20 @@
+#pragma once
+// qlora: LoRA / QLoRA fine-tuning in C++ (header-only). This umbrella header includes the whole
+// plain-C++ library; CUDA headers live under cuda/ and are included only by nvcc translation units.
+//
+//   core/   errors, dtypes, bf16/fp16, threading
+//   quant/  bitsandbytes-compatible quantizers: NF4/FP4 (+ double quant), 8-bit blockwise, int8 rows
+//   io/     safetensors, Hugging Face folders, the bitsandbytes checkpoint layout, quantize_model
+#include "qlora/core/dtype.hpp"
+#include "qlora/core/error.hpp"
+#include "qlora/core/half.hpp"
+#include "qlora/core/parallel.hpp"
+#include "qlora/io/atomic_file.hpp"
+#include "qlora/io/bnb_checkpoint.hpp"
+#include "qlora/io/hf_model.hpp"
+#include "qlora/io/quantize_model.hpp"
+#include "qlora/io/safetensors.hpp"
+#include "qlora/quant/blockwise4bit.hpp"
+#include "qlora/quant/blockwise8bit.hpp"
+#include "qlora/quant/codebooks.hpp"
+#include "qlora/quant/rowwise_int8.hpp"

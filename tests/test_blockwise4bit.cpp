@@ -1,7 +1,6 @@
 // The fast NF4/FP4 paths against the scalar reference: every blocksize, odd and partial shapes,
 // values on and next to every threshold, all-zero blocks, and the double quantization.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <random>
 #include <vector>

@@ -1,6 +1,5 @@
 // The fast 8-bit dynamic-map quantizer against the reference, including values exactly on midpoints.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <random>
 #include <vector>
@@ -43,8 +42,10 @@ TEST_CASE("fast 8-bit blockwise equals the reference", "[quant]") {
           x[3 * i + 1] = std::nextafter(mid[i], -2.0f);
           x[3 * i + 2] = std::nextafter(mid[i], 2.0f);
         }
-        for (int b = 0; b * bs < int(n); ++b) x[std::size_t(b) * bs + bs / 2 < n ? std::size_t(b) * bs + bs / 2 : n - 1] = 1.0f;
-        std::fill(x.end() - std::min<std::ptrdiff_t>(bs, std::ptrdiff_t(n) / 4), x.end(), 0.0f);  // a zero block
+        for (int b = 0; b * bs < int(n); ++b)
+          x[std::size_t(b) * bs + bs / 2 < n ? std::size_t(b) * bs + bs / 2 : n - 1] = 1.0f;
+        std::fill(x.end() - std::min<std::ptrdiff_t>(bs, std::ptrdiff_t(n) / 4), x.end(),
+                  0.0f);  // a zero block
       }
       const Blockwise8 fast = quantize_blockwise8(x.data(), n, bs);
       std::vector<std::uint8_t> q(n);

@@ -9,7 +9,9 @@ using namespace qlora;
 using namespace qlora::quant;
 
 namespace {
-safetensors::File roundtrip(const safetensors::Writer& w) { return safetensors::File::from_memory(w.to_bytes()); }
+safetensors::File roundtrip(const safetensors::Writer& w) {
+  return safetensors::File::from_memory(w.to_bytes());
+}
 }  // namespace
 
 TEST_CASE("4-bit weights round-trip through the bitsandbytes layout", "[io][bnb]") {
@@ -50,9 +52,10 @@ TEST_CASE("quant state JSON is what bitsandbytes writes", "[io][bnb]") {
           "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float16\", \"shape\": [64, 64]}");
   q = quantize_4bit(x.data(), {64, 64}, {Quant4Type::FP4, 64, true});
   const std::string js = bnb::quant_state_json(q);
-  REQUIRE(js.rfind("{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [64, 64], "
-                   "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": ",
-                   0) == 0);
+  REQUIRE(
+      js.rfind("{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [64, 64], "
+               "\"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": ",
+               0) == 0);
   // the offset printed is the float32 value widened to double, so it parses back exactly
   const float back = nlohmann::json::parse(js)["nested_offset"].get<float>();
   REQUIRE(float_bits(back) == float_bits(q.offset));
@@ -78,7 +81,8 @@ TEST_CASE("a checkpoint laid out by bitsandbytes reads with the file's own table
     w.add(W + ".nested_absmax", DType::F32, a2.shape, a2.data, a2.nbytes);
     const auto dyn = g.get("dynamic_map_signed");
     w.add(W + ".nested_quant_map", DType::F32, dyn.shape, dyn.data, dyn.nbytes);
-    w.add(W + ".quant_state.bitsandbytes__" + type, DType::U8, {std::int64_t(js.size())}, js.data(), js.size());
+    w.add(W + ".quant_state.bitsandbytes__" + type, DType::U8, {std::int64_t(js.size())}, js.data(),
+          js.size());
     const auto f = roundtrip(w);
     const Quantized4bit q = bnb::read_4bit(f, W);
     std::vector<float> out(37 * 53);
@@ -123,16 +127,19 @@ TEST_CASE("broken bitsandbytes entries give clear errors", "[io][bnb]") {
   };
   REQUIRE_THROWS_WITH(bnb::read_4bit(build(W + ".nested_absmax", ""), W),
                       Catch::Contains("missing tensor 'm.weight.nested_absmax'"));
-  REQUIRE_THROWS_WITH(bnb::read_4bit(build("", "{not json"), W), Catch::Contains("quant_state is not valid JSON"));
+  REQUIRE_THROWS_WITH(bnb::read_4bit(build("", "{not json"), W),
+                      Catch::Contains("quant_state is not valid JSON"));
   REQUIRE_THROWS_WITH(
-      bnb::read_4bit(build("", "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": "
-                               "[64, 9], \"nested_blocksize\": 256, \"nested_offset\": 0.1}"),
+      bnb::read_4bit(build("",
+                           "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": "
+                           "[64, 9], \"nested_blocksize\": 256, \"nested_offset\": 0.1}"),
                      W),
       Catch::Contains("packed weight has 256 bytes, expected 288"));
   REQUIRE_THROWS_WITH(bnb::read_4bit(build("", "{\"quant_type\": \"fp4\", \"blocksize\": 64}"), W),
                       Catch::Contains("quant_state says quant_type \"fp4\", its key says nf4"));
-  REQUIRE_THROWS_WITH(bnb::read_4bit(build("", "{\"quant_type\": \"nf4\", \"blocksize\": 48, \"dtype\": "
-                                               "\"float32\", \"shape\": [64, 8]}"),
+  REQUIRE_THROWS_WITH(bnb::read_4bit(build("",
+                                           "{\"quant_type\": \"nf4\", \"blocksize\": 48, \"dtype\": "
+                                           "\"float32\", \"shape\": [64, 8]}"),
                                      W),
                       Catch::Contains("got 48"));
 }

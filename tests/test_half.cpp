@@ -1,6 +1,5 @@
 // bf16 / fp16 <-> fp32 over all 65,536 bit patterns, rounding checked at every midpoint.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <random>
 #include <vector>
@@ -105,7 +104,7 @@ TEST_CASE("fp16: rounding is to nearest, ties to even", "[half]") {
   check_midpoints<fp16>(0x7bff, [](float x) { return to_fp16(x).bits; });
   REQUIRE(to_fp16(65519.99f).bits == 0x7bff);
   REQUIRE(to_fp16(65520.0f).bits == 0x7c00);
-  REQUIRE(to_fp16(1e-8f).bits == 0x0000);          // below half the smallest subnormal
+  REQUIRE(to_fp16(1e-8f).bits == 0x0000);           // below half the smallest subnormal
   REQUIRE(to_fp16(2.9802322e-08f).bits == 0x0000);  // exactly half of 2^-24: tie to even (0)
   REQUIRE(to_fp16(3.0e-08f).bits == 0x0001);
 }

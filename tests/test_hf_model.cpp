@@ -62,7 +62,8 @@ TEST_CASE("inconsistent folders are errors", "[io][hf]") {
     write_text(d / "config.json", "{}");
     write_tensors(d / "model-00001-of-00002.safetensors", {"a.weight", "b.weight"});
     write_text(d / "model.safetensors.index.json", kIndex2);
-    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path), Catch::Contains("'model-00002-of-00002.safetensors', which is missing"));
+    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path),
+                        Catch::Contains("'model-00002-of-00002.safetensors', which is missing"));
   }
   {  // a tensor in the wrong shard, one not listed, one listed but absent, one in two shards
     testutil::TempDir d;
@@ -70,10 +71,12 @@ TEST_CASE("inconsistent folders are errors", "[io][hf]") {
     write_text(d / "model.safetensors.index.json", kIndex2);
     write_tensors(d / "model-00001-of-00002.safetensors", {"a.weight", "c.weight"});
     write_tensors(d / "model-00002-of-00002.safetensors", {"b.weight"});
-    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path), Catch::Contains("puts 'c.weight' in 'model-00002-of-00002"));
+    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path),
+                        Catch::Contains("puts 'c.weight' in 'model-00002-of-00002"));
     write_tensors(d / "model-00001-of-00002.safetensors", {"a.weight", "b.weight", "x.weight"});
     write_tensors(d / "model-00002-of-00002.safetensors", {"c.weight"});
-    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path), Catch::Contains("'x.weight' in 'model-00001-of-00002.safetensors' is not listed"));
+    REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path),
+                        Catch::Contains("'x.weight' in 'model-00001-of-00002.safetensors' is not listed"));
     write_tensors(d / "model-00001-of-00002.safetensors", {"a.weight"});
     REQUIRE_THROWS_WITH(hf::ModelFolder::open(d.path), Catch::Contains("lists tensor 'b.weight'"));
     write_tensors(d / "model-00001-of-00002.safetensors", {"a.weight", "b.weight"});

@@ -1,7 +1,6 @@
 // Byte-for-byte agreement with bitsandbytes 0.50.2 (../shared/golden/bnb_quant_small.safetensors,
 // made with its CUDA kernels on an H100). Both the reference and the fast paths are checked.
 #include <catch2/catch.hpp>
-
 #include <cstring>
 #include <string>
 #include <vector>
@@ -23,7 +22,8 @@ std::vector<float> f32(const std::string& k) { return golden().get(k).copy_as<fl
 std::vector<std::uint8_t> u8(const std::string& k) { return golden().get(k).copy_as<std::uint8_t>(); }
 
 // Bitwise float comparison (so -0.0 vs 0.0 or a 1-ulp difference fails).
-void require_same_bits(const std::vector<float>& got, const std::vector<float>& want, const std::string& what) {
+void require_same_bits(const std::vector<float>& got, const std::vector<float>& want,
+                       const std::string& what) {
   REQUIRE(got.size() == want.size());
   for (std::size_t i = 0; i < got.size(); ++i) {
     INFO(what << " element " << i << ": got " << got[i] << " want " << want[i]);
@@ -34,9 +34,12 @@ void require_same_bits(const std::vector<float>& got, const std::vector<float>& 
 
 TEST_CASE("code tables equal bitsandbytes'", "[quant][golden]") {
   const auto nf4 = f32("nf4_code"), fp4 = f32("fp4_code"), dyn = f32("dynamic_map_signed");
-  require_same_bits(std::vector<float>(code4(Quant4Type::NF4).begin(), code4(Quant4Type::NF4).end()), nf4, "nf4");
-  require_same_bits(std::vector<float>(code4(Quant4Type::FP4).begin(), code4(Quant4Type::FP4).end()), fp4, "fp4");
-  require_same_bits(std::vector<float>(dynamic_map_signed().begin(), dynamic_map_signed().end()), dyn, "dynamic");
+  require_same_bits(std::vector<float>(code4(Quant4Type::NF4).begin(), code4(Quant4Type::NF4).end()), nf4,
+                    "nf4");
+  require_same_bits(std::vector<float>(code4(Quant4Type::FP4).begin(), code4(Quant4Type::FP4).end()), fp4,
+                    "fp4");
+  require_same_bits(std::vector<float>(dynamic_map_signed().begin(), dynamic_map_signed().end()), dyn,
+                    "dynamic");
 }
 
 TEST_CASE("NF4/FP4 quantize and dequantize equal bitsandbytes", "[quant][golden]") {
@@ -70,7 +73,8 @@ TEST_CASE("NF4/FP4 quantize and dequantize equal bitsandbytes", "[quant][golden]
             REQUIRE(packed == q.packed);
             if (!dq) {
               std::vector<float> deq_ref(x.size());
-              ref::dequantize_4bit(packed.data(), absmax.data(), x.size(), decode_table(q), bs, deq_ref.data());
+              ref::dequantize_4bit(packed.data(), absmax.data(), x.size(), decode_table(q), bs,
+                                   deq_ref.data());
               require_same_bits(deq_ref, f32(key + "dequant"), "ref dequant");
             }
           }

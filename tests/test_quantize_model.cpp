@@ -1,7 +1,6 @@
 // quantize_model (what `qlora quantize` runs): selection rules, the output folder transformers
 // loads, unchanged pass-through tensors, atomic output, and errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "qlora/io/quantize_model.hpp"
@@ -128,7 +127,8 @@ TEST_CASE("quantizing: errors leave no output behind", "[io][quantize]") {
   REQUIRE_THROWS_WITH(quantize_model(d.path, d / "out", {}),
                       Catch::Contains("model.layers.0.self_attn.q_proj.weight: value 5 is nan"));
   REQUIRE(!hf::is_directory(d / "out"));
-  REQUIRE(hf::list_files(d.path) == std::vector<std::string>{"config.json", "model.safetensors", "tokenizer.json"});
+  REQUIRE(hf::list_files(d.path) ==
+          std::vector<std::string>{"config.json", "model.safetensors", "tokenizer.json"});
 
   toy.q[5] = 0.0f;
   toy.write(d.path);
@@ -140,7 +140,8 @@ TEST_CASE("quantizing: errors leave no output behind", "[io][quantize]") {
   REQUIRE_THROWS_WITH(quantize_model(d.path, d / "out", o), Catch::Contains("got 100"));
   quantize_model(d.path, d / "out", {});
   REQUIRE_THROWS_WITH(quantize_model(d / "out", d / "again", {}), Catch::Contains("already quantized"));
-  REQUIRE_THROWS_WITH(quantize_model(d / "missing", d / "x", {}), Catch::Contains("'" + d / "missing" + "' does not exist"));
+  REQUIRE_THROWS_WITH(quantize_model(d / "missing", d / "x", {}),
+                      Catch::Contains("'" + d / "missing" + "' does not exist"));
   // re-quantizing into an existing folder replaces it whole
   o = {};
   o.format = Format::Int8;

@@ -1,6 +1,5 @@
 // Row-wise int8 (LLM.int8 weights): the fast path against the reference, and the rounding rule.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <random>
 #include <vector>
@@ -12,8 +11,8 @@ using namespace qlora::quant;
 
 TEST_CASE("row-wise int8 rounds half to even and keeps the row absmax", "[quant]") {
   // row absmax 127 makes the scale exactly 1, so x * s == x and the rounding rule shows directly
-  const std::vector<float> x = {127.0f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -126.5f, 3.49f, 0, 0, 0, 0, 0, 0, 0, 0,
-                                0,      0,    0,    0,    0,     0,     0,       0};
+  const std::vector<float> x = {127.0f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -126.5f, 3.49f, 0, 0, 0, 0,
+                                0,      0,    0,    0,    0,     0,     0,       0,     0, 0, 0, 0};
   const RowwiseInt8 q = quantize_rowwise_int8(x.data(), 1, std::int64_t(x.size()));
   REQUIRE(q.scb[0] == 127.0f);
   const std::vector<std::int8_t> want = {127, 0, 2, 2, 0, -2, -126, 3};

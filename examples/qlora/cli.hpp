@@ -88,8 +88,8 @@ class ProgressLine {
     if (!tty_) return;
     const double secs = std::chrono::duration<double>(clock::now() - start_).count();
     const double eta = done ? secs / double(done) * double(total - done) : 0.0;
-    std::fprintf(stderr, "\r\033[K%s [%zu/%zu] %3.0f%%  %.0fs elapsed, ETA %.0fs  %.60s", what_.c_str(), done, total,
-                 total ? 100.0 * double(done) / double(total) : 100.0, secs, eta, item.c_str());
+    std::fprintf(stderr, "\r\033[K%s [%zu/%zu] %3.0f%%  %.0fs elapsed, ETA %.0fs  %.60s", what_.c_str(), done,
+                 total, total ? 100.0 * double(done) / double(total) : 100.0, secs, eta, item.c_str());
     if (done == total) std::fprintf(stderr, "\n");
     std::fflush(stderr);
   }

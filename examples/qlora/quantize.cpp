@@ -67,11 +67,13 @@ int cmd_quantize(int argc, char** argv) {
                   cli::human_bytes(double(t.bytes_after)).c_str(), t.rmse, t.max_abs_err);
     } else {
       std::printf("%-56s %-6s %-14s %12s %12s %10s %10s\n", t.name.c_str(), qlora::dtype_name(t.dtype),
-                  shape_str(t.shape).c_str(), cli::human_bytes(double(t.bytes_before)).c_str(), "(kept)", "-", "-");
+                  shape_str(t.shape).c_str(), cli::human_bytes(double(t.bytes_before)).c_str(), "(kept)", "-",
+                  "-");
     }
   }
   std::printf("total: %zu tensors, %zu quantized; %s -> %s (%.2fx smaller)\n", rep.tensors.size(), nq,
-              cli::human_bytes(double(rep.bytes_before)).c_str(), cli::human_bytes(double(rep.bytes_after)).c_str(),
+              cli::human_bytes(double(rep.bytes_before)).c_str(),
+              cli::human_bytes(double(rep.bytes_after)).c_str(),
               rep.bytes_after ? double(rep.bytes_before) / double(rep.bytes_after) : 0.0);
   if (!rep.skipped_linear.empty())
     std::printf("left unquantized by --include/--exclude (listed in llm_int8_skip_modules): %zu weights\n",

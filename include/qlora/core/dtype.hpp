@@ -12,10 +12,19 @@ enum class DType : std::uint8_t { F32, F16, BF16, U8, I8, I32, I64, F64, BOOL, I
 
 inline std::size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F64: case DType::I64: case DType::U64: return 8;
-    case DType::F32: case DType::I32: case DType::U32: return 4;
-    case DType::F16: case DType::BF16: case DType::I16: case DType::U16: return 2;
-    case DType::U8: case DType::I8: case DType::BOOL: return 1;
+    case DType::F64:
+    case DType::I64:
+    case DType::U64: return 8;
+    case DType::F32:
+    case DType::I32:
+    case DType::U32: return 4;
+    case DType::F16:
+    case DType::BF16:
+    case DType::I16:
+    case DType::U16: return 2;
+    case DType::U8:
+    case DType::I8:
+    case DType::BOOL: return 1;
   }
   return 0;
 }
@@ -41,7 +50,7 @@ inline const char* dtype_name(DType t) {
 }
 
 inline bool dtype_from_name(const std::string& s, DType& out) {
-  static const DType all[] = {DType::F32, DType::F16, DType::BF16, DType::U8,  DType::I8,
+  static const DType all[] = {DType::F32, DType::F16, DType::BF16, DType::U8,   DType::I8,
                               DType::I32, DType::I64, DType::F64,  DType::BOOL, DType::I16,
                               DType::U16, DType::U32, DType::U64};
   for (DType t : all)

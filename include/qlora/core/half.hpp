@@ -104,7 +104,8 @@ inline void convert(const float* in, bf16* out, std::size_t n) {
   const __m256i quiet = _mm256_set1_epi32(0x00400000);
   for (; i + 8 <= n; i += 8) {
     __m256i u = _mm256_castps_si256(_mm256_loadu_ps(in + i));
-    __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+    __m256i rounded =
+        _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
     __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
     __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(u, quiet), is_nan);
     r = _mm256_srli_epi32(r, 16);
@@ -143,7 +144,8 @@ inline void convert(const float* in, float* out, std::size_t n) {
 // Store 8 fp32 lanes as float / bf16 / fp16 (round to nearest even), for vectorized dequantizers.
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(fp16* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void store8(bf16* p, __m256 v) {
   alignas(32) float tmp[8];

@@ -46,7 +46,8 @@ inline std::string torch_dtype_name(DType t) {
     case DType::F32: return "float32";
     case DType::BF16: return "bfloat16";
     case DType::F16: return "float16";
-    default: throw_error("bitsandbytes: cannot quantize a ", dtype_name(t), " tensor, expected F32, BF16 or F16");
+    default:
+      throw_error("bitsandbytes: cannot quantize a ", dtype_name(t), " tensor, expected F32, BF16 or F16");
   }
 }
 
@@ -54,8 +55,8 @@ inline std::string torch_dtype_name(DType t) {
 // entries of QuantState.as_dict(), in that order, with ", " and ": " separators.
 inline std::string quant_state_json(const Quantized4bit& q) {
   auto num = [](const auto& v) { return nlohmann::json(v).dump(); };
-  std::string s = "{\"quant_type\": \"" + std::string(quant::quant4_name(q.type)) + "\", \"blocksize\": " +
-                  num(q.blocksize) + ", \"dtype\": \"" + q.dtype + "\", \"shape\": [";
+  std::string s = "{\"quant_type\": \"" + std::string(quant::quant4_name(q.type)) +
+                  "\", \"blocksize\": " + num(q.blocksize) + ", \"dtype\": \"" + q.dtype + "\", \"shape\": [";
   for (std::size_t i = 0; i < q.shape.size(); ++i) s += (i ? ", " : "") + num(q.shape[i]);
   s += "]";
   if (q.double_quant)
@@ -76,8 +77,8 @@ inline void add_4bit(safetensors::Writer& w, const std::string& weight, const Qu
   }
   w.add(weight + ".quant_map", DType::F32, {16}, q.code.data(), 16 * 4);
   if (q.double_quant) {
-    w.add(weight + ".nested_absmax", DType::F32, {std::int64_t(q.nested.absmax.size())}, q.nested.absmax.data(),
-          q.nested.absmax.size() * 4);
+    w.add(weight + ".nested_absmax", DType::F32, {std::int64_t(q.nested.absmax.size())},
+          q.nested.absmax.data(), q.nested.absmax.size() * 4);
     w.add(weight + ".nested_quant_map", DType::F32, {256}, q.nested.code.data(), 256 * 4);
   }
   const std::string js = quant_state_json(q);
@@ -86,7 +87,8 @@ inline void add_4bit(safetensors::Writer& w, const std::string& weight, const Qu
 
 inline std::string module_of(const std::string& weight) {
   const std::string suffix = ".weight";
-  QLORA_CHECK(weight.size() > suffix.size() && weight.compare(weight.size() - suffix.size(), suffix.size(), suffix) == 0,
+  QLORA_CHECK(weight.size() > suffix.size() &&
+                  weight.compare(weight.size() - suffix.size(), suffix.size(), suffix) == 0,
               "bitsandbytes: '", weight, "' is not a weight name (expected '<module>.weight')");
   return weight.substr(0, weight.size() - suffix.size());
 }
@@ -111,13 +113,15 @@ bool is_4bit(const Source& src, const std::string& weight) {
 
 template <class Source>
 bool is_int8(const Source& src, const std::string& weight) {
-  return src.contains(weight) && src.get(weight).dtype == DType::I8 && src.contains(module_of(weight) + ".SCB");
+  return src.contains(weight) && src.get(weight).dtype == DType::I8 &&
+         src.contains(module_of(weight) + ".SCB");
 }
 
 // True for the auxiliary tensors of a quantized weight (absmax, quant_map, SCB, ...), which are not
 // weights of their own.
 inline bool is_quant_aux(const std::string& name) {
-  for (const char* s : {".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format"}) {
+  for (const char* s :
+       {".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format"}) {
     const std::string suf = s;
     if (name.size() > suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0) return true;
   }
@@ -126,7 +130,8 @@ inline bool is_quant_aux(const std::string& name) {
 
 namespace detail {
 template <class Source>
-safetensors::TensorView expect(const Source& src, const std::string& name, DType dtype, const std::string& what) {
+safetensors::TensorView expect(const Source& src, const std::string& name, DType dtype,
+                               const std::string& what) {
   QLORA_CHECK(src.contains(name), what, ": missing tensor '", name, "'");
   safetensors::TensorView v = src.get(name);
   QLORA_CHECK(v.dtype == dtype, what, ": tensor '", name, "' is ", dtype_name(v.dtype), ", expected ",
@@ -134,7 +139,8 @@ safetensors::TensorView expect(const Source& src, const std::string& name, DType
   return v;
 }
 // Fills type, blocksize, dtype, shape and the double-quant scalars of q from the quant state JSON.
-inline void parse_quant_state(const std::string& text, Quant4Type type, const std::string& what, Quantized4bit& q) {
+inline void parse_quant_state(const std::string& text, Quant4Type type, const std::string& what,
+                              Quantized4bit& q) {
   nlohmann::json st;
   try {
     st = nlohmann::json::parse(text);
@@ -183,8 +189,10 @@ Quantized4bit read_4bit(const Source& src, const std::string& weight) {
   QLORA_CHECK(qmap.numel() == 16, what, ": quant_map has ", qmap.numel(), " values, expected 16");
   std::memcpy(q.code.data(), qmap.data, 64);
   if (q.double_quant) {
-    q.nested.codes = detail::expect(src, weight + ".absmax", DType::U8, what).template copy_as<std::uint8_t>();
-    q.nested.absmax = detail::expect(src, weight + ".nested_absmax", DType::F32, what).template copy_as<float>();
+    q.nested.codes =
+        detail::expect(src, weight + ".absmax", DType::U8, what).template copy_as<std::uint8_t>();
+    q.nested.absmax =
+        detail::expect(src, weight + ".nested_absmax", DType::F32, what).template copy_as<float>();
     const auto nmap = detail::expect(src, weight + ".nested_quant_map", DType::F32, what);
     QLORA_CHECK(nmap.numel() == 256, what, ": nested_quant_map has ", nmap.numel(), " values, expected 256");
     std::memcpy(q.nested.code.data(), nmap.data, 256 * 4);
@@ -206,7 +214,8 @@ RowwiseInt8 read_int8(const Source& src, const std::string& weight) {
               " (one per row)");
   if (src.contains(module + ".weight_format")) {
     const auto fmt = src.get(module + ".weight_format");
-    QLORA_CHECK(fmt.nbytes >= 1 && fmt.data[0] == 0, what, ": weight_format is ", int(fmt.nbytes ? fmt.data[0] : -1),
+    QLORA_CHECK(fmt.nbytes >= 1 && fmt.data[0] == 0, what, ": weight_format is ",
+                int(fmt.nbytes ? fmt.data[0] : -1),
                 ", expected 0 (\"row\"); other layouts are not supported");
   }
   RowwiseInt8 q;

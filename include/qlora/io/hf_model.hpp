@@ -6,10 +6,10 @@
 // see one flat set of tensors whatever the sharding. A folder is consistent or it is an error:
 // every shard the index names exists, every tensor sits in the shard the index says, and no tensor
 // appears twice.
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <dirent.h>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -91,7 +91,8 @@ class ModelFolder {
         QLORA_CHECK(shard.find('/') == std::string::npos, "'", index, "': shard name '", shard,
                     "' must be a plain file name");
         if (!shard_index.count(shard)) {
-          QLORA_CHECK(file_exists(join(dir, shard)), "'", index, "' lists shard '", shard, "', which is missing");
+          QLORA_CHECK(file_exists(join(dir, shard)), "'", index, "' lists shard '", shard,
+                      "', which is missing");
           shard_index[shard] = m.shards_.size();
           m.shard_names_.push_back(shard);
           m.shards_.push_back(safetensors::File::open(join(dir, shard)));

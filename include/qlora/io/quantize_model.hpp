@@ -45,7 +45,9 @@ inline Format parse_format(const std::string& s) {
   if (s == "int8") return Format::Int8;
   throw_error("--type must be nf4, fp4 or int8, got '", s, "'");
 }
-inline const char* format_name(Format f) { return f == Format::NF4 ? "nf4" : f == Format::FP4 ? "fp4" : "int8"; }
+inline const char* format_name(Format f) {
+  return f == Format::NF4 ? "nf4" : f == Format::FP4 ? "fp4" : "int8";
+}
 
 struct QuantizeOptions {
   Format format = Format::NF4;
@@ -163,8 +165,8 @@ QuantizeReport quantize_tensors(const Source& src, const std::vector<std::string
   for (std::size_t i = 0; i < names.size(); ++i) {
     const std::string& name = names[i];
     if (progress) progress(i, names.size(), name);
-    QLORA_CHECK(!bnb::is_4bit(src, name) && !bnb::is_int8(src, name) && !bnb::is_quant_aux(name),
-                "tensor '", name, "' is already bitsandbytes-quantized; quantize the original checkpoint");
+    QLORA_CHECK(!bnb::is_4bit(src, name) && !bnb::is_int8(src, name) && !bnb::is_quant_aux(name), "tensor '",
+                name, "' is already bitsandbytes-quantized; quantize the original checkpoint");
     const safetensors::TensorView v = src.get(name);
     TensorReport t;
     t.name = name;
@@ -192,8 +194,9 @@ QuantizeReport quantize_tensors(const Source& src, const std::vector<std::string
         t.bytes_after = q->q.size() + q->scb.size() * 4 + 1;
         keep.push_back(q);
       } else {
-        const quant::Quant4Config cfg{opt.format == Format::NF4 ? quant::Quant4Type::NF4 : quant::Quant4Type::FP4,
-                                      opt.blocksize, opt.double_quant};
+        const quant::Quant4Config cfg{
+            opt.format == Format::NF4 ? quant::Quant4Type::NF4 : quant::Quant4Type::FP4, opt.blocksize,
+            opt.double_quant};
         auto q = std::make_shared<quant::Quantized4bit>(quant::quantize_4bit(x.data(), v.shape, cfg, name));
         q->dtype = bnb::torch_dtype_name(v.dtype);
         quant::dequantize(*q, back.data());
@@ -238,16 +241,16 @@ inline std::vector<std::string> skip_modules(const QuantizeReport& rep) {
 }  // namespace detail
 
 // in: a .safetensors file or a model folder; out: the same kind. Returns what was done per tensor.
-inline QuantizeReport quantize_model(const std::string& in, const std::string& out, const QuantizeOptions& opt,
-                                     const Progress& progress = {}) {
+inline QuantizeReport quantize_model(const std::string& in, const std::string& out,
+                                     const QuantizeOptions& opt, const Progress& progress = {}) {
   if (opt.format != Format::Int8) quant::check_blocksize4(opt.blocksize);
   std::vector<std::shared_ptr<void>> keep;  // quantized tensors referenced by the writer
   safetensors::Writer w;
   w.set_metadata("format", "pt");  // transformers refuses safetensors files without it
   if (!hf::is_directory(in)) {
     QLORA_CHECK(hf::file_exists(in), "input '", in, "' does not exist");
-    QLORA_CHECK(!hf::is_directory(out), "input '", in, "' is a file, so the output must be a file, but '", out,
-                "' is a folder");
+    QLORA_CHECK(!hf::is_directory(out), "input '", in, "' is a file, so the output must be a file, but '",
+                out, "' is a folder");
     const safetensors::File f = safetensors::File::open(in);
     for (const auto& kv : f.metadata())
       if (kv.first != "format") w.set_metadata(kv.first, kv.second);

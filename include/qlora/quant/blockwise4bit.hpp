@@ -92,7 +92,9 @@ inline std::uint8_t encode_fp4(float x) {
   return std::uint8_t(sign | codebook::kFP4RankToCode[rank]);
 }
 
-inline std::uint8_t encode4(Quant4Type t, float x) { return t == Quant4Type::NF4 ? encode_nf4(x) : encode_fp4(x); }
+inline std::uint8_t encode4(Quant4Type t, float x) {
+  return t == Quant4Type::NF4 ? encode_nf4(x) : encode_fp4(x);
+}
 
 // x: (n) -> packed: ((n + 1) / 2), absmax: (num_blocks(n, blocksize))
 inline void quantize_4bit(const float* x, std::size_t n, Quant4Type type, int blocksize, std::uint8_t* packed,
@@ -108,7 +110,8 @@ inline void quantize_4bit(const float* x, std::size_t n, Quant4Type type, int bl
     for (std::size_t i = lo; i < hi; ++i) codes[i] = encode4(type, x[i] * inv);
   }
   codes[n] = encode4(type, 0.0f * inv);  // padding value of an odd count
-  for (std::size_t j = 0; j < (n + 1) / 2; ++j) packed[j] = std::uint8_t(codes[2 * j] << 4 | codes[2 * j + 1]);
+  for (std::size_t j = 0; j < (n + 1) / 2; ++j)
+    packed[j] = std::uint8_t(codes[2 * j] << 4 | codes[2 * j + 1]);
 }
 
 // out: (n)
@@ -143,8 +146,8 @@ inline float mean_absmax(const float* absmax, std::size_t nblocks) {
 struct Quantized4bit {
   Quant4Type type = Quant4Type::NF4;
   int blocksize = 64;
-  std::vector<std::int64_t> shape;  // the original tensor's shape, e.g. (out, in)
-  std::string dtype = "float32";    // the original tensor's torch dtype name (quant_state "dtype")
+  std::vector<std::int64_t> shape;   // the original tensor's shape, e.g. (out, in)
+  std::string dtype = "float32";     // the original tensor's torch dtype name (quant_state "dtype")
   std::vector<std::uint8_t> packed;  // ((numel + 1) / 2)
   Code16 code = code4(Quant4Type::NF4);
 
@@ -177,12 +180,13 @@ inline void validate(const Quantized4bit& q, const std::string& what) {
   if (q.double_quant) {
     QLORA_CHECK(q.nested.codes.size() == blocks, what, ": absmax has ", q.nested.codes.size(),
                 " codes, expected ", blocks, " (one per block of ", q.blocksize, ")");
-    QLORA_CHECK(q.nested.absmax.size() == num_blocks(blocks, q.nested.blocksize), what, ": nested_absmax has ",
-                q.nested.absmax.size(), " values, expected ", num_blocks(blocks, q.nested.blocksize));
+    QLORA_CHECK(q.nested.absmax.size() == num_blocks(blocks, q.nested.blocksize), what,
+                ": nested_absmax has ", q.nested.absmax.size(), " values, expected ",
+                num_blocks(blocks, q.nested.blocksize));
     QLORA_CHECK(std::isfinite(q.offset), what, ": nested_offset is ", q.offset);
   } else {
-    QLORA_CHECK(q.absmax.size() == blocks, what, ": absmax has ", q.absmax.size(), " values, expected ", blocks,
-                " (one per block of ", q.blocksize, ")");
+    QLORA_CHECK(q.absmax.size() == blocks, what, ": absmax has ", q.absmax.size(), " values, expected ",
+                blocks, " (one per block of ", q.blocksize, ")");
   }
 }
 
@@ -217,8 +221,8 @@ inline __m256i encode_nf4_x8(__m256 v) {
   const __m256i k1 = _mm256_set1_epi32(1);
   __m256i idx = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_set1_ps(t[7]), _CMP_GT_OQ)),
                                  _mm256_set1_epi32(8));
-  const __m256 t4 = _mm256_setr_ps(t[3], t[11], 0, 0, 0, 0, 0, 0);  // step 4: t[idx + 3]
-  const __m256 t2 = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);  // step 2: t[idx + 1]
+  const __m256 t4 = _mm256_setr_ps(t[3], t[11], 0, 0, 0, 0, 0, 0);                      // step 4: t[idx + 3]
+  const __m256 t2 = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);                // step 2: t[idx + 1]
   const __m256 t1 = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);  // step 1: t[idx]
   __m256 m = _mm256_cmp_ps(v, _mm256_permutevar8x32_ps(t4, _mm256_srli_epi32(idx, 3)), _CMP_GT_OQ);
   idx = _mm256_add_epi32(idx, _mm256_and_si256(_mm256_castps_si256(m), _mm256_set1_epi32(4)));
@@ -230,8 +234,9 @@ inline __m256i encode_nf4_x8(__m256 v) {
 
 inline __m256i encode_fp4_x8(__m256 v) {
   const float* t = codebook::kFP4Thresholds;
-  const __m256i sign = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ)),
-                                        _mm256_set1_epi32(codebook::kFP4SignBit));
+  const __m256i sign =
+      _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ)),
+                       _mm256_set1_epi32(codebook::kFP4SignBit));
   const __m256 a = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
   __m256i r = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(t[3]), _CMP_GT_OQ)),
                                _mm256_set1_epi32(4));

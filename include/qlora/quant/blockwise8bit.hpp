@@ -56,7 +56,9 @@ inline void check_blocksize8(int blocksize) {
               "8-bit blockwise: blocksize must be a power of two in [64, 4096], got ", blocksize);
 }
 
-inline std::size_t num_blocks(std::size_t n, int blocksize) { return (n + std::size_t(blocksize) - 1) / std::size_t(blocksize); }
+inline std::size_t num_blocks(std::size_t n, int blocksize) {
+  return (n + std::size_t(blocksize) - 1) / std::size_t(blocksize);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Reference: plain loops, the oracle for the fast path.
@@ -129,8 +131,8 @@ inline void encode_dynamic_block(const float* x, std::size_t n, float inv, const
     }
     // exactly on a midpoint with an odd lower index: the even (upper) index wins
     const __m256 at = _mm256_i32gather_ps(mid.data(), idx, 4);
-    const __m256i tie = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, at, _CMP_EQ_OQ)),
-                                         _mm256_and_si256(idx, one));
+    const __m256i tie =
+        _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, at, _CMP_EQ_OQ)), _mm256_and_si256(idx, one));
     idx = _mm256_add_epi32(idx, _mm256_and_si256(tie, one));
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(idx), _mm256_extracti128_si256(idx, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w, w));

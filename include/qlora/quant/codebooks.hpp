@@ -15,20 +15,24 @@ namespace codebook {
 
 // --- NF4 ------------------------------------------------------------------------------------------
 // The 16 NormalFloat4 values (Dettmers et al. 2023), ascending; code 7 is exactly 0.
-constexpr std::uint32_t kNF4Bits[16] = {0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u, 0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
+constexpr std::uint32_t kNF4Bits[16] = {
+    0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u, 0x00000000u,
+    0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu, 0x3f3913b3u, 0x3f800000u};
 
 // Decision thresholds between neighbouring NF4 codes, ascending (float32, as bitsandbytes spells
 // them: its literals are the midpoints, rounded). Encoding = number of thresholds strictly below
 // the scaled value, so a value exactly on a threshold takes the lower code, and NaN takes code 0.
-constexpr float kNF4Thresholds[15] = {
-    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
-    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-    0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
-    0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+constexpr float kNF4Thresholds[15] = {-0.8480964004993439f,   -0.6106329262256622f,  -0.4599952697753906f,
+                                      -0.33967943489551544f,  -0.23460740596055984f, -0.13791173323988914f,
+                                      -0.045525018125772476f, 0.03979014977812767f,  0.1202552504837513f,
+                                      0.2035212516784668f,    0.2920137718319893f,   0.3893125355243683f,
+                                      0.5016634166240692f,    0.6427869200706482f,   0.8614784181118011f};
 
 // --- FP4 (1 sign bit, 2 exponent bits, 1 mantissa bit, bias 3; values divided by 12) --------------
 // Indexed by code; bit 3 is the sign. Not monotonic in the code.
-constexpr std::uint32_t kFP4Bits[16] = {0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u, 0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
+constexpr std::uint32_t kFP4Bits[16] = {
+    0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu, 0x3e800000u,
+    0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u, 0xbe2aaaabu, 0xbe800000u};
 
 // Thresholds on |x| between the 8 magnitudes in ascending order. These are bitsandbytes' own pivots,
 // short decimals near the midpoints: 0.583333f (between 1/2 and 2/3) lies 7 float ulps below the

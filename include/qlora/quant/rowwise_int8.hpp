@@ -53,7 +53,8 @@ inline void quantize_rowwise_int8(const float* x, std::int64_t rows, std::int64_
 }
 
 template <class T>
-void dequantize_rowwise_int8(const std::int8_t* q, const float* scb, std::int64_t rows, std::int64_t cols, T* out) {
+void dequantize_rowwise_int8(const std::int8_t* q, const float* scb, std::int64_t rows, std::int64_t cols,
+                             T* out) {
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t c = 0; c < cols; ++c) {
       const float prod = float(q[r * cols + c]) * scb[r];

@@ -60,3 +60,24 @@ TEST_CASE("fast 8-bit blockwise equals the reference", "[quant]") {
     }
   REQUIRE_THROWS_WITH(quantize_blockwise8(nullptr, 0, 32), Catch::Contains("[64, 4096], got 32"));
 }
+
+TEST_CASE("8-bit blockwise: bf16 / fp16 outputs and bad input", "[quant]") {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> x(5000);
+  for (auto& v : x) v = d(rng);
+  const Blockwise8 q = quantize_blockwise8(x.data(), x.size(), 512);
+  std::vector<float> f(x.size());
+  std::vector<bf16> b(x.size());
+  std::vector<fp16> h(x.size());
+  dequantize(q, f.data());
+  dequantize(q, b.data());
+  dequantize(q, h.data());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    REQUIRE(b[i].bits == to_bf16(f[i]).bits);
+    REQUIRE(h[i].bits == to_fp16(f[i]).bits);
+  }
+  x[4321] = -INFINITY;
+  REQUIRE_THROWS_WITH(quantize_blockwise8(x.data(), x.size(), 512, dynamic_map_signed(), "optimizer.m"),
+                      Catch::Contains("optimizer.m: value 4321 is -inf"));
+}

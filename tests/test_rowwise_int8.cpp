@@ -42,3 +42,25 @@ TEST_CASE("fast row-wise int8 equals the reference", "[quant]") {
       }
   }
 }
+
+TEST_CASE("row-wise int8: bf16 / fp16 outputs and bad input", "[quant]") {
+  std::vector<float> x(7 * 40);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (auto& v : x) v = d(rng);
+  const RowwiseInt8 q = quantize_rowwise_int8(x.data(), 7, 40);
+  std::vector<float> f(x.size());
+  std::vector<bf16> b(x.size());
+  std::vector<fp16> h(x.size());
+  dequantize(q, f.data());
+  dequantize(q, b.data());
+  dequantize(q, h.data());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    REQUIRE(b[i].bits == to_bf16(f[i]).bits);
+    REQUIRE(h[i].bits == to_fp16(f[i]).bits);
+  }
+  x[77] = NAN;
+  REQUIRE_THROWS_WITH(quantize_rowwise_int8(x.data(), 7, 40, "layers.2.o_proj.weight"),
+                      Catch::Contains("layers.2.o_proj.weight: value 77 is nan"));
+  REQUIRE_THROWS_WITH(quantize_rowwise_int8(x.data(), -1, 40), Catch::Contains("got (-1, 40)"));
+}

@@ -7,6 +7,7 @@
 //   io/     safetensors, Hugging Face folders, the bitsandbytes checkpoint layout, quantize_model
 #include "qlora/core/dtype.hpp"
 #include "qlora/core/error.hpp"
+#include "qlora/core/finite.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/io/atomic_file.hpp"

@@ -186,9 +186,8 @@ QuantizeReport quantize_tensors(const Source& src, const std::vector<std::string
       const std::vector<float> x = v.to_f32();
       std::vector<float> back(x.size());
       if (opt.format == Format::Int8) {
-        quant::check_finite(x.data(), x.size(), name);
         auto q = std::make_shared<quant::RowwiseInt8>(
-            quant::quantize_rowwise_int8(x.data(), v.shape[0], v.shape[1]));
+            quant::quantize_rowwise_int8(x.data(), v.shape[0], v.shape[1], name));
         quant::dequantize(*q, back.data());
         bnb::add_int8(w, name, *q);
         t.bytes_after = q->q.size() + q->scb.size() * 4 + 1;

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/core/finite.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/quant/blockwise8bit.hpp"
@@ -188,19 +189,6 @@ inline void validate(const Quantized4bit& q, const std::string& what) {
     QLORA_CHECK(q.absmax.size() == blocks, what, ": absmax has ", q.absmax.size(), " values, expected ",
                 blocks, " (one per block of ", q.blocksize, ")");
   }
-}
-
-// Throws naming the first NaN / inf value; quantizing one would silently poison a whole block.
-inline void check_finite(const float* x, std::size_t n, const std::string& what) {
-  bool bad = false;
-  parallel_for(n, 4096, 1 << 18, [&](std::size_t b0, std::size_t b1) {
-    bool local = false;
-    for (std::size_t i = b0; i < b1; ++i) local |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
-    if (local) bad = true;  // benign race: only ever set to true
-  });
-  if (!bad) return;
-  for (std::size_t i = 0; i < n; ++i)
-    QLORA_CHECK(std::isfinite(x[i]), what, ": value ", i, " is ", x[i], ", expected a finite number");
 }
 
 // The table dequantization multiplies by. bitsandbytes decodes FP4 as sign * (magnitude * absmax),

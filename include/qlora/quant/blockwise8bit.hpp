@@ -16,9 +16,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/core/finite.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/quant/codebooks.hpp"
@@ -155,11 +157,12 @@ struct Blockwise8 {
   std::size_t numel() const { return codes.size(); }
 };
 
-// Fast quantizer, byte-identical to ref::quantize_blockwise8. Does not check for NaN/inf: callers
-// that take user data check first (see check_finite in blockwise4bit.hpp).
+// Fast quantizer, byte-identical to ref::quantize_blockwise8. Throws on NaN / inf, naming `what`.
 inline Blockwise8 quantize_blockwise8(const float* x, std::size_t n, int blocksize,
-                                      const Code256& code = dynamic_map_signed()) {
+                                      const Code256& code = dynamic_map_signed(),
+                                      const std::string& what = "tensor") {
   check_blocksize8(blocksize);
+  check_finite(x, n, what);
   Blockwise8 out;
   out.blocksize = blocksize;
   out.code = code;

@@ -11,9 +11,11 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/core/finite.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/quant/blockwise8bit.hpp"
@@ -65,8 +67,12 @@ void dequantize_rowwise_int8(const std::int8_t* q, const float* scb, std::int64_
 }  // namespace ref
 
 // Fast path: rows over threads, AVX2 within a row. Equal to ref::quantize_rowwise_int8.
-inline RowwiseInt8 quantize_rowwise_int8(const float* x, std::int64_t rows, std::int64_t cols) {
-  QLORA_CHECK(rows >= 0 && cols >= 0, "row-wise int8: bad shape (", rows, ", ", cols, ")");
+// Throws on NaN / inf, naming `what`.
+inline RowwiseInt8 quantize_rowwise_int8(const float* x, std::int64_t rows, std::int64_t cols,
+                                         const std::string& what = "tensor") {
+  QLORA_CHECK(rows >= 0 && cols >= 0, what, ": row-wise int8 needs a non-negative shape, got (", rows, ", ",
+              cols, ")");
+  check_finite(x, std::size_t(rows * cols), what);
   RowwiseInt8 out;
   out.rows = rows;
   out.cols = cols;

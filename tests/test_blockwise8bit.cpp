@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "qlora/quant/blockwise8bit.hpp"
+#include "test_util.hpp"
 
 using namespace qlora;
 using namespace qlora::quant;
@@ -67,16 +68,7 @@ TEST_CASE("8-bit blockwise: bf16 / fp16 outputs and bad input", "[quant]") {
   std::vector<float> x(5000);
   for (auto& v : x) v = d(rng);
   const Blockwise8 q = quantize_blockwise8(x.data(), x.size(), 512);
-  std::vector<float> f(x.size());
-  std::vector<bf16> b(x.size());
-  std::vector<fp16> h(x.size());
-  dequantize(q, f.data());
-  dequantize(q, b.data());
-  dequantize(q, h.data());
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    REQUIRE(b[i].bits == to_bf16(f[i]).bits);
-    REQUIRE(h[i].bits == to_fp16(f[i]).bits);
-  }
+  testutil::require_half_outputs_match(q, x.size());
   x[4321] = -INFINITY;
   REQUIRE_THROWS_WITH(quantize_blockwise8(x.data(), x.size(), 512, dynamic_map_signed(), "optimizer.m"),
                       Catch::Contains("optimizer.m: value 4321 is -inf"));

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "qlora/quant/rowwise_int8.hpp"
+#include "test_util.hpp"
 
 using namespace qlora;
 using namespace qlora::quant;
@@ -49,16 +50,7 @@ TEST_CASE("row-wise int8: bf16 / fp16 outputs and bad input", "[quant]") {
   std::normal_distribution<float> d(0.0f, 1.0f);
   for (auto& v : x) v = d(rng);
   const RowwiseInt8 q = quantize_rowwise_int8(x.data(), 7, 40);
-  std::vector<float> f(x.size());
-  std::vector<bf16> b(x.size());
-  std::vector<fp16> h(x.size());
-  dequantize(q, f.data());
-  dequantize(q, b.data());
-  dequantize(q, h.data());
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    REQUIRE(b[i].bits == to_bf16(f[i]).bits);
-    REQUIRE(h[i].bits == to_fp16(f[i]).bits);
-  }
+  testutil::require_half_outputs_match(q, x.size());
   x[77] = NAN;
   REQUIRE_THROWS_WITH(quantize_rowwise_int8(x.data(), 7, 40, "layers.2.o_proj.weight"),
                       Catch::Contains("layers.2.o_proj.weight: value 77 is nan"));

@@ -2,6 +2,7 @@
 // Helpers shared by tests: a temporary folder removed at scope exit, random data.
 #include <stdlib.h>
 
+#include <catch2/catch.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +27,22 @@ inline std::vector<float> gaussian(std::size_t n, unsigned seed, float std = 0.0
   std::vector<float> x(n);
   for (auto& v : x) v = d(rng);
   return x;
+}
+
+// dequantize(q, out) to bf16 and fp16 must equal the fp32 output rounded to nearest even.
+template <class Q>
+void require_half_outputs_match(const Q& q, std::size_t n) {
+  std::vector<float> f(n);
+  std::vector<qlora::bf16> b(n);
+  std::vector<qlora::fp16> h(n);
+  qlora::quant::dequantize(q, f.data());
+  qlora::quant::dequantize(q, b.data());
+  qlora::quant::dequantize(q, h.data());
+  for (std::size_t i = 0; i < n; ++i) {
+    INFO("element " << i);
+    REQUIRE(b[i].bits == qlora::to_bf16(f[i]).bits);
+    REQUIRE(h[i].bits == qlora::to_fp16(f[i]).bits);
+  }
 }
 
 }  // namespace testutil

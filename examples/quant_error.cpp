@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
       for (float& v : x) v = dist(rng);
     }
     const double sd = stddev(x);
-    std::printf("## Gaussian N(0, 0.02), %lldx%lld, seed %u (sample std %.6f), %d threads\n\n",
+    std::printf("## Gaussian N(0, 0.02), %lldx%lld, seed %u (sample std %.6f), threads: %d\n\n",
                 static_cast<long long>(kRows), static_cast<long long>(kCols), seed, sd, qlora::num_threads());
     std::vector<Row> rows;
     for (auto type : {quant::Quant4Type::NF4, quant::Quant4Type::FP4})

@@ -56,3 +56,18 @@ TEST_CASE("row-wise int8: bf16 / fp16 outputs and bad input", "[quant]") {
                       Catch::Contains("layers.2.o_proj.weight: value 77 is nan"));
   REQUIRE_THROWS_WITH(quantize_rowwise_int8(x.data(), -1, 40), Catch::Contains("got (-1, 40)"));
 }
+
+TEST_CASE("row-wise int8: rows with a tiny absmax agree between the paths", "[quant]") {
+  // 127 / 1e-38 overflows float: both paths fall back to double precision for such a row
+  std::vector<float> x(2 * 24, 0.0f);
+  for (int c = 0; c < 24; ++c) x[c] = 1e-38f * float(c - 12) / 12.0f;
+  for (int c = 24; c < 48; ++c) x[c] = float(c);
+  const RowwiseInt8 fast = quantize_rowwise_int8(x.data(), 2, 24);
+  std::vector<std::int8_t> q(x.size());
+  std::vector<float> scb(2);
+  ref::quantize_rowwise_int8(x.data(), 2, 24, q.data(), scb.data());
+  REQUIRE(fast.q == q);
+  REQUIRE(q[0] == -127);
+  REQUIRE(q[12] == 0);
+  REQUIRE(q[18] == 64);  // 6/12 * 127 = 63.5, ties to even
+}

@@ -96,23 +96,27 @@ inline void convert(const bf16* in, float* out, std::size_t n) {
   for (; i < n; ++i) out[i] = to_float(in[i]);
 }
 
+#ifdef QLORA_HALF_SIMD
+// 8 fp32 lanes -> 8 bf16 (round to nearest even, NaN kept quiet), the SIMD twin of to_bf16().
+inline __m128i to_bf16_x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  const __m256i rounded =
+      _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+  const __m256i is_nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), is_nan);
+  r = _mm256_srli_epi32(r, 16);
+  // pack 8 x u32 (each < 2^16) to 8 x u16; packus works per 128-bit lane, so pack the two halves
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+#endif
+
 inline void convert(const float* in, bf16* out, std::size_t n) {
   std::size_t i = 0;
 #ifdef QLORA_HALF_SIMD
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-  const __m256i quiet = _mm256_set1_epi32(0x00400000);
-  for (; i + 8 <= n; i += 8) {
-    __m256i u = _mm256_castps_si256(_mm256_loadu_ps(in + i));
-    __m256i rounded =
-        _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-    __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-    __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(u, quiet), is_nan);
-    r = _mm256_srli_epi32(r, 16);
-    // pack 8 x u32 (each < 2^16) to 8 x u16; packus works per 128-bit lane
-    __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi32(lo, hi));
-  }
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_bf16_x8(_mm256_loadu_ps(in + i)));
 #endif
   for (; i < n; ++i) out[i] = to_bf16(in[i]);
 }
@@ -147,11 +151,7 @@ inline void store8(fp16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-inline void store8(bf16* p, __m256 v) {
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  convert(tmp, p, 8);
-}
+inline void store8(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_x8(v)); }
 #endif
 
 // Element-wise store of one fp32 value into any supported output type (used by dequantizers).

@@ -22,6 +22,7 @@
 //   code 8 decodes to -0.0 (see decode_table).
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -251,7 +252,7 @@ inline void pack16(__m256i a, __m256i b, std::uint8_t* out) {
 
 // One block (or the partial last one): x (len) -> packed (len / 2 bytes, + the odd tail).
 template <Quant4Type T>
-inline void quantize4_block(const float* x, std::size_t len, float inv, std::uint8_t* packed, bool last) {
+inline void quantize4_block(const float* x, std::size_t len, float inv, std::uint8_t* packed) {
   std::size_t i = 0;
 #ifdef __AVX2__
   const __m256 vinv = _mm256_set1_ps(inv);
@@ -267,7 +268,6 @@ inline void quantize4_block(const float* x, std::size_t len, float inv, std::uin
   for (; i + 2 <= len; i += 2)
     packed[i / 2] = std::uint8_t(ref::encode4(T, x[i] * inv) << 4 | ref::encode4(T, x[i + 1] * inv));
   if (i < len) {  // odd count: only possible in the last block
-    (void)last;
     packed[i / 2] = std::uint8_t(ref::encode4(T, x[i] * inv) << 4 | ref::encode4(T, 0.0f * inv));
   }
 }
@@ -336,22 +336,24 @@ inline Quantized4bit quantize_4bit(const float* x, std::vector<std::int64_t> sha
   q.shape = std::move(shape);
   q.code = code4(cfg.type);
   const std::size_t n = std::size_t(q.numel());
-  check_finite(x, n, what);
-  q.packed.assign((n + 1) / 2, 0);
+  q.packed.resize((n + 1) / 2);
   std::vector<float> absmax(q.blocks());
   const std::size_t bs = std::size_t(cfg.blocksize);
+  std::atomic<bool> bad{false};
   parallel_for(n, bs, 1 << 15, [&](std::size_t e0, std::size_t e1) {
     for (std::size_t lo = e0; lo < e1; lo += bs) {
       const std::size_t len = std::min(bs, n - lo);
+      // the finiteness check reads the block while it is in cache for the absmax pass
+      if (!all_finite(x + lo, len)) bad.store(true, std::memory_order_relaxed);
       const float amax = detail::block_absmax(x + lo, len);
       absmax[lo / bs] = amax;
-      const bool last = lo + len == n;
       if (cfg.type == Quant4Type::NF4)
-        detail::quantize4_block<Quant4Type::NF4>(x + lo, len, 1.0f / amax, q.packed.data() + lo / 2, last);
+        detail::quantize4_block<Quant4Type::NF4>(x + lo, len, 1.0f / amax, q.packed.data() + lo / 2);
       else
-        detail::quantize4_block<Quant4Type::FP4>(x + lo, len, 1.0f / amax, q.packed.data() + lo / 2, last);
+        detail::quantize4_block<Quant4Type::FP4>(x + lo, len, 1.0f / amax, q.packed.data() + lo / 2);
     }
   });
+  if (bad.load()) throw_not_finite(x, n, what);
   if (!cfg.double_quant) {
     q.absmax = std::move(absmax);
     return q;

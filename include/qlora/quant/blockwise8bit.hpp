@@ -12,6 +12,7 @@
 // midpoint goes to the even index, and NaN (absmax 0 gives 0 * inf) goes to index 0.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -162,33 +163,48 @@ inline Blockwise8 quantize_blockwise8(const float* x, std::size_t n, int blocksi
                                       const Code256& code = dynamic_map_signed(),
                                       const std::string& what = "tensor") {
   check_blocksize8(blocksize);
-  check_finite(x, n, what);
   Blockwise8 out;
   out.blocksize = blocksize;
   out.code = code;
   out.codes.resize(n);
   out.absmax.resize(num_blocks(n, blocksize));
   const auto mid = midpoints(code);
+  std::atomic<bool> bad{false};
   parallel_for(n, std::size_t(blocksize), 1 << 16, [&](std::size_t b0, std::size_t b1) {
     for (std::size_t lo = b0; lo < b1; lo += blocksize) {
       const std::size_t len = std::min<std::size_t>(blocksize, n - lo);
+      if (!all_finite(x + lo, len)) bad.store(true, std::memory_order_relaxed);
       const float amax = detail::block_absmax(x + lo, len);
       out.absmax[lo / blocksize] = amax;
       detail::encode_dynamic_block(x + lo, len, 1.0f / amax, code, mid, out.codes.data() + lo);
     }
   });
+  if (bad.load()) throw_not_finite(x, n, what);
   return out;
 }
 
 // out: (numel) in float, bf16 or fp16.
 template <class T>
 void dequantize(const Blockwise8& t, T* out) {
-  const std::size_t n = t.numel();
+  const std::size_t n = t.numel(), bs = std::size_t(t.blocksize);
   QLORA_CHECK(t.absmax.size() == num_blocks(n, t.blocksize), "8-bit blockwise: ", t.absmax.size(),
               " absmax values for ", n, " values in blocks of ", t.blocksize, ", expected ",
               num_blocks(n, t.blocksize));
-  parallel_for(n, std::size_t(t.blocksize), 1 << 16, [&](std::size_t b0, std::size_t b1) {
-    for (std::size_t i = b0; i < b1; ++i) store(t.code[t.codes[i]] * t.absmax[i / t.blocksize], out + i);
+  parallel_for(n, bs, 1 << 16, [&](std::size_t b0, std::size_t b1) {
+    for (std::size_t lo = b0; lo < b1; lo += bs) {
+      const std::size_t len = std::min(bs, n - lo);
+      const float amax = t.absmax[lo / bs];
+      const std::uint8_t* q = t.codes.data() + lo;
+      std::size_t i = 0;
+#ifdef __AVX2__
+      const __m256 vmax = _mm256_set1_ps(amax);
+      for (; i + 8 <= len; i += 8) {
+        const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+        store8(out + lo + i, _mm256_mul_ps(_mm256_i32gather_ps(t.code.data(), idx, 4), vmax));
+      }
+#endif
+      for (; i < len; ++i) store(t.code[q[i]] * amax, out + lo + i);
+    }
   });
 }
 

@@ -8,9 +8,11 @@
 // Note: bitsandbytes' CUDA kernel computes 127/SCB with the fast approximate division
 // (__fdividef); this uses the correctly rounded quotient, which its torch/CPU path also uses.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,19 @@ struct RowwiseInt8 {
   std::vector<float> scb;      // (rows)
 };
 
+// The row scale 127 / SCB, 0 for a zero row. Below SCB ~ 3.7e-37 the quotient overflows to inf;
+// such rows (never seen in real weights) are encoded through double precision instead, by both
+// paths, so they still get the nearest codes in [-127, 127].
+inline float row_scale(float amax) { return amax > 0.0f ? 127.0f / amax : 0.0f; }
+
+inline std::int8_t encode_int8(float x, float s, float amax) {
+  // nearbyint under the default rounding mode is round-half-to-even
+  const float v = s <= std::numeric_limits<float>::max()
+                      ? std::nearbyint(x * s)
+                      : float(std::nearbyint(double(x) * 127.0 / double(amax)));
+  return std::int8_t(std::max(-127.0f, std::min(127.0f, v)));
+}
+
 namespace ref {
 
 // x: (rows, cols) -> q: (rows, cols), scb: (rows)
@@ -45,12 +60,8 @@ inline void quantize_rowwise_int8(const float* x, std::int64_t rows, std::int64_
     float amax = 0.0f;
     for (std::int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(row[c]));
     scb[r] = amax;
-    const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (std::int64_t c = 0; c < cols; ++c) {
-      // nearbyint under the default rounding mode is round-half-to-even
-      const float v = std::nearbyint(row[c] * s);
-      q[r * cols + c] = std::int8_t(std::max(-127.0f, std::min(127.0f, v)));
-    }
+    const float s = row_scale(amax);
+    for (std::int64_t c = 0; c < cols; ++c) q[r * cols + c] = encode_int8(row[c], s, amax);
   }
 }
 
@@ -66,56 +77,74 @@ void dequantize_rowwise_int8(const std::int8_t* q, const float* scb, std::int64_
 
 }  // namespace ref
 
-// Fast path: rows over threads, AVX2 within a row. Equal to ref::quantize_rowwise_int8.
-// Throws on NaN / inf, naming `what`.
+// Fast path: rows over threads, AVX2 within a row. Equal to ref::quantize_rowwise_int8. Throws on
+// NaN / inf, naming `what`.
 inline RowwiseInt8 quantize_rowwise_int8(const float* x, std::int64_t rows, std::int64_t cols,
                                          const std::string& what = "tensor") {
   QLORA_CHECK(rows >= 0 && cols >= 0, what, ": row-wise int8 needs a non-negative shape, got (", rows, ", ",
               cols, ")");
-  check_finite(x, std::size_t(rows * cols), what);
   RowwiseInt8 out;
   out.rows = rows;
   out.cols = cols;
   out.q.resize(std::size_t(rows * cols));
   out.scb.resize(std::size_t(rows));
-  parallel_for(std::size_t(rows), 1, std::max<std::size_t>(1, 65536 / std::max<std::int64_t>(cols, 1)),
-               [&](std::size_t r0, std::size_t r1) {
-                 for (std::size_t r = r0; r < r1; ++r) {
-                   const float* row = x + r * cols;
-                   std::int8_t* qr = out.q.data() + r * cols;
-                   const float amax = detail::block_absmax(row, std::size_t(cols));
-                   out.scb[r] = amax;
-                   const float s = amax > 0.0f ? 127.0f / amax : 0.0f;
-                   std::int64_t c = 0;
+  std::atomic<bool> bad{false};
+  const std::size_t rows_per_thread =
+      std::max<std::size_t>(1, 65536 / std::size_t(std::max<std::int64_t>(cols, 1)));
+  parallel_for(std::size_t(rows), 1, rows_per_thread, [&](std::size_t r0, std::size_t r1) {
+    for (std::size_t r = r0; r < r1; ++r) {
+      const float* row = x + r * cols;
+      std::int8_t* qr = out.q.data() + r * cols;
+      if (!all_finite(row, std::size_t(cols))) bad.store(true, std::memory_order_relaxed);
+      const float amax = detail::block_absmax(row, std::size_t(cols));
+      out.scb[r] = amax;
+      const float s = row_scale(amax);
+      std::int64_t c = 0;
 #ifdef __AVX2__
-                   const __m256 vs = _mm256_set1_ps(s);
-                   for (; c + 16 <= cols; c += 16) {
-                     // cvtps rounds with the current mode (nearest even); packs saturate to [-128, 127]
-                     // and |x * s| <= 127 up to an ulp, which rounds back to 127.
-                     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vs));
-                     const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vs));
-                     __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
-                     __m128i z = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-                     __m128i bytes = _mm_packs_epi16(w, z);
-                     bytes = _mm_max_epi8(bytes, _mm_set1_epi8(-127));
-                     _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), bytes);
-                   }
+      if (s <= std::numeric_limits<float>::max()) {
+        const __m256 vs = _mm256_set1_ps(s);
+        for (; c + 16 <= cols; c += 16) {
+          // cvtps rounds with the current mode (nearest even); packs saturate, and |x * s| <= 127
+          // up to an ulp, which rounds back to 127; the max() keeps -128 out.
+          const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vs));
+          const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vs));
+          const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+          const __m128i z = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+          const __m128i bytes = _mm_max_epi8(_mm_packs_epi16(w, z), _mm_set1_epi8(-127));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + c), bytes);
+        }
+      }
 #endif
-                   for (; c < cols; ++c)
-                     qr[c] = std::int8_t(std::max(-127.0f, std::min(127.0f, std::nearbyint(row[c] * s))));
-                 }
-               });
+      for (; c < cols; ++c) qr[c] = encode_int8(row[c], s, amax);
+    }
+  });
+  if (bad.load()) throw_not_finite(x, std::size_t(rows * cols), what);
   return out;
 }
 
+// out: (rows, cols) as float, bf16 or fp16: (q * SCB) * float(1/127), as bitsandbytes computes it.
 template <class T>
 void dequantize(const RowwiseInt8& t, T* out) {
   QLORA_CHECK(t.q.size() == std::size_t(t.rows * t.cols) && t.scb.size() == std::size_t(t.rows),
               "row-wise int8: ", t.q.size(), " codes and ", t.scb.size(), " scales for shape (", t.rows, ", ",
               t.cols, ")");
-  parallel_for(std::size_t(t.rows), 1, 1, [&](std::size_t r0, std::size_t r1) {
-    ref::dequantize_rowwise_int8(t.q.data() + r0 * t.cols, t.scb.data() + r0, std::int64_t(r1 - r0), t.cols,
-                                 out + r0 * t.cols);
+  const std::size_t cols = std::size_t(t.cols);
+  const std::size_t rows_per_thread = std::max<std::size_t>(1, 65536 / std::max<std::size_t>(cols, 1));
+  parallel_for(std::size_t(t.rows), 1, rows_per_thread, [&](std::size_t r0, std::size_t r1) {
+    for (std::size_t r = r0; r < r1; ++r) {
+      const std::int8_t* q = t.q.data() + r * cols;
+      T* o = out + r * cols;
+      std::size_t c = 0;
+#ifdef __AVX2__
+      const __m256 scb = _mm256_set1_ps(t.scb[r]), inv = _mm256_set1_ps(kInv127);
+      for (; c + 8 <= cols; c += 8) {
+        const __m256 v = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + c))));
+        store8(o + c, _mm256_mul_ps(_mm256_mul_ps(v, scb), inv));  // two roundings, in that order
+      }
+#endif
+      for (; c < cols; ++c) store((float(q[c]) * t.scb[r]) * kInv127, o + c);
+    }
   });
 }
 

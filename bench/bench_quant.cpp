@@ -96,27 +96,25 @@ benchmark::internal::Benchmark* reg(const std::string& name, std::function<void(
                           [](const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); });
 }
 
-// --- 4-bit -----------------------------------------------------------------------------------------
-void register_4bit(quant::Quant4Type type, bool dq, int bs, const Shape& s) {
-  const std::string fmt = std::string(quant::quant4_name(type)) + (dq ? "_dq" : "");
-  const std::string tail = fmt + "/bs" + std::to_string(bs) + "/" + s.name();
-  const quant::Quant4Config cfg{type, bs, dq};
-
+// --- quantize / dequantize pairs ------------------------------------------------------------------
+// Registers quantize/<tail> and dequantize/<tail>/{f32,bf16,f16} for one format; quantize(w) makes the
+// quantized object from the fp32 weights, and data_of(q) names a buffer the optimizer must keep.
+template <class Quantize, class DataOf>
+void register_pair(const std::string& tail, const Shape& s, Quantize quantize, DataOf data_of) {
   reg("quantize/" + tail, [=](benchmark::State& st) {
     const auto& w = weights(s);
     std::size_t out_bytes = 0;
     for (auto _ : st) {
-      auto q = quant::quantize_4bit(w.data(), {s.rows, s.cols}, cfg);
+      auto q = quantize(w);
       out_bytes = stored_bytes(q);
-      benchmark::DoNotOptimize(q.packed.data());
+      benchmark::DoNotOptimize(data_of(q));
     }
     st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(s.numel() * 4 + out_bytes));
   });
-
   auto deq = [=](auto tag) {
     using Out = decltype(tag);
     reg("dequantize/" + tail + "/" + out_name<Out>(), [=](benchmark::State& st) {
-      const auto q = quant::quantize_4bit(weights(s).data(), {s.rows, s.cols}, cfg);
+      const auto q = quantize(weights(s));
       std::vector<Out> out(s.numel());  // allocated (and faulted in) once, outside the timed loop
       for (auto _ : st) {
         quant::dequantize(q, out.data());
@@ -130,6 +128,31 @@ void register_4bit(quant::Quant4Type type, bool dq, int bs, const Shape& s) {
   deq(float{});
   deq(bf16{});
   deq(fp16{});
+}
+
+void register_4bit(quant::Quant4Type type, bool dq, int bs, const Shape& s) {
+  const std::string fmt = std::string(quant::quant4_name(type)) + (dq ? "_dq" : "");
+  const quant::Quant4Config cfg{type, bs, dq};
+  register_pair(
+      fmt + "/bs" + std::to_string(bs) + "/" + s.name(), s,
+      [=](const std::vector<float>& w) {
+        return quant::quantize_4bit(w.data(), {s.rows, s.cols}, cfg);
+      },
+      [](const quant::Quantized4bit& q) { return q.packed.data(); });
+}
+
+void register_8bit(int bs, const Shape& s) {
+  register_pair(
+      "blockwise8/bs" + std::to_string(bs) + "/" + s.name(), s,
+      [=](const std::vector<float>& w) { return quant::quantize_blockwise8(w.data(), w.size(), bs); },
+      [](const quant::Blockwise8& q) { return q.codes.data(); });
+}
+
+void register_rowwise(const Shape& s) {
+  register_pair(
+      "rowwise_int8/" + s.name(), s,
+      [=](const std::vector<float>& w) { return quant::quantize_rowwise_int8(w.data(), s.rows, s.cols); },
+      [](const quant::RowwiseInt8& q) { return q.q.data(); });
 }
 
 // The scalar reference (single thread), for the fast path's speedup.
@@ -160,70 +183,6 @@ void register_4bit_ref(quant::Quant4Type type, int bs, const Shape& s) {
     }
     st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(stored_bytes(q) + n * 4));
   });
-}
-
-// --- 8-bit blockwise -------------------------------------------------------------------------------
-void register_8bit(int bs, const Shape& s) {
-  const std::string tail = "blockwise8/bs" + std::to_string(bs) + "/" + s.name();
-  reg("quantize/" + tail, [=](benchmark::State& st) {
-    const auto& w = weights(s);
-    std::size_t out_bytes = 0;
-    for (auto _ : st) {
-      auto q = quant::quantize_blockwise8(w.data(), w.size(), bs);
-      out_bytes = stored_bytes(q);
-      benchmark::DoNotOptimize(q.codes.data());
-    }
-    st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(s.numel() * 4 + out_bytes));
-  });
-  auto deq = [=](auto tag) {
-    using Out = decltype(tag);
-    reg("dequantize/" + tail + "/" + out_name<Out>(), [=](benchmark::State& st) {
-      const auto q = quant::quantize_blockwise8(weights(s).data(), s.numel(), bs);
-      std::vector<Out> out(s.numel());
-      for (auto _ : st) {
-        quant::dequantize(q, out.data());
-        benchmark::DoNotOptimize(out.data());
-        benchmark::ClobberMemory();
-      }
-      st.SetBytesProcessed(std::int64_t(st.iterations()) *
-                           std::int64_t(stored_bytes(q) + s.numel() * sizeof(Out)));
-    });
-  };
-  deq(float{});
-  deq(bf16{});
-  deq(fp16{});
-}
-
-// --- row-wise int8 ---------------------------------------------------------------------------------
-void register_rowwise(const Shape& s) {
-  const std::string tail = "rowwise_int8/" + s.name();
-  reg("quantize/" + tail, [=](benchmark::State& st) {
-    const auto& w = weights(s);
-    std::size_t out_bytes = 0;
-    for (auto _ : st) {
-      auto q = quant::quantize_rowwise_int8(w.data(), s.rows, s.cols);
-      out_bytes = stored_bytes(q);
-      benchmark::DoNotOptimize(q.q.data());
-    }
-    st.SetBytesProcessed(std::int64_t(st.iterations()) * std::int64_t(s.numel() * 4 + out_bytes));
-  });
-  auto deq = [=](auto tag) {
-    using Out = decltype(tag);
-    reg("dequantize/" + tail + "/" + out_name<Out>(), [=](benchmark::State& st) {
-      const auto q = quant::quantize_rowwise_int8(weights(s).data(), s.rows, s.cols);
-      std::vector<Out> out(s.numel());
-      for (auto _ : st) {
-        quant::dequantize(q, out.data());
-        benchmark::DoNotOptimize(out.data());
-        benchmark::ClobberMemory();
-      }
-      st.SetBytesProcessed(std::int64_t(st.iterations()) *
-                           std::int64_t(stored_bytes(q) + s.numel() * sizeof(Out)));
-    });
-  };
-  deq(float{});
-  deq(bf16{});
-  deq(fp16{});
 }
 
 // --- bandwidth baseline ----------------------------------------------------------------------------

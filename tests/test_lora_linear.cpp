@@ -308,3 +308,21 @@ TEST_CASE("LoraLinear: bad input gives clear errors", "[lora]") {
   REQUIRE_THROWS_WITH(BaseWeight<format::NF4>(q),
                       Catch::Contains("a fp4 tensor given where nf4 was expected"));
 }
+
+TEST_CASE("LoraLinear: parameters for the optimizer", "[lora]") {
+  const auto w = testutil::gaussian(6 * 8, 4, 0.05f);
+  LoraConfig cfg;
+  cfg.r = 2;
+  LoraLinear<format::F32, Dynamic, Cpu> L(BaseWeight<format::F32>(w, 6, 8), cfg, std::vector<float>(6, 0.5f),
+                                          BiasMode::Trainable);
+  const auto p = L.params("model.layers.0.mlp.up_proj");
+  REQUIRE(p.size() == 3);
+  REQUIRE(p[0].name == "model.layers.0.mlp.up_proj.lora_A.weight");
+  REQUIRE(p[0].size == 16);
+  REQUIRE(p[0].value == L.A().data());
+  REQUIRE(p[1].group == optim::ParamGroup::LoraB);
+  REQUIRE(p[1].grad == L.dB().data());
+  REQUIRE(p[2].name == "model.layers.0.mlp.up_proj.bias");
+  LoraLinear<format::F32, Dynamic, Cpu> F(BaseWeight<format::F32>(w, 6, 8), cfg, std::vector<float>(6, 0.5f));
+  REQUIRE(F.params("m").size() == 2);  // a frozen bias is not a parameter
+}

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "qlora/backend/cpu/qmatrix.hpp"
@@ -18,6 +19,7 @@
 #include "qlora/core/parallel.hpp"
 #include "qlora/lora/lora_linear.hpp"
 #include "qlora/lora/random.hpp"
+#include "qlora/optim/param.hpp"
 
 namespace qlora {
 
@@ -183,6 +185,20 @@ class LoraLinear<Quant, Rank, Cpu> {
       if (drop) lora = apply_mask_rows(lora, ctx.keep, t0);
       DX.middleRows(t0, t1 - t0) += lora;
     });
+  }
+
+  // The trainable parameters for an optimizer, named as PEFT names them under `module` (e.g.
+  // "model.layers.0.self_attn.q_proj"): <module>.lora_A.weight, <module>.lora_B.weight, and
+  // <module>.bias when the bias is trained. The layer owns the memory; do not resize it afterwards.
+  std::vector<optim::Param> params(const std::string& module) {
+    std::vector<optim::Param> p;
+    p.push_back(
+        {module + ".lora_A.weight", A_.data(), dA_.data(), std::size_t(A_.size()), optim::ParamGroup::LoraA});
+    p.push_back(
+        {module + ".lora_B.weight", B_.data(), dB_.data(), std::size_t(B_.size()), optim::ParamGroup::LoraB});
+    if (bias_mode_ == BiasMode::Trainable)
+      p.push_back({module + ".bias", bias_.data(), dbias_.data(), bias_.size(), optim::ParamGroup::Bias});
+    return p;
   }
 
   void zero_grad() {

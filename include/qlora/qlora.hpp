@@ -5,6 +5,8 @@
 //   core/   errors, dtypes, bf16/fp16, threading
 //   quant/  bitsandbytes-compatible quantizers: NF4/FP4 (+ double quant), 8-bit blockwise, int8 rows
 //   io/     safetensors, Hugging Face folders, the bitsandbytes checkpoint layout, quantize_model
+//   lora/   the LoRA layer's config, base formats, reference math (backends: backend/<name>/)
+//   optim/  AdamW (+ LoRA+, clipping, schedules, state files)
 #include "qlora/core/dtype.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/finite.hpp"
@@ -15,6 +17,13 @@
 #include "qlora/io/hf_model.hpp"
 #include "qlora/io/quantize_model.hpp"
 #include "qlora/io/safetensors.hpp"
+#include "qlora/lora/base_weight.hpp"
+#include "qlora/lora/config.hpp"
+#include "qlora/lora/lora_linear.hpp"
+#include "qlora/lora/random.hpp"
+#include "qlora/lora/reference.hpp"
+#include "qlora/optim/adamw.hpp"
+#include "qlora/optim/schedule.hpp"
 #include "qlora/quant/blockwise4bit.hpp"
 #include "qlora/quant/blockwise8bit.hpp"
 #include "qlora/quant/codebooks.hpp"

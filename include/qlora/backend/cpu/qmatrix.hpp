@@ -19,7 +19,11 @@
 #include <vector>
 
 #include "qlora/backend/cpu/accumulate.hpp"
+#include "qlora/backend/cpu/act_quant.hpp"
 #include "qlora/backend/cpu/gemm_dequant.hpp"
+#include "qlora/backend/cpu/gemv_4bit.hpp"
+#include "qlora/backend/cpu/gemv_bf16.hpp"
+#include "qlora/backend/cpu/gemv_int8.hpp"
 #include "qlora/backend/cpu/packed_4bit.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/half.hpp"
@@ -99,10 +103,31 @@ class QMatrix {
     return 0;
   }
 
+  // The small-M fused products: activation handling (act_quant.hpp) and up to which M they run
+  // (above it, tiles of W are dequantized and multiplied with Eigen).
+  QMatrix& set_act_quant(ActQuant aq) {
+    act_quant_ = aq;
+    return *this;
+  }
+  ActQuant act_quant() const { return act_quant_; }
+  QMatrix& set_small_m_max(std::int64_t m) {
+    small_m_max_ = m;
+    return *this;
+  }
+  std::int64_t small_m_max() const { return small_m_max_; }
+
   // x (M, K) -> y (M, N)
   void forward(const float* x, std::int64_t M, float* y, Accumulate acc) const {
     QLORA_CHECK(M >= 0, "QMatrix::forward: M must be >= 0, got ", M);
     if (kind_ == Kind::F32) return forward_f32(f32_.data(), N_, K_, x, M, y, acc);
+#ifdef __AVX2__
+    if (M <= small_m_max_) {
+      if (kind_ == Kind::Q4 && q4_.grouped) return gemv_4bit(q4_, x, M, y, acc, act_quant_);
+      if (kind_ == Kind::Int8)
+        return gemv_int8(Int8View{i8_.data(), scb_.data(), N_, K_}, x, M, y, acc, act_quant_);
+      if (kind_ == Kind::BF16) return gemv_bf16(bf16_.data(), N_, K_, x, M, y, acc);
+    }
+#endif
     forward_tiled(tile_decoder(), N_, K_, x, M, y, acc, M <= 16 ? tile::kSmallTileRows : tile::kTileRows);
   }
 
@@ -161,6 +186,8 @@ class QMatrix {
 
   Kind kind_;
   std::int64_t N_ = 0, K_ = 0;
+  ActQuant act_quant_ = ActQuant::None;
+  std::int64_t small_m_max_ = 16;
   std::vector<float> f32_;       // (N, K)
   std::vector<bf16> bf16_;       // (N, K)
   Packed4bit q4_;                // see packed_4bit.hpp

@@ -1,0 +1,134 @@
+#pragma once
+// Fused small-M forward product with a 4-bit weight in the grouped layout (packed_4bit.hpp):
+//
+//   y (M, N) (+)= x (M, K) . W^T,   M small (1 .. ~16), K % 32 == 0
+//
+// The packed codes are read once, straight from the repacked weight; rows of W are split over
+// threads, so each thread streams a disjoint part of the weight and writes disjoint columns of y.
+// Within a row, the activations of up to kMaxChunk rows of x are kept in flight together, so a
+// group's codes are decoded once for all of them.
+//
+// Two kernels (act_quant.hpp says which the caller picked):
+// - fp32: a group's 32 codes -> fp32 by two 8-lane permutes + a blend per 8 values, times the
+//   block's absmax (exactly the dequantized weight), then FMAs with fp32 activations.
+// - int8: one pshufb turns 32 codes into int8 weights; |w| (unsigned) times sign-adjusted int8
+//   activations with maddubs, pairs summed by madd into 8 int32 lanes, converted and scaled by
+//   absmax * activation scale. |w|, |x| <= 127, so maddubs' int16 pair sums (<= 32258) never
+//   saturate.
+// Both are AVX2 + FMA only (the project's reference machine has no AVX-512).
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "qlora/backend/cpu/accumulate.hpp"
+#include "qlora/backend/cpu/act_quant.hpp"
+#include "qlora/backend/cpu/gemv_common.hpp"
+#include "qlora/backend/cpu/packed_4bit.hpp"
+#include "qlora/core/parallel.hpp"
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace qlora {
+namespace cpu {
+
+#ifdef __AVX2__
+namespace detail {
+
+// Rows [r0, r1) of W against MC rows of x (row stride K): y[m * ldy + r].
+template <int MC>
+void gemv4_f32_rows(const Packed4bit& p, const float* x, std::int64_t r0, std::int64_t r1, float* y,
+                    std::int64_t ldy, Accumulate acc) {
+  const std::int64_t K = p.K, G = K / kGroup;
+  const Table16 t(p.table);
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* rc = p.row_codes(r);
+    // two accumulators per activation row hide the FMA latency when MC is small
+    __m256 a0[MC], a1[MC];
+    for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    for (std::int64_t g = 0; g < G; ++g) {
+      __m256 w[4];
+      decode_group(t, rc + 16 * g, _mm256_set1_ps(p.group_absmax(r, g)), w);
+      for (int m = 0; m < MC; ++m) {
+        const float* xm = x + m * K + kGroup * g;
+        a0[m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), a1[m]);
+        a0[m] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), a0[m]);
+        a1[m] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), a1[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) store_out(y + m * ldy + r, hsum(_mm256_add_ps(a0[m], a1[m])), acc);
+  }
+}
+
+// Rows [r0, r1) of W against MC rows of int8 activations xq (row stride K), scales xs (row stride G).
+template <int MC>
+void gemv4_i8_rows(const Packed4bit& p, const std::int8_t* xq, const float* xs, std::int64_t r0,
+                   std::int64_t r1, float* y, std::int64_t ldy, Accumulate acc) {
+  const std::int64_t K = p.K, G = K / kGroup;
+  const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.i8)));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const float inv_scale = 1.0f / p.i8_scale;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* rc = p.row_codes(r);
+    __m256 a[MC];
+    for (int m = 0; m < MC; ++m) a[m] = _mm256_setzero_ps();
+    for (std::int64_t g = 0; g < G; ++g) {
+      const __m256i w = _mm256_shuffle_epi8(tab, load_group_codes(rc + 16 * g));  // 32 int8 weights
+      const __m256i aw = _mm256_sign_epi8(w, w);                                  // |w|
+      const __m256 amax = _mm256_set1_ps(p.group_absmax(r, g));
+      for (int m = 0; m < MC; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + kGroup * g));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+        const __m256 scale = _mm256_mul_ps(amax, _mm256_broadcast_ss(xs + m * G + g));
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, a[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) store_out(y + m * ldy + r, hsum(a[m]) * inv_scale, acc);
+  }
+}
+
+template <int MC>
+struct F32Kernel {
+  template <class... A>
+  static void run(A&&... a) {
+    gemv4_f32_rows<MC>(a...);
+  }
+};
+template <int MC>
+struct I8Kernel {
+  template <class... A>
+  static void run(A&&... a) {
+    gemv4_i8_rows<MC>(a...);
+  }
+};
+
+}  // namespace detail
+
+// y (M, N) (+)= x (M, K) . W^T. Needs p.grouped (K % 32 == 0).
+inline void gemv_4bit(const Packed4bit& p, const float* x, std::int64_t M, float* y, Accumulate acc,
+                      ActQuant aq) {
+  const std::int64_t N = p.N, K = p.K, G = K / kGroup;
+  if (M == 0 || N == 0) return;
+  std::vector<std::int8_t> xq;
+  std::vector<float> xs;
+  if (aq == ActQuant::Int8) {
+    xq.resize(std::size_t(M * K));
+    xs.resize(std::size_t(M * G));
+    quantize_act_int8(x, M, K, xq.data(), xs.data());
+  }
+  // at least ~128 KiB of codes per thread
+  const std::int64_t min_rows = std::max<std::int64_t>(8, 262144 / std::max<std::int64_t>(K, 1));
+  detail::gemv_rows(N, M, min_rows, [&](std::int64_t m0, int mc, std::int64_t r0, std::int64_t r1) {
+    if (aq == ActQuant::Int8)
+      detail::for_chunk<detail::I8Kernel>(mc, p, xq.data() + m0 * K, xs.data() + m0 * G, r0, r1, y + m0 * N,
+                                          N, acc);
+    else
+      detail::for_chunk<detail::F32Kernel>(mc, p, x + m0 * K, r0, r1, y + m0 * N, N, acc);
+  });
+}
+#endif
+
+}  // namespace cpu
+}  // namespace qlora

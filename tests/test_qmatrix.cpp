@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -211,6 +212,28 @@ TEST_CASE("QMatrix: empty dimensions") {
   w.qm.backward(nullptr, 1, dx.data(), Accumulate::No);
   CHECK(dx[0] == 0.0f);
   w.qm.forward(x.data(), 1, nullptr, Accumulate::No);
+}
+
+TEST_CASE("pool_for: covers [0, n) once in aligned chunks, rethrows, and nests") {
+  for (int threads : {1, 2, 3}) {
+    qlora::set_num_threads(threads);
+    for (std::size_t n : {std::size_t(1), std::size_t(7), std::size_t(1000)}) {
+      std::vector<int> hits(n, 0);
+      qlora::cpu::pool_for(n, 4, 1, [&](std::size_t b, std::size_t e) {
+        CHECK(b % 4 == 0);
+        for (std::size_t i = b; i < e; ++i) ++hits[i];
+        // a nested call finds the pool busy and falls back to parallel_for
+        std::atomic<int> inner{0};
+        qlora::cpu::pool_for(8, 1, 1, [&](std::size_t b2, std::size_t e2) { inner += int(e2 - b2); });
+        CHECK(inner == 8);
+      });
+      CHECK(std::count(hits.begin(), hits.end(), 1) == std::ptrdiff_t(n));
+    }
+    CHECK_THROWS_WITH(qlora::cpu::pool_for(
+                          100, 1, 1, [](std::size_t b, std::size_t) { qlora::throw_error("chunk at ", b); }),
+                      Catch::Contains("chunk at"));
+  }
+  qlora::set_num_threads(0);
 }
 
 TEST_CASE("QMatrix: errors") {

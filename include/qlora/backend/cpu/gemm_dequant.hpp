@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "qlora/backend/cpu/accumulate.hpp"
+#include "qlora/backend/cpu/thread_pool.hpp"
 #include "qlora/core/parallel.hpp"
 
 namespace qlora {
@@ -42,29 +43,29 @@ void forward_tiled(const Deq& deq, std::int64_t N, std::int64_t K, const float* 
                    Accumulate acc, std::int64_t tile_rows) {
   if (M == 0 || N == 0) return;
   const std::int64_t kc_max = std::min(K, tile::kTileCols);
-  parallel_for(std::size_t(N), std::size_t(std::min(tile_rows, std::int64_t(16))), std::size_t(tile_rows),
-               [&](std::size_t b, std::size_t e) {
-                 std::vector<float> buf(std::size_t(std::min(tile_rows, std::int64_t(e - b)) *
-                                                    std::max<std::int64_t>(kc_max, 1)));
-                 for (std::int64_t n0 = std::int64_t(b); n0 < std::int64_t(e); n0 += tile_rows) {
-                   const std::int64_t nt = std::min(tile_rows, std::int64_t(e) - n0);
-                   RowMap yb(y + n0, M, nt, Eigen::OuterStride<>(N));  // (M, nt)
-                   if (K == 0) {
-                     if (acc == Accumulate::No) yb.setZero();
-                     continue;
-                   }
-                   for (std::int64_t k0 = 0; k0 < K; k0 += kc_max) {
-                     const std::int64_t kc = std::min(kc_max, K - k0);
-                     deq(n0, n0 + nt, k0, k0 + kc, buf.data(), kc);
-                     ConstRowMap xb(x + k0, M, kc, Eigen::OuterStride<>(K));        // (M, kc)
-                     ConstRowMap wb(buf.data(), nt, kc, Eigen::OuterStride<>(kc));  // (nt, kc)
-                     if (k0 == 0 && acc == Accumulate::No)
-                       yb.noalias() = xb * wb.transpose();
-                     else
-                       yb.noalias() += xb * wb.transpose();
-                   }
-                 }
-               });
+  pool_for(std::size_t(N), std::size_t(std::min(tile_rows, std::int64_t(16))), std::size_t(tile_rows),
+           [&](std::size_t b, std::size_t e) {
+             std::vector<float> buf(
+                 std::size_t(std::min(tile_rows, std::int64_t(e - b)) * std::max<std::int64_t>(kc_max, 1)));
+             for (std::int64_t n0 = std::int64_t(b); n0 < std::int64_t(e); n0 += tile_rows) {
+               const std::int64_t nt = std::min(tile_rows, std::int64_t(e) - n0);
+               RowMap yb(y + n0, M, nt, Eigen::OuterStride<>(N));  // (M, nt)
+               if (K == 0) {
+                 if (acc == Accumulate::No) yb.setZero();
+                 continue;
+               }
+               for (std::int64_t k0 = 0; k0 < K; k0 += kc_max) {
+                 const std::int64_t kc = std::min(kc_max, K - k0);
+                 deq(n0, n0 + nt, k0, k0 + kc, buf.data(), kc);
+                 ConstRowMap xb(x + k0, M, kc, Eigen::OuterStride<>(K));        // (M, kc)
+                 ConstRowMap wb(buf.data(), nt, kc, Eigen::OuterStride<>(kc));  // (nt, kc)
+                 if (k0 == 0 && acc == Accumulate::No)
+                   yb.noalias() = xb * wb.transpose();
+                 else
+                   yb.noalias() += xb * wb.transpose();
+               }
+             }
+           });
 }
 
 // dx (M, K) (+)= dy (M, N) . W, W decoded by deq in tiles of kTileRows rows x (a thread's columns,
@@ -73,7 +74,7 @@ template <class Deq>
 void backward_tiled(const Deq& deq, std::int64_t N, std::int64_t K, const float* dy, std::int64_t M,
                     float* dx, Accumulate acc, std::int64_t tile_rows) {
   if (M == 0 || K == 0) return;
-  parallel_for(std::size_t(K), 32, 256, [&](std::size_t b, std::size_t e) {
+  pool_for(std::size_t(K), 32, 256, [&](std::size_t b, std::size_t e) {
     const std::int64_t kc_max = std::min<std::int64_t>(std::int64_t(e - b), tile::kTileCols);
     std::vector<float> buf(std::size_t(std::min(tile_rows, std::max<std::int64_t>(N, 1)) * kc_max));
     for (std::int64_t k0 = std::int64_t(b); k0 < std::int64_t(e); k0 += kc_max) {
@@ -101,7 +102,7 @@ inline void forward_f32(const float* W, std::int64_t N, std::int64_t K, const fl
   if (M == 0 || N == 0) return;
   // GEMV: rows of W over threads (Eigen's matrix-vector product is single-threaded).
   const std::size_t min_rows = std::size_t(std::max<std::int64_t>(16, 65536 / std::max<std::int64_t>(K, 1)));
-  parallel_for(std::size_t(N), 16, min_rows, [&](std::size_t b, std::size_t e) {
+  pool_for(std::size_t(N), 16, min_rows, [&](std::size_t b, std::size_t e) {
     const std::int64_t nt = std::int64_t(e - b);
     RowMap yb(y + b, M, nt, Eigen::OuterStride<>(N));                             // (M, nt)
     ConstRowMap xb(x, M, K, Eigen::OuterStride<>(std::max<std::int64_t>(K, 1)));  // (M, K)
@@ -118,7 +119,7 @@ inline void forward_f32(const float* W, std::int64_t N, std::int64_t K, const fl
 inline void backward_f32(const float* W, std::int64_t N, std::int64_t K, const float* dy, std::int64_t M,
                          float* dx, Accumulate acc) {
   if (M == 0 || K == 0) return;
-  parallel_for(std::size_t(K), 16, 256, [&](std::size_t b, std::size_t e) {
+  pool_for(std::size_t(K), 16, 256, [&](std::size_t b, std::size_t e) {
     const std::int64_t kc = std::int64_t(e - b);
     RowMap dxb(dx + b, M, kc, Eigen::OuterStride<>(K));                             // (M, kc)
     ConstRowMap dyb(dy, M, N, Eigen::OuterStride<>(std::max<std::int64_t>(N, 1)));  // (M, N)

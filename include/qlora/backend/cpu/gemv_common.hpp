@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "qlora/backend/cpu/accumulate.hpp"
+#include "qlora/backend/cpu/thread_pool.hpp"
 #include "qlora/core/parallel.hpp"
 
 #ifdef __AVX2__
@@ -45,7 +46,7 @@ void for_chunk(int mc, Args&&... args) {
 template <class F>
 void gemv_rows(std::int64_t N, std::int64_t M, std::int64_t min_rows, const F& f) {
   constexpr std::int64_t kRowBlock = 8;
-  parallel_for(std::size_t(N), 8, std::size_t(min_rows), [&](std::size_t b, std::size_t e) {
+  pool_for(std::size_t(N), 8, std::size_t(min_rows), [&](std::size_t b, std::size_t e) {
     for (std::int64_t r0 = std::int64_t(b); r0 < std::int64_t(e); r0 += kRowBlock) {
       const std::int64_t r1 = std::min(r0 + kRowBlock, std::int64_t(e));
       for (std::int64_t m0 = 0; m0 < M; m0 += kMaxChunk)

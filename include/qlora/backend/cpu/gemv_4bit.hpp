@@ -9,8 +9,9 @@
 // group's codes are decoded once for all of them.
 //
 // Two kernels (act_quant.hpp says which the caller picked):
-// - fp32: a group's 32 codes -> fp32 by two 8-lane permutes + a blend per 8 values, times the
-//   block's absmax (exactly the dequantized weight), then FMAs with fp32 activations.
+// - fp32: a group's 32 codes -> fp32 values by pshufb on the table's four byte planes and two
+//   rounds of unpacks (Planes16), times the block's absmax (exactly the dequantized weight), then
+//   FMAs with fp32 activations permuted once per call into the same order.
 // - int8: one pshufb turns 32 codes into int8 weights; |w| (unsigned) times sign-adjusted int8
 //   activations with maddubs, pairs summed by madd into 8 int32 lanes, converted and scaled by
 //   absmax * activation scale. |w|, |x| <= 127, so maddubs' int16 pair sums (<= 32258) never
@@ -41,7 +42,7 @@ template <int MC>
 void gemv4_f32_rows(const Packed4bit& p, const float* x, std::int64_t r0, std::int64_t r1, float* y,
                     std::int64_t ldy, Accumulate acc) {
   const std::int64_t K = p.K, G = K / kGroup;
-  const Table16 t(p.table);
+  const Planes16 planes(p.table);
   for (std::int64_t r = r0; r < r1; ++r) {
     const std::uint8_t* rc = p.row_codes(r);
     // two accumulators per activation row hide the FMA latency when MC is small
@@ -49,7 +50,9 @@ void gemv4_f32_rows(const Packed4bit& p, const float* x, std::int64_t r0, std::i
     for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     for (std::int64_t g = 0; g < G; ++g) {
       __m256 w[4];
-      decode_group(t, rc + 16 * g, _mm256_set1_ps(p.group_absmax(r, g)), w);
+      planes.decode(rc + 16 * g, w);
+      const __m256 amax = _mm256_set1_ps(p.group_absmax(r, g));
+      for (int i = 0; i < 4; ++i) w[i] = _mm256_mul_ps(w[i], amax);  // exactly the dequantized weight
       for (int m = 0; m < MC; ++m) {
         const float* xm = x + m * K + kGroup * g;
         a0[m] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xm), a0[m]);
@@ -112,11 +115,15 @@ inline void gemv_4bit(const Packed4bit& p, const float* x, std::int64_t M, float
   const std::int64_t N = p.N, K = p.K, G = K / kGroup;
   if (M == 0 || N == 0) return;
   std::vector<std::int8_t> xq;
-  std::vector<float> xs;
+  std::vector<float> xs, xp;
   if (aq == ActQuant::Int8) {
     xq.resize(std::size_t(M * K));
     xs.resize(std::size_t(M * G));
     quantize_act_int8(x, M, K, xq.data(), xs.data());
+  } else {
+    xp.resize(std::size_t(M * K));  // x in the plane order the fp32 decode produces
+    permute_group_order(x, M, K, xp.data());
+    x = xp.data();
   }
   // at least ~128 KiB of codes per thread
   const std::int64_t min_rows = std::max<std::int64_t>(8, 262144 / std::max<std::int64_t>(K, 1));

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/quant/blockwise4bit.hpp"
 
@@ -126,12 +127,13 @@ inline Packed4bit pack_4bit(const quant::Quantized4bit& q) {
 #ifdef __AVX2__
 namespace detail {
 
-// The 32 codes of one group, as bytes in element order (low 128-bit lane: values 0..15).
+// The 32 codes of one group, as bytes in element order (low 128-bit lane: values 0..15). The
+// 16 bytes are broadcast to both lanes by the load itself and the high lane shifted by 4: no
+// shuffle-port instruction, which the lookups that follow need.
 inline __m256i load_group_codes(const std::uint8_t* g) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g));
-  const __m128i nib = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_and_si128(v, nib), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+  return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                          _mm256_set1_epi8(0x0f));
 }
 
 // The 16-entry fp32 table as two 8-lane halves; code[idx] = permute both halves, pick by bit 3.
@@ -157,8 +159,46 @@ inline void decode_group(const Table16& t, const std::uint8_t* g, __m256 amax, _
   w[3] = _mm256_mul_ps(t.lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), amax);
 }
 
+// The fp32 table as four byte planes for pshufb: one group's 32 values come out of 4 pshufb and 8
+// unpacks, all in-lane shuffles (2 per cycle on Zen; an 8-lane vpermps is slower, 3 uops on Zen 1),
+// in the "plane order" of permute_group_order: vector i holds values 4i..4i+3 (low lane) and
+// 16+4i..16+4i+3 (high lane). The activations are permuted to match once per call.
+struct Planes16 {
+  __m256i b[4];
+  explicit Planes16(const quant::Code16& t) {
+    alignas(16) std::uint8_t plane[4][16];
+    for (int c = 0; c < 16; ++c) {
+      const std::uint32_t u = float_bits(t[std::size_t(c)]);
+      for (int k = 0; k < 4; ++k) plane[k][c] = std::uint8_t(u >> (8 * k));
+    }
+    for (int k = 0; k < 4; ++k)
+      b[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(plane[k])));
+  }
+  // one group's 32 values (fp32 code values, not yet scaled) in plane order
+  void decode(const std::uint8_t* g, __m256 w[4]) const {
+    const __m256i c = load_group_codes(g);
+    const __m256i b0 = _mm256_shuffle_epi8(b[0], c), b1 = _mm256_shuffle_epi8(b[1], c);
+    const __m256i b2 = _mm256_shuffle_epi8(b[2], c), b3 = _mm256_shuffle_epi8(b[3], c);
+    const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);  // low halves
+    const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);  // high halves
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));  // values 0..3 | 16..19
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));  // 4..7 | 20..23
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));  // 8..11 | 24..27
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));  // 12..15 | 28..31
+  }
+};
+
 }  // namespace detail
 #endif
+
+// Position j of a group in plane order (Planes16) holds value plane_order(j) of the group.
+constexpr int plane_order(int j) { return (j / 8) * 4 + (j % 8 >= 4 ? 16 : 0) + j % 4; }
+
+// x (M, K) -> out (M, K) with every group of 32 in plane order, K % 32 == 0.
+inline void permute_group_order(const float* x, std::int64_t M, std::int64_t K, float* out) {
+  for (std::int64_t i = 0; i < M * K; i += kGroup)
+    for (int j = 0; j < kGroup; ++j) out[i + j] = x[i + plane_order(j)];
+}
 
 // Dequantizes rows [r0, r1), columns [c0, c1) into out (r1 - r0, c1 - c0) with row stride ld.
 // In the grouped layout c0 must be a multiple of 32 (any c1).

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "qlora/backend/cpu/qmatrix.hpp"
+#include "qlora/backend/cpu/thread_pool.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/finite.hpp"
 #include "qlora/core/parallel.hpp"
@@ -34,11 +35,11 @@ inline cpu::QMatrix make_qmatrix(const BaseWeight<format::NF4>& b) { return cpu:
 inline cpu::QMatrix make_qmatrix(const BaseWeight<format::FP4>& b) { return cpu::QMatrix::from(b.q); }
 inline cpu::QMatrix make_qmatrix(const BaseWeight<format::Int8>& b) { return cpu::QMatrix::from(b.q); }
 
-// Splits [0, n) over threads in chunks of at least `grain` rows of work.
+// Splits [0, n) over the persistent pool's threads in chunks of at least `grain` rows of work.
 template <class F>
 void split_rows(std::int64_t n, std::int64_t grain, F&& f) {
-  parallel_for(std::size_t(n), 1, std::size_t(std::max<std::int64_t>(grain, 1)),
-               [&](std::size_t b, std::size_t e) { f(std::int64_t(b), std::int64_t(e)); });
+  cpu::pool_for(std::size_t(n), 1, std::size_t(std::max<std::int64_t>(grain, 1)),
+                [&](std::size_t b, std::size_t e) { f(std::int64_t(b), std::int64_t(e)); });
 }
 }  // namespace detail
 

@@ -36,7 +36,10 @@ struct LoraConfig {
   LoraInit init = LoraInit::Default;
   std::uint64_t seed = 0;  // for the init and the dropout masks
 
-  float scaling() const { return rslora ? alpha / std::sqrt(float(r)) : alpha / float(r); }
+  // In double, then rounded: PEFT computes it in Python floats.
+  float scaling() const {
+    return float(rslora ? double(alpha) / std::sqrt(double(r)) : double(alpha) / double(r));
+  }
   void validate() const {
     QLORA_CHECK(r > 0, "LoRA rank r must be positive, got ", r);
     QLORA_CHECK(dropout >= 0.0f && dropout < 1.0f, "LoRA dropout must be in [0, 1), got ", dropout);

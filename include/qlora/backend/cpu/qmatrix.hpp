@@ -11,8 +11,16 @@
 //
 // Paths (all tested against ref::forward / ref::backward on the dequantized weight):
 // - f32: Eigen, split over threads (gemm_dequant.hpp: forward_f32 / backward_f32).
-// - everything else, M > small_m_max(): tiles of W decoded to fp32 and multiplied with Eigen
-//   (forward_tiled / backward_tiled); results equal the reference within fp32 rounding.
+// - forward, M <= small_m_max() (AVX2 builds): a fused kernel that reads the stored weight once
+//   (gemv_4bit.hpp, gemv_int8.hpp, gemv_bf16.hpp). With ActQuant::None (the default) it computes
+//   with fp32 activations and the exactly dequantized weight: equal to the reference up to fp32
+//   summation order (~1e-7 relative). With ActQuant::Int8 (4-bit with K % 32 == 0, and int8) the
+//   activations are quantized to int8 per 32 values and the dot products are integer: ~2x faster,
+//   relative error ~5e-3..7e-3 on Gaussian data (act_quant.hpp).
+// - everything else (large M, every backward, 4-bit weights with K % 32 != 0, builds without
+//   AVX2): tiles of W decoded to fp32 and multiplied with Eigen (forward_tiled / backward_tiled);
+//   equal to the reference within fp32 rounding whatever act_quant() says.
+// Threads: qlora::num_threads(), on the persistent pool of thread_pool.hpp.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -110,18 +118,29 @@ class QMatrix {
     return *this;
   }
   ActQuant act_quant() const { return act_quant_; }
+  // A negative value restores the default, measured per format (docs/performance.md): the M where
+  // the tiled Eigen path overtakes the fused kernel on one Zen 4 core.
   QMatrix& set_small_m_max(std::int64_t m) {
     small_m_max_ = m;
     return *this;
   }
-  std::int64_t small_m_max() const { return small_m_max_; }
+  std::int64_t small_m_max() const {
+    if (small_m_max_ >= 0) return small_m_max_;
+    switch (kind_) {
+      case Kind::Q4: return act_quant_ == ActQuant::Int8 ? 48 : 12;
+      case Kind::Int8: return act_quant_ == ActQuant::Int8 ? 48 : 16;
+      case Kind::BF16: return 12;
+      case Kind::F32: return 0;
+    }
+    return 0;
+  }
 
   // x (M, K) -> y (M, N)
   void forward(const float* x, std::int64_t M, float* y, Accumulate acc) const {
     QLORA_CHECK(M >= 0, "QMatrix::forward: M must be >= 0, got ", M);
     if (kind_ == Kind::F32) return forward_f32(f32_.data(), N_, K_, x, M, y, acc);
 #ifdef __AVX2__
-    if (M <= small_m_max_) {
+    if (M <= small_m_max()) {
       if (kind_ == Kind::Q4 && q4_.grouped) return gemv_4bit(q4_, x, M, y, acc, act_quant_);
       if (kind_ == Kind::Int8)
         return gemv_int8(Int8View{i8_.data(), scb_.data(), N_, K_}, x, M, y, acc, act_quant_);
@@ -187,12 +206,12 @@ class QMatrix {
   Kind kind_;
   std::int64_t N_ = 0, K_ = 0;
   ActQuant act_quant_ = ActQuant::None;
-  std::int64_t small_m_max_ = 16;
-  std::vector<float> f32_;       // (N, K)
-  std::vector<bf16> bf16_;       // (N, K)
-  Packed4bit q4_;                // see packed_4bit.hpp
-  std::vector<std::int8_t> i8_;  // (N, K)
-  std::vector<float> scb_;       // (N)
+  std::int64_t small_m_max_ = -1;  // < 0: the format's default
+  std::vector<float> f32_;         // (N, K)
+  std::vector<bf16> bf16_;         // (N, K)
+  Packed4bit q4_;                  // see packed_4bit.hpp
+  std::vector<std::int8_t> i8_;    // (N, K)
+  std::vector<float> scb_;         // (N)
 };
 
 }  // namespace cpu

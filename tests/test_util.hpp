@@ -7,7 +7,10 @@
 #include <string>
 #include <vector>
 
-#include "qlora/io/quantize_model.hpp"
+#include "qlora/io/atomic_dir.hpp"
+#include "qlora/quant/blockwise4bit.hpp"
+#include "qlora/quant/blockwise8bit.hpp"
+#include "qlora/quant/rowwise_int8.hpp"
 
 namespace testutil {
 
@@ -17,7 +20,7 @@ struct TempDir {
     char buf[] = "/tmp/qlora-test-XXXXXX";
     path = ::mkdtemp(buf);
   }
-  ~TempDir() { qlora::checkpoint::detail::rm_rf(path); }
+  ~TempDir() { qlora::rm_rf(path); }
   std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 

@@ -35,9 +35,9 @@
 #include "qlora/core/dtype.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/half.hpp"
+#include "qlora/io/atomic_dir.hpp"
 #include "qlora/io/atomic_file.hpp"
 #include "qlora/io/hf_model.hpp"
-#include "qlora/io/quantize_model.hpp"  // checkpoint::detail::AtomicDir
 #include "qlora/io/safetensors.hpp"
 
 namespace qlora {
@@ -707,7 +707,7 @@ inline void save_adapter(const std::string& dir, const Adapter& a, DType dtype =
     add(kPrefix + module + (a.modules.count(module) ? ".base_layer.bias" : ".bias"), b,
         {std::int64_t(b.size())});
 
-  checkpoint::detail::AtomicDir out(dir);
+  AtomicDir out(dir);
   wr.write(hf::join(out.path(), kWeightsFile));
   write_text_atomic(hf::join(out.path(), kConfigFile), text);
   out.commit();

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/io/atomic_dir.hpp"
 #include "qlora/io/atomic_file.hpp"
 #include "qlora/io/bnb_checkpoint.hpp"
 #include "qlora/io/hf_model.hpp"
@@ -96,62 +97,6 @@ inline std::regex compile(const std::string& re, const char* flag) {
     throw_error(flag, " '", re, "' is not a valid regular expression: ", e.what());
   }
 }
-
-inline void rm_rf(const std::string& path) {
-  struct stat st;
-  if (::lstat(path.c_str(), &st) != 0) return;
-  if (S_ISDIR(st.st_mode)) {
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (const dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") rm_rf(hf::join(path, n));
-      }
-      ::closedir(d);
-    }
-    ::rmdir(path.c_str());
-  } else {
-    ::unlink(path.c_str());
-  }
-}
-
-// A folder built at "<target>.tmp.XXXXXX" and renamed over the target on commit; removed otherwise.
-class AtomicDir {
- public:
-  explicit AtomicDir(std::string target) : target_(std::move(target)) {
-    while (!target_.empty() && target_.size() > 1 && target_.back() == '/') target_.pop_back();
-    std::string tmpl = target_ + ".tmp.XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (!::mkdtemp(buf.data())) throw_error("cannot create a temporary folder beside '", target_, "'");
-    tmp_ = buf.data();
-    // mkdtemp makes the folder private (0700); give it the mode a plain mkdir would have.
-    const mode_t mask = ::umask(0);
-    ::umask(mask);
-    ::chmod(tmp_.c_str(), 0777 & ~mask);
-  }
-  ~AtomicDir() {
-    if (!committed_) rm_rf(tmp_);
-  }
-  const std::string& path() const { return tmp_; }
-  void commit() {
-    std::string old;
-    if (hf::is_directory(target_)) {  // move the old folder aside, swap in the new, then delete the old
-      old = target_ + ".old." + std::to_string(::getpid());
-      rm_rf(old);
-      if (::rename(target_.c_str(), old.c_str()) != 0) throw_error("cannot move '", target_, "' aside");
-    }
-    if (::rename(tmp_.c_str(), target_.c_str()) != 0) {
-      if (!old.empty()) ::rename(old.c_str(), target_.c_str());
-      throw_error("cannot rename '", tmp_, "' to '", target_, "'");
-    }
-    committed_ = true;
-    if (!old.empty()) rm_rf(old);
-  }
-
- private:
-  std::string target_, tmp_;
-  bool committed_ = false;
-};
 
 // Everything a tensor source (File or ModelFolder) needs to offer here.
 template <class Source>
@@ -267,7 +212,7 @@ inline QuantizeReport quantize_model(const std::string& in, const std::string& o
   cfg["quantization_config"] = bnb::quantization_config(
       four, opt.format == Format::FP4 ? quant::Quant4Type::FP4 : quant::Quant4Type::NF4, opt.double_quant,
       detail::config_dtype(cfg), detail::skip_modules(rep));
-  detail::AtomicDir dir(out);
+  AtomicDir dir(out);
   w.write(hf::join(dir.path(), hf::kSingleWeights));
   write_text_atomic(hf::join(dir.path(), "config.json"), cfg.dump(2) + "\n");
   for (const std::string& f : m.other_files()) copy_file_atomic(hf::join(in, f), hf::join(dir.path(), f));

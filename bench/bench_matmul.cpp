@@ -3,7 +3,8 @@
 // Names: matmul/cpu/<type>/<N>x<K>/m<M>
 //   f32                 QMatrix::dense (Eigen, split over QLORA_NUM_THREADS threads)
 //   bf16, nf4, fp4, int8  QMatrix of that format, default settings (fp32 activations)
-//   nf4_a8, fp4_a8      the same weight with ActQuant::Int8 (int8 activations, M <= small_m_max)
+//   nf4_a16, fp4_a16    the same weight with ActQuant::Int16 (int16 activations, M <= small_m_max)
+//   nf4_a8, fp4_a8, int8_a8  ... with ActQuant::Int8 (int8 activations, M <= small_m_max)
 //   eigen_f32_1thread   a plain Eigen product on one thread: the named baseline
 // and matmul_backward/cpu/<type>/<N>x<K>/m<M> for dx (M, K) = dy (M, N) . W.
 // bandwidth/read_f32/256MiB/threads:<t>: the sum of a 256 MiB float array on t threads, the
@@ -89,6 +90,7 @@ QMatrix make(const std::string& type, const Shape& s) {
   const auto t = type.substr(0, 3) == "nf4" ? quant::Quant4Type::NF4 : quant::Quant4Type::FP4;
   auto m = QMatrix::from(quant::quantize_4bit(w.data(), {s.N, s.K}, {t, 64, true}));
   if (type.size() > 3 && type.substr(3) == "_a8") m.set_act_quant(ActQuant::Int8);
+  if (type.size() > 3 && type.substr(3) == "_a16") m.set_act_quant(ActQuant::Int16);
   return m;
 }
 
@@ -240,7 +242,8 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   for (const Shape& s : shapes)
     for (std::int64_t M : {1, 8, 512}) {
-      for (const char* t : {"f32", "bf16", "nf4", "nf4_a8", "fp4", "fp4_a8", "int8"})
+      for (const char* t :
+           {"f32", "bf16", "nf4", "nf4_a16", "nf4_a8", "fp4", "fp4_a16", "fp4_a8", "int8", "int8_a8"})
         register_qmatrix(t, s, M, false);
       register_eigen_1thread(s, M);
     }

@@ -33,8 +33,10 @@ namespace ref = qlora::cpu::ref;
 namespace {
 
 constexpr double kF32Tol = 1e-5;
-// int8 activations (ActQuant::Int8): measured 2.5e-3 .. 4e-3 on these Gaussian cases
+// int8 activations (ActQuant::Int8): measured 5e-3 .. 7.3e-3 on these Gaussian cases
 constexpr double kInt8ActTol = 1e-2;
+// int16 activations (ActQuant::Int16, 4-bit only): measured 2e-5 .. 6e-5
+constexpr double kInt16ActTol = 2e-4;
 
 double rel_error(const std::vector<float>& got, const std::vector<float>& want) {
   double num = 0.0, den = 0.0;
@@ -115,6 +117,7 @@ double check_products(Weight& wt, const std::vector<std::int64_t>& Ms, double to
 }
 
 bool has_int8_path(const std::string& fmt) { return fmt != "f32" && fmt != "bf16"; }
+bool is_4bit(const std::string& fmt) { return fmt.rfind("nf4", 0) == 0 || fmt.rfind("fp4", 0) == 0; }
 
 const std::vector<std::int64_t> kAllM = {1, 2, 3, 7, 8, 16, 17, 33, 64, 100};
 
@@ -175,6 +178,9 @@ TEST_CASE("QMatrix products: small and odd shapes, every format and M") {
       auto w = make_weight(fmt, s.N, s.K, s.bs, unsigned(s.N + s.K));
       CHECK(check_products(w, kAllM, kF32Tol) < kF32Tol);
       if (has_int8_path(fmt)) {
+        w.qm.set_act_quant(qlora::cpu::ActQuant::Int16);
+        w.name += " int16 activations";
+        check_products(w, kAllM, is_4bit(fmt) ? kInt16ActTol : kF32Tol);
         w.qm.set_act_quant(qlora::cpu::ActQuant::Int8);
         w.name += " int8 activations";
         check_products(w, kAllM, kInt8ActTol);
@@ -191,12 +197,32 @@ TEST_CASE("QMatrix products: a (256, 4096) weight") {
     const double e32 = check_products(w, c.second, kF32Tol);
     WARN(c.first << " (256, 4096), fp32 activations: max relative error " << e32);
     if (has_int8_path(c.first)) {
+      w.qm.set_act_quant(qlora::cpu::ActQuant::Int16);
+      const double e16 = check_products(w, c.second, is_4bit(c.first) ? kInt16ActTol : kF32Tol);
+      WARN(c.first << " (256, 4096), int16 activations: max relative error " << e16);
       w.qm.set_act_quant(qlora::cpu::ActQuant::Int8);
       w.name += " int8 activations";
       const double e8 = check_products(w, c.second, kInt8ActTol);
       WARN(c.first << " (256, 4096), int8 activations: max relative error " << e8);
     }
   }
+}
+
+TEST_CASE("QMatrix: int16 activations stay accurate with activation outliers, int8 ones do not") {
+  // every 97th activation 50x larger: an outlier's group loses 5.6 bits of int8 resolution
+  auto w = make_weight("nf4_dq", 128, 1024, 64, 21);
+  const std::int64_t M = 2;
+  auto x = testutil::gaussian(std::size_t(M * 1024), 22, 1.0f);
+  for (std::size_t i = 0; i < x.size(); i += 97) x[i] *= 50.0f;
+  std::vector<float> y_ref(std::size_t(M * 128)), y(y_ref.size());
+  ref::forward(w.deq.data(), 128, 1024, x.data(), M, y_ref.data(), Accumulate::No);
+  w.qm.set_act_quant(qlora::cpu::ActQuant::Int16).forward(x.data(), M, y.data(), Accumulate::No);
+  const double e16 = rel_error(y, y_ref);
+  w.qm.set_act_quant(qlora::cpu::ActQuant::Int8).forward(x.data(), M, y.data(), Accumulate::No);
+  const double e8 = rel_error(y, y_ref);
+  WARN("outlier activations: int16 " << e16 << ", int8 " << e8);
+  CHECK(e16 < kInt16ActTol);
+  CHECK(e8 > 10 * e16);
 }
 
 TEST_CASE("QMatrix: empty dimensions") {

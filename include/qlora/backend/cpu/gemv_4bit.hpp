@@ -8,7 +8,7 @@
 // Within a row, the activations of up to kMaxChunk rows of x are kept in flight together, so a
 // group's codes are decoded once for all of them.
 //
-// Two kernels (act_quant.hpp says which the caller picked):
+// Three kernels (act_quant.hpp says which the caller picked):
 // - fp32: a group's 32 codes -> fp32 values by pshufb on the table's four byte planes and two
 //   rounds of unpacks (Planes16), times the block's absmax (exactly the dequantized weight), then
 //   FMAs with fp32 activations permuted once per call into the same order.
@@ -16,7 +16,9 @@
 //   activations with maddubs, pairs summed by madd into 8 int32 lanes, converted and scaled by
 //   absmax * activation scale. |w|, |x| <= 127, so maddubs' int16 pair sums (<= 32258) never
 //   saturate.
-// Both are AVX2 + FMA only (the project's reference machine has no AVX-512).
+// - int16: two pshufb on the int16 table's byte planes and two unpacks give 32 int16 weights;
+//   pmaddwd against int16 activations, scaled like int8.
+// All are AVX2 + FMA only (the project's reference machine has no AVX-512).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -123,6 +125,48 @@ void gemv4_i8_rows(const Packed4bit& p, const std::int8_t* xq, const float* xs, 
   }
 }
 
+// Rows [r0, r1) of W against MC rows of int16 activations xq (row stride K, groups in the order of
+// quantize_act_int16), scales xs (row stride G). |w| <= 16383 and |x| <= 32767: each pmaddwd lane
+// is at most 2 * 16383 * 32767 and the sum of two at most 2,147,287,044 < 2^31.
+template <int MC>
+void gemv4_i16_rows(const Packed4bit& p, const std::int16_t* xq, const float* xs, std::int64_t r0,
+                    std::int64_t r1, float* y, std::int64_t ldy, Accumulate acc) {
+  const std::int64_t K = p.K, G = K / kGroup;
+  const __m256i tlo =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.i16_lo)));
+  const __m256i thi =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.i16_hi)));
+  const float inv_scale = 1.0f / p.i16_scale;
+  for (std::int64_t r = r0; r < r1; ++r) {
+    const std::uint8_t* rc = p.row_codes(r);
+    __m256 a[MC];
+    for (int m = 0; m < MC; ++m) a[m] = _mm256_setzero_ps();
+    for (std::int64_t g = 0; g < G; ++g) {
+      const __m256i c = load_group_codes(rc + 16 * g);
+      const __m256i lo = _mm256_shuffle_epi8(tlo, c), hi = _mm256_shuffle_epi8(thi, c);
+      const __m256i w0 = _mm256_unpacklo_epi8(lo, hi);  // int16 weights 0..7 | 16..23
+      const __m256i w1 = _mm256_unpackhi_epi8(lo, hi);  // 8..15 | 24..31
+      const __m256 amax = _mm256_set1_ps(p.group_absmax(r, g));
+      for (int m = 0; m < MC; ++m) {
+        const __m256i* xv = reinterpret_cast<const __m256i*>(xq + m * K + kGroup * g);
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
+        const __m256 scale = _mm256_mul_ps(amax, _mm256_broadcast_ss(xs + m * G + g));
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, a[m]);
+      }
+    }
+    for (int m = 0; m < MC; ++m) store_out(y + m * ldy + r, hsum(a[m]) * inv_scale, acc);
+  }
+}
+
+template <int MC>
+struct I16Kernel {
+  template <class... A>
+  static void run(A&&... a) {
+    gemv4_i16_rows<MC>(a...);
+  }
+};
+
 template <int MC>
 struct F32Kernel {
   template <class... A>
@@ -153,8 +197,13 @@ inline void gemv_4bit(const Packed4bit& p, const float* x, std::int64_t M, float
   const std::int64_t N = p.N, K = p.K, G = K / kGroup;
   if (M == 0 || N == 0) return;
   std::vector<std::int8_t> xq;
+  std::vector<std::int16_t> xq16;
   std::vector<float> xs, xp;
-  if (aq == ActQuant::Int8) {
+  if (aq == ActQuant::Int16) {
+    xq16.resize(std::size_t(M * K));
+    xs.resize(std::size_t(M * G));
+    quantize_act_int16(x, M, K, xq16.data(), xs.data());
+  } else if (aq == ActQuant::Int8) {
     xq.resize(std::size_t(M * K));
     xs.resize(std::size_t(M * G));
     quantize_act_int8(x, M, K, xq.data(), xs.data());
@@ -166,7 +215,10 @@ inline void gemv_4bit(const Packed4bit& p, const float* x, std::int64_t M, float
   // at least ~128 KiB of codes per thread
   const std::int64_t min_rows = std::max<std::int64_t>(8, 262144 / std::max<std::int64_t>(K, 1));
   detail::gemv_rows(N, M, min_rows, [&](std::int64_t m0, int mc, std::int64_t r0, std::int64_t r1) {
-    if (aq == ActQuant::Int8)
+    if (aq == ActQuant::Int16)
+      detail::for_chunk<detail::I16Kernel>(mc, p, xq16.data() + m0 * K, xs.data() + m0 * G, r0, r1,
+                                           y + m0 * N, N, acc);
+    else if (aq == ActQuant::Int8)
       detail::for_chunk<detail::I8Kernel>(mc, p, xq.data() + m0 * K, xs.data() + m0 * G, r0, r1, y + m0 * N,
                                           N, acc);
     else

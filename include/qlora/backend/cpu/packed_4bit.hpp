@@ -48,9 +48,14 @@ struct Packed4bit {
 
   // The int8 image of the table for the int8-activation GEMV: i8[c] = round(table[c] * i8_scale),
   // |i8[c]| <= 127; a value decodes as i8[c] / i8_scale. i8_scale is chosen to minimise the
-  // rounding error of the 16 entries (see int8_table_scale).
+  // rounding error of the 16 entries (see table_scale).
   std::int8_t i8[16] = {};
   float i8_scale = 127.0f;
+  // The int16 image for the int16-activation GEMV: i16[c] = round(table[c] * i16_scale) with
+  // |i16[c]| <= 16383 (i16_scale from table_scale too) (so two pmaddwd sums against |x| <= 32767 fit an
+  // int32), split into its low and high bytes for two pshufb lookups.
+  std::uint8_t i16_lo[16] = {}, i16_hi[16] = {};
+  float i16_scale = 16383.0f;
 
   std::size_t bytes() const { return codes.size() + absmax.size() * sizeof(float); }
   std::int64_t groups_per_row() const { return K / kGroup; }
@@ -60,23 +65,24 @@ struct Packed4bit {
   }
 };
 
-// The scale s in (max/2 .. 127/max] for which round(table * s) / s is closest to the table (sum of
-// squared errors). For FP4 (multiples of 1/12 except the smallest magnitude 1/192) this finds s = 120
-// where all but one entry are exact; for NF4 it roughly halves the error of s = 127.
-inline float int8_table_scale(const quant::Code16& table) {
+// The scale s in [0.75, 1] * qmax / max for which round(table * s) / s is closest to the
+// table (sum of squared errors), so every |round(table * s)| <= qmax. For FP4 (multiples of 1/12
+// except the smallest magnitude 1/192) this finds s = 120 at qmax = 127, where all but one entry
+// are exact; for NF4 it roughly halves the error of s = qmax / max.
+inline float table_scale(const quant::Code16& table, double qmax) {
   float amax = 0.0f;
   for (float v : table) amax = std::max(amax, std::fabs(v));
   if (amax == 0.0f) return 1.0f;
-  const double hi = 127.0 / amax;
+  const double hi = qmax / amax;
   double best = hi, best_err = 1e300;
-  for (int i = 0; i <= 4096; ++i) {
-    const double s = hi * (0.5 + 0.5 * i / 4096.0);
+  for (int i = 16384; i >= 0; --i) {  // steps of ~0.25 at qmax = 16383
+    const double s = hi * (0.75 + 0.25 * i / 16384.0);
     double err = 0.0;
     for (float v : table) {
       const double d = std::nearbyint(v * s) / s - v;
       err += d * d;
     }
-    if (err < best_err * (1.0 - 1e-12)) {
+    if (err < best_err * (1.0 - 1e-9)) {
       best_err = err;
       best = s;
     }
@@ -97,8 +103,14 @@ inline Packed4bit pack_4bit(const quant::Quantized4bit& q) {
   p.type = q.type;
   p.table = quant::decode_table(q);
   p.absmax = quant::decode_absmax(q);
-  p.i8_scale = int8_table_scale(p.table);
+  p.i8_scale = table_scale(p.table, 127.0);
   for (int c = 0; c < 16; ++c) p.i8[c] = std::int8_t(std::nearbyint(p.table[c] * p.i8_scale));
+  p.i16_scale = table_scale(p.table, 16383.0);
+  for (int c = 0; c < 16; ++c) {
+    const auto v = std::uint16_t(std::int16_t(std::nearbyint(p.table[c] * p.i16_scale)));
+    p.i16_lo[c] = std::uint8_t(v & 0xff);
+    p.i16_hi[c] = std::uint8_t(v >> 8);
+  }
   p.grouped = p.K % kGroup == 0;
   if (!p.grouped) {
     p.codes = q.packed;

@@ -12,11 +12,12 @@
 // Paths (all tested against ref::forward / ref::backward on the dequantized weight):
 // - f32: Eigen, split over threads (gemm_dequant.hpp: forward_f32 / backward_f32).
 // - forward, M <= small_m_max() (AVX2 builds): a fused kernel that reads the stored weight once
-//   (gemv_4bit.hpp, gemv_int8.hpp, gemv_bf16.hpp). With ActQuant::None (the default) it computes
-//   with fp32 activations and the exactly dequantized weight: equal to the reference up to fp32
-//   summation order (~1e-7 relative). With ActQuant::Int8 (4-bit with K % 32 == 0, and int8) the
-//   activations are quantized to int8 per 32 values and the dot products are integer: ~2x faster,
-//   relative error ~5e-3..7e-3 on Gaussian data (act_quant.hpp).
+//   (gemv_4bit.hpp, gemv_int8.hpp, gemv_bf16.hpp). act_quant() picks how it treats activations
+//   (act_quant.hpp): None (the default) computes with fp32 activations and the exactly dequantized
+//   weight, equal to the reference up to fp32 summation order (~3e-7 relative); Int16 (4-bit
+//   weights, K % 32 == 0) quantizes activations to int16 per 32 values and runs integer dot
+//   products, ~1.8x faster at relative error ~5e-5; Int8 (4-bit with K % 32 == 0, and int8
+//   weights) is the llama.cpp scheme, ~2x faster, relative error 5e-3..1.3e-2.
 // - everything else (large M, every backward, 4-bit weights with K % 32 != 0, builds without
 //   AVX2): tiles of W decoded to fp32 and multiplied with Eigen (forward_tiled / backward_tiled);
 //   equal to the reference within fp32 rounding whatever act_quant() says.
@@ -127,7 +128,7 @@ class QMatrix {
   std::int64_t small_m_max() const {
     if (small_m_max_ >= 0) return small_m_max_;
     switch (kind_) {
-      case Kind::Q4: return act_quant_ == ActQuant::Int8 ? 48 : 12;
+      case Kind::Q4: return act_quant_ == ActQuant::None ? 12 : 48;
       case Kind::Int8: return act_quant_ == ActQuant::Int8 ? 48 : 16;
       case Kind::BF16: return 12;
       case Kind::F32: return 0;

@@ -222,7 +222,9 @@ TEST_CASE("QMatrix: int16 activations stay accurate with activation outliers, in
   const double e8 = rel_error(y, y_ref);
   WARN("outlier activations: int16 " << e16 << ", int8 " << e8);
   CHECK(e16 < kInt16ActTol);
-  CHECK(e8 > 10 * e16);
+#ifdef __AVX2__
+  CHECK(e8 > 10 * e16);  // without AVX2 every mode computes in fp32
+#endif
 }
 
 TEST_CASE("QMatrix: empty dimensions") {

@@ -163,8 +163,13 @@ void register_eigen_1thread(const Shape& s, std::int64_t M) {
 }
 
 // Sum of a 256 MiB float array on `threads` threads (std::thread, independent of QLORA_NUM_THREADS).
-void register_read_bandwidth(int threads) {
-  reg("bandwidth/read_f32/256MiB/threads:" + std::to_string(threads), [=](benchmark::State& st) {
+// streams = 1: each thread reads its half front to back; streams = 4: each thread reads the four
+// quarters of its half interleaved (as a GEMV reads several weight rows at once), which gives the
+// prefetchers more to work with.
+void register_read_bandwidth(int threads, int streams) {
+  const std::string name =
+      streams == 1 ? "bandwidth/read_f32/256MiB/threads:" : "bandwidth/read_f32_4streams/256MiB/threads:";
+  reg(name + std::to_string(threads), [=](benchmark::State& st) {
     const std::size_t n = (std::size_t(256) << 20) / sizeof(float);
     std::vector<float> a(n, 1.0f);
     std::vector<float> part(std::size_t(threads) * 16);
@@ -175,8 +180,15 @@ void register_read_bandwidth(int threads) {
 #ifdef __AVX2__
       // 4 independent vector accumulators, 32 floats per iteration: load-bound, not add-latency-bound
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (std::size_t i = b; i < e; i += 32)
-        for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(a.data() + i + 8 * j));
+      if (streams == 1) {
+        for (std::size_t i = b; i < e; i += 32)
+          for (int j = 0; j < 4; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(a.data() + i + 8 * j));
+      } else {
+        const std::size_t q = (e - b) / 4 / 8 * 8;  // four quarters, read 8 floats from each in turn
+        for (std::size_t i = 0; i < q; i += 8)
+          for (int j = 0; j < 4; ++j)
+            acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(a.data() + b + std::size_t(j) * q + i));
+      }
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
       for (float v : lanes) s += v;
@@ -237,8 +249,10 @@ int main(int argc, char** argv) {
   register_fma_peak(1);
   register_fma_peak(2);
 #endif
-  register_read_bandwidth(1);
-  register_read_bandwidth(2);
+  for (int streams : {1, 4}) {
+    register_read_bandwidth(1, streams);
+    register_read_bandwidth(2, streams);
+  }
   const Shape shapes[] = {{4096, 4096}, {11008, 4096}, {4096, 11008}};
   for (const Shape& s : shapes)
     for (std::int64_t M : {1, 8, 512}) {

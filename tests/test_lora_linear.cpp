@@ -69,6 +69,7 @@ void check_against_reference(BaseWeight<Quant> base, LoraConfig cfg, std::int64_
   cfg.init = LoraInit::NonZero;
   LoraLinear<Quant, Rank, Cpu> L(std::move(base), cfg, testutil::gaussian(std::size_t(out), 77, 0.1f),
                                  bias_mode);
+  if (act) L.set_act_quant(*act);
   const auto x = testutil::gaussian(std::size_t(M * in), 5, 1.0f);
   const auto dy = testutil::gaussian(std::size_t(M * out), 6, 1.0f);
   std::vector<float> y(std::size_t(M * out)), dx(std::size_t(M * in));

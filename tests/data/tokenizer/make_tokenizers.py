@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Trains the two small byte-level BPE tokenizers that tests/test_tokenizer.cpp reads, and records
+the ids the Hugging Face `tokenizers` library produces for a set of edge-case strings.
+
+Tooling only: `pip install tokenizers` (tested with 0.23.3). The build and the tests never run
+Python; they read the committed outputs:
+  gpt2_style.json    ByteLevel pre-tokenizer (GPT-2 regex), ByteLevel post-processor/decoder
+  llama3_style.json  Sequence[Split(Llama-3 regex), ByteLevel(use_regex=False)], BOS template
+  cases.json         [{"text": ..., "gpt2_style": [ids], "llama3_style": [ids], ...}]
+
+Run from anywhere: python3 make_tokenizers.py  (writes beside this script).
+"""
+import json
+import os
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# A few KB of text: enough merges for a ~500-token vocabulary, with the non-ASCII scripts the cases use.
+CORPUS = """
+The quick brown fox jumps over the lazy dog. It's a sentence we've all seen, and I'll use it again.
+Low-rank adaptation freezes the base weights and learns two small matrices per layer; QLoRA stores
+the frozen base in 4-bit NormalFloat blocks of 64 values, each with its own absmax scale.
+A tokenizer turns text into integers: bytes first, then merges learned from a corpus, lowest rank first.
+In 2023, researchers fine-tuned a 65B model on a single 48 GB GPU. Numbers like 3.14159, 1,000,000
+and 42 appear often; so do dates (2024-05-17), times (12:30), and prices ($19.99, 5%).
+She said: "Don't stop!" -- he replied, 'We can't, we're late.' They'd known; you'd have guessed.
+Punctuation runs!!! ??? ... --- *** ### @@@ and symbols like <tag>, {braces}, [brackets], (parens).
+Café, naïve, résumé, façade, über, Müller, Straße, Ångström, jalapeño, crème brûlée, déjà vu.
+中文分词很有趣。我们今天学习机器学习和自然语言处理。你好，世界！
+日本語のテキストも少し。こんにちは世界。Русский текст: привет, мир! Ελληνικά: γειά σου κόσμε.
+Emoji: 😀 🎉 👍🏽 ❤️ 🚀 and flags 🇫🇷 🇯🇵 mixed with words like fun😀times.
+Code: def forward(x): return x @ W.T + (x @ A.T) @ B.T * scale  # LoRA update
+	Tabs	and  double  spaces   and trailing spaces   
+Newlines
+
+
+and carriage returns\r\nin Windows text.\r\n
+""" * 3
+
+CASES = [
+    "",
+    " ",
+    "  ",
+    "   leading spaces",
+    "trailing spaces   ",
+    "\n",
+    "\n\n\n",
+    "line one\nline two\r\nline three",
+    "\t\ttabs\tinside",
+    "hello",
+    "Hello world",
+    " Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "It's I'm you're we've they'll he'd IT'S WE'VE",
+    "don't can't won't",
+    "1234567890",
+    "3.14159 and 1,000,000 and 42",
+    "year 2024-05-17 at 12:30",
+    "!!!???...---",
+    "a,b;c:d!e?f",
+    "<tag attr=\"x\">{[()]}</tag>",
+    "Café naïve résumé",
+    "Straße Müller über",
+    "中文分词很有趣",
+    "你好，世界！",
+    "こんにちは世界",
+    "привет, мир",
+    "γειά σου κόσμε",
+    "😀",
+    "👍🏽 🚀🚀",
+    "🇫🇷🇯🇵",
+    "fun😀times",
+    "mixed 中文 and English 123 😀!",
+    "x @ A.T @ B.T * scale  # LoRA",
+    "def f(x):\n    return x + 1\n",
+    "spaces    between    words",
+    "end with newline\n",
+    "\u00a0non-breaking\u00a0space",
+    "zero\u200bwidth",
+    "<|endoftext|>",
+    "before<|endoftext|>after",
+    "a<|endoftext|> b",
+    "ſ K Ⅻ ½ ²",
+]
+
+
+def train(pre_tokenizer, special, vocab_size):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([CORPUS], trainer=trainer)
+    return tok
+
+
+def main():
+    gpt2 = train(pre_tokenizers.ByteLevel(add_prefix_space=False), ["<|endoftext|>"], 500)
+    gpt2.post_processor = processors.ByteLevel(trim_offsets=True)
+
+    llama3 = train(
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]),
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>"],
+        600,
+    )
+    # Llama-3's own file sets ignore_merges (a pre-token found whole in the vocabulary is one token);
+    # the trainer has no option for it, so it is set in the JSON.
+    cfg = json.loads(llama3.to_str())
+    cfg["model"]["ignore_merges"] = True
+    llama3 = Tokenizer.from_str(json.dumps(cfg))
+    llama3.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", llama3.token_to_id("<|begin_of_text|>"))],
+    )
+
+    tokenizers = {"gpt2_style": gpt2, "llama3_style": llama3}
+    for name, tok in tokenizers.items():
+        path = os.path.join(HERE, name + ".json")
+        tok.save(path)
+        print(path, os.path.getsize(path), "bytes, vocab", tok.get_vocab_size())
+
+    cases = []
+    for text in CASES:
+        entry = {"text": text}
+        for name, tok in tokenizers.items():
+            enc = tok.encode(text, add_special_tokens=False)
+            entry[name] = enc.ids
+            entry[name + "_special"] = tok.encode(text, add_special_tokens=True).ids
+            assert tok.decode(enc.ids, skip_special_tokens=False) == text, (name, text)
+        cases.append(entry)
+    meta = {name: {"vocab_size": tok.get_vocab_size()} for name, tok in tokenizers.items()}
+    with open(os.path.join(HERE, "cases.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizers": meta, "cases": cases}, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def unicode_table():
+    """Prints the letter / number ranges of include/qlora/text/unicode_tables.hpp (python3
+    make_tokenizers.py --unicode-table), from this Python's unicodedata."""
+    import sys
+    import unicodedata
+
+    def ranges(cats):
+        out, start = [], None
+        for cp in range(0x110000):
+            inside = unicodedata.category(chr(cp)) in cats
+            if inside and start is None:
+                start = cp
+            if not inside and start is not None:
+                out.append((start, cp - 1))
+                start = None
+        return out
+
+    print("// Unicode", unicodedata.unidata_version)
+    for name, cats in (("kLetterRanges", ("Lu", "Ll", "Lt", "Lm", "Lo")), ("kNumberRanges", ("Nd", "Nl", "No"))):
+        r = ranges(cats)
+        print(f"inline constexpr CodeRange {name}[] = {{")
+        line = " "
+        for a, b in r:
+            item = f" {{0x{a:X}, 0x{b:X}}},"
+            if len(line) + len(item) > 110:
+                print(line)
+                line = " "
+            line += item
+        print(line)
+        print("};")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--unicode-table" in sys.argv:
+        unicode_table()
+    main()

@@ -1,0 +1,147 @@
+// Tokenizers against the Hugging Face `tokenizers` library: tests/data/tokenizer/cases.json holds
+// the ids it produced (see make_tokenizers.py) for two small trained byte-level BPE tokenizers,
+// one GPT-2 style and one Llama-3 style; every case must encode to exactly those ids and decode back.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "qlora/text/tokenizer.hpp"
+
+using qlora::text::BpeTokenizer;
+using qlora::text::ByteTokenizer;
+
+namespace {
+
+const std::string kDir = std::string(QLORA_TEST_DATA_DIR) + "/tokenizer/";
+
+nlohmann::json load(const std::string& name) { return qlora::hf::read_json(kDir + name); }
+
+// The Llama-3 style file with one part replaced, for the error tests.
+nlohmann::json llama3_with(const nlohmann::json::json_pointer& where, const nlohmann::json& value) {
+  nlohmann::json j = load("llama3_style.json");
+  j[where] = value;
+  return j;
+}
+
+std::string error_of(const nlohmann::json& j) {
+  try {
+    BpeTokenizer::from_json(j);
+  } catch (const qlora::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("ByteTokenizer: one token per byte, any bytes round-trip") {
+  const ByteTokenizer tok;
+  std::string all;
+  for (int b = 0; b < 256; ++b) all += static_cast<char>(b);
+  const std::vector<std::int32_t> ids = tok.encode(all);
+  REQUIRE(ids.size() == 256);
+  for (int b = 0; b < 256; ++b) CHECK(ids[static_cast<std::size_t>(b)] == b);
+  CHECK(tok.decode(ids) == all);
+  CHECK(tok.decode(tok.encode("héllo 😀")) == "héllo 😀");
+  CHECK(tok.encode("").empty());
+  CHECK(tok.vocab_size() == 256);
+  CHECK_THROWS_WITH(tok.decode({65, 256}), Catch::Contains("id 256 at position 1"));
+  CHECK_THROWS_AS(tok.decode({-1}), qlora::Error);
+}
+
+TEST_CASE("BpeTokenizer: ids match the Hugging Face library on every case") {
+  const nlohmann::json ref = load("cases.json");
+  for (const char* name : {"gpt2_style", "llama3_style"}) {
+    const BpeTokenizer tok = BpeTokenizer::from_file(kDir + name + ".json");
+    CHECK(tok.vocab_size() == ref["tokenizers"][name]["vocab_size"].get<std::int32_t>());
+    for (const nlohmann::json& c : ref["cases"]) {
+      const std::string text = c["text"].get<std::string>();
+      INFO(name << " case '" << text << "'");
+      const std::vector<std::int32_t> ids = tok.encode(text);
+      CHECK(ids == c[name].get<std::vector<std::int32_t>>());
+      CHECK(tok.encode(text, /*add_special=*/true) ==
+            c[std::string(name) + "_special"].get<std::vector<std::int32_t>>());
+      CHECK(tok.decode(ids) == text);
+      CHECK(tok.encode(text) == ids);  // second time from the cache
+    }
+  }
+}
+
+TEST_CASE("BpeTokenizer: special tokens, lookups, BOS/EOS") {
+  const BpeTokenizer gpt2 = BpeTokenizer::from_file(kDir + "gpt2_style.json");
+  const BpeTokenizer llama = BpeTokenizer::from_file(kDir + "llama3_style.json");
+  CHECK(gpt2.token_id("<|endoftext|>").has_value());
+  CHECK(gpt2.token_id("Ġthe").has_value());  // the byte-level spelling, as in the JSON
+  CHECK_FALSE(gpt2.token_id("no such token").has_value());
+  CHECK_FALSE(gpt2.bos_id().has_value());  // a ByteLevel post-processor adds nothing
+  REQUIRE(llama.bos_id().has_value());
+  CHECK(*llama.bos_id() == *llama.token_id("<|begin_of_text|>"));
+  CHECK(llama.encode("hi", true).front() == *llama.bos_id());
+  CHECK(llama.decode({*llama.bos_id()}) == "<|begin_of_text|>");
+  CHECK_THROWS_WITH(llama.decode({llama.vocab_size()}), Catch::Contains("is not a token"));
+}
+
+TEST_CASE("BpeTokenizer: invalid UTF-8 and long inputs round-trip") {
+  for (const char* name : {"gpt2_style", "llama3_style"}) {
+    const BpeTokenizer tok = BpeTokenizer::from_file(kDir + name + ".json");
+    std::string all;
+    for (int b = 0; b < 256; ++b) all += static_cast<char>(b);
+    for (const std::string& s :
+         {all, std::string("\xff\xfe bad \xc3 x\xe2\x82 \xed\xa0\x80 end"), std::string("caf\xc3\xa9\x80"),
+          std::string(20000, 'a'), std::string(5000, ' ')}) {
+      const std::vector<std::int32_t> ids = tok.encode(s);
+      CHECK(tok.decode(ids) == s);
+      CHECK(ids.size() <= s.size());
+    }
+  }
+}
+
+TEST_CASE("BpeTokenizer: merges as \"a b\" strings read the same as pairs") {
+  nlohmann::json j = load("gpt2_style.json");
+  for (nlohmann::json& m : j["model"]["merges"])
+    if (m.is_array()) m = m[0].get<std::string>() + " " + m[1].get<std::string>();
+  const BpeTokenizer strings = BpeTokenizer::from_json(j);
+  const BpeTokenizer pairs = BpeTokenizer::from_file(kDir + "gpt2_style.json");
+  const std::string text = "The quick brown fox, naïve café 中文 😀 it's 2024!";
+  CHECK(strings.encode(text) == pairs.encode(text));
+}
+
+TEST_CASE("BpeTokenizer: unsupported components are errors that name them") {
+  using P = nlohmann::json::json_pointer;
+  CHECK_THAT(error_of(llama3_with(P("/model/type"), "WordPiece")),
+             Catch::Contains("model type 'WordPiece' is not supported"));
+  CHECK_THAT(error_of(llama3_with(P("/pre_tokenizer"), {{"type", "Metaspace"}})),
+             Catch::Contains("pre_tokenizer type 'Metaspace' is not supported (byte-level BPE only)"));
+  CHECK_THAT(error_of(llama3_with(P("/pre_tokenizer/pretokenizers/0/pattern/Regex"), "\\w+")),
+             Catch::Contains("Split regex '\\w+' is not supported"));
+  CHECK_THAT(error_of(llama3_with(P("/pre_tokenizer/pretokenizers/0/behavior"), "Removed")),
+             Catch::Contains("behavior 'Removed'"));
+  CHECK_THAT(error_of(llama3_with(P("/pre_tokenizer"), nullptr)), Catch::Contains("no pre_tokenizer"));
+  CHECK_THAT(error_of(llama3_with(P("/normalizer"), {{"type", "NFC"}})),
+             Catch::Contains("normalizer type 'NFC'"));
+  CHECK_THAT(error_of(llama3_with(P("/decoder"), {{"type", "Metaspace"}})),
+             Catch::Contains("decoder type 'Metaspace'"));
+  CHECK_THAT(error_of(llama3_with(P("/post_processor"), {{"type", "BertProcessing"}})),
+             Catch::Contains("post_processor type 'BertProcessing'"));
+  CHECK_THAT(error_of(llama3_with(P("/model/byte_fallback"), true)), Catch::Contains("byte_fallback"));
+  CHECK_THAT(error_of(llama3_with(P("/model/dropout"), 0.1)), Catch::Contains("dropout"));
+  CHECK_THROWS_WITH(BpeTokenizer::from_file(kDir + "missing.json"), Catch::Contains("cannot open"));
+}
+
+TEST_CASE("BpeTokenizer: vocabulary and merges must agree") {
+  using P = nlohmann::json::json_pointer;
+  nlohmann::json j = load("llama3_style.json");
+  j["model"]["merges"].push_back({"Ġthe", "zzz_unknown"});
+  CHECK_THAT(error_of(j), Catch::Contains("references token 'zzz_unknown', which is not in the vocabulary"));
+
+  j = load("llama3_style.json");
+  j["model"]["vocab"].erase(j["model"]["merges"][0][0].get<std::string>() +
+                            j["model"]["merges"][0][1].get<std::string>());
+  CHECK_THAT(error_of(j), Catch::Contains("merge 0") && Catch::Contains("produces token"));
+
+  CHECK_THAT(error_of(llama3_with(P("/model/merges/3"), "abc")),
+             Catch::Contains("merge 3 'abc' is not two tokens"));
+  CHECK_THAT(error_of(llama3_with(P("/model/merges/3"), 7)), Catch::Contains("merge 3 is 7"));
+  CHECK_THAT(error_of(llama3_with(P("/model/vocab/a"), "x")), Catch::Contains("vocab[\"a\"] is string"));
+}

@@ -1,12 +1,13 @@
 #pragma once
-// BpeTokenizer: byte-level BPE read from a Hugging Face tokenizer.json (GPT-2, Llama-3, SmolLM and
-// Qwen2 style), producing the same ids as the `tokenizers` library for the files it accepts.
+// BpeTokenizer: byte-level BPE read from a Hugging Face tokenizer.json (GPT-2, Llama-3, SmolLM
+// style; the Qwen2 split pattern too), producing the same ids as the `tokenizers` library for the
+// files it accepts.
 //
 // The pipeline, in the library's order:
 //   1. added tokens (special or not) are cut out of the text first, leftmost then longest, and map
 //      straight to their ids;
-//   2. each remaining segment goes through the pre-tokenizer: Split(regex) steps and one ByteLevel
-//      step (optional prefix space, optional GPT-2 split), giving pre-tokens;
+//   2. each remaining segment goes through the pre-tokenizer: Split(regex) and Digits steps, then
+//      one ByteLevel step (optional prefix space, optional GPT-2 split), giving pre-tokens;
 //   3. each pre-token is merged as bytes: start from one token per byte, repeatedly merge the
 //      adjacent pair with the lowest merge rank (leftmost on ties) until no pair has a merge.
 //      With ignore_merges (Llama-3) a pre-token that is itself in the vocabulary is one token.
@@ -129,10 +130,11 @@ class BpeTokenizer {
     std::int32_t rank, id;
   };
   struct PreStep {
-    bool byte_level;                // else a Split
-    SplitPattern pattern;           // the Split's regex, or Gpt2 for ByteLevel with use_regex
-    bool use_regex = true;          // ByteLevel only
-    bool add_prefix_space = false;  // ByteLevel only
+    enum Kind { kSplit, kDigits, kByteLevel } kind;
+    SplitPattern pattern;            // the Split's regex, or Gpt2 for ByteLevel with use_regex
+    bool use_regex = true;           // ByteLevel only
+    bool add_prefix_space = false;   // ByteLevel only
+    bool individual_digits = false;  // Digits only
   };
   struct Cache {
     std::mutex mu;
@@ -277,7 +279,7 @@ class BpeTokenizer {
   void read_pre_step(const nlohmann::json& p) {
     const std::string type = type_of(p, "pre_tokenizer");
     if (type == "ByteLevel") {
-      PreStep s{true, SplitPattern::Gpt2};
+      PreStep s{PreStep::kByteLevel, SplitPattern::Gpt2};
       s.use_regex = p.value("use_regex", true);
       s.add_prefix_space = p.value("add_prefix_space", true);
       pre_.push_back(s);
@@ -295,7 +297,12 @@ class BpeTokenizer {
                   "' is not supported (expected 'Isolated')");
       QLORA_CHECK(!p.value("invert", false),
                   "tokenizer.json: pre_tokenizer Split with invert=true is not supported");
-      pre_.push_back(PreStep{false, *known});
+      pre_.push_back(PreStep{PreStep::kSplit, *known});
+    } else if (type == "Digits") {
+      // SmolLM / StarCoder: numbers cut out of the text, one digit per piece with individual_digits.
+      PreStep s{PreStep::kDigits, SplitPattern::Gpt2};
+      s.individual_digits = p.value("individual_digits", false);
+      pre_.push_back(s);
     } else {
       throw_error("tokenizer.json: pre_tokenizer type '", type, "' is not supported (byte-level BPE only)");
     }
@@ -314,8 +321,9 @@ class BpeTokenizer {
     // Byte-level BPE means the vocabulary is over mapped bytes: exactly one ByteLevel step, last
     // (a Split after it would see mapped characters, which the patterns here are not written for).
     std::size_t byte_levels = 0;
-    for (const PreStep& s : pre_) byte_levels += s.byte_level;
-    QLORA_CHECK(byte_levels == 1 && pre_.back().byte_level, "tokenizer.json: pre_tokenizer has ", byte_levels,
+    for (const PreStep& s : pre_) byte_levels += s.kind == PreStep::kByteLevel;
+    QLORA_CHECK(byte_levels == 1 && pre_.back().kind == PreStep::kByteLevel,
+                "tokenizer.json: pre_tokenizer has ", byte_levels,
                 " ByteLevel steps, expected exactly one, as the last step");
   }
 
@@ -384,16 +392,41 @@ class BpeTokenizer {
     }
   }
 
+  // The library's Digits pre-tokenizer: runs of numeric characters (Rust's char::is_numeric, i.e.
+  // \p{N}) become their own pieces, or each digit its own piece with individual_digits.
+  static void split_digits(const std::string& text, bool individual, std::vector<std::string>& out) {
+    const std::vector<CodePoint> cps = decode_utf8(text);
+    std::size_t begin = 0;  // byte offset of the piece being built
+    for (std::size_t i = 0; i < cps.size(); ++i) {
+      const bool digit = is_number(cps[i].cp);
+      const bool boundary = i > 0 && (digit != is_number(cps[i - 1].cp) || (digit && individual));
+      if (boundary) {
+        out.push_back(text.substr(begin, cps[i].offset - begin));
+        begin = cps[i].offset;
+      }
+    }
+    if (begin < text.size()) out.push_back(text.substr(begin));
+  }
+
   void encode_segment(const std::string& segment, std::vector<std::int32_t>& ids) const {
     std::vector<std::string> pieces{segment};
     for (const PreStep& s : pre_) {
       std::vector<std::string> next;
       for (std::string& p : pieces) {
-        if (s.byte_level && s.add_prefix_space && p[0] != ' ') p.insert(p.begin(), ' ');
-        if (s.byte_level && !s.use_regex) {
-          next.push_back(std::move(p));
-        } else {
-          for (std::string& q : split(p, s.pattern)) next.push_back(std::move(q));
+        switch (s.kind) {
+          case PreStep::kSplit:
+            for (std::string& q : split(p, s.pattern)) next.push_back(std::move(q));
+            break;
+          case PreStep::kDigits: split_digits(p, s.individual_digits, next); break;
+          case PreStep::kByteLevel:
+            // The prefix space goes on every piece that earlier steps made, as in the library.
+            if (s.add_prefix_space && p[0] != ' ') p.insert(p.begin(), ' ');
+            if (s.use_regex) {
+              for (std::string& q : split(p, s.pattern)) next.push_back(std::move(q));
+            } else {
+              next.push_back(std::move(p));
+            }
+            break;
         }
       }
       pieces = std::move(next);

@@ -12,7 +12,8 @@
 //           \s*[\r\n]+|\s+(?!\S)|\s+
 //   Qwen2:  as Llama3 with \p{N} (one digit per piece) in place of \p{N}{1,3}
 //
-// Known gap: (?i:...) is matched as ASCII case folding only (Oniguruma also folds e.g. 'ſ' to 's').
+// (?i:...) folds ASCII case plus the one non-ASCII character that folds onto these letters:
+// U+017F 'ſ' (long s) matches 's', as in Oniguruma.
 #include <cstddef>
 #include <cstdint>
 #include <optional>

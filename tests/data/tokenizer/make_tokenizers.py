@@ -5,8 +5,16 @@ the ids the Hugging Face `tokenizers` library produces for a set of edge-case st
 Tooling only: `pip install tokenizers` (tested with 0.23.3). The build and the tests never run
 Python; they read the committed outputs:
   gpt2_style.json    ByteLevel pre-tokenizer (GPT-2 regex), ByteLevel post-processor/decoder
-  llama3_style.json  Sequence[Split(Llama-3 regex), ByteLevel(use_regex=False)], BOS template
-  cases.json         [{"text": ..., "gpt2_style": [ids], "llama3_style": [ids], ...}]
+  llama3_style.json  Sequence[Split(Llama-3 regex), ByteLevel(use_regex=False)], BOS template,
+                     ignore_merges
+  qwen2_style.json   Sequence[Split(Qwen2 regex), ByteLevel(use_regex=False)] (no NFC normalizer)
+  smollm_style.json  Sequence[Digits(individual_digits), ByteLevel(use_regex=True)]
+  cases.json         {"tokenizers": {name: {"file", "vocab_size", "add_prefix_space"?}},
+                      "cases": [{"text": ..., name: [ids], name + "_special": [ids]}]}
+                     (name + "_special": encode(add_special_tokens=True), present where it differs)
+                     "gpt2_prefix" is gpt2_style.json with ByteLevel add_prefix_space=true.
+The cases are hand-written edge cases plus seeded random strings over an alphabet of the
+characters the split patterns treat differently.
 
 Run from anywhere: python3 make_tokenizers.py  (writes beside this script).
 """
@@ -17,6 +25,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -88,10 +100,35 @@ CASES = [
     "before<|endoftext|>after",
     "a<|endoftext|> b",
     "ſ K Ⅻ ½ ²",
+    "it'ſt IT'Ll we'RE 'x '",
+    "a\u0301b combining",
+    "x\u3000\u3000y \u2028a a\u0085b",
+    "\r\n\r\n  \n \t\n",
+    "12345 678 9 1234567",
+    "٣٤٥ ①②③ ⅷ",
 ]
 
 
-def train(pre_tokenizer, special, vocab_size):
+def random_cases(count, seed=1234):
+    """Strings over characters each pattern classes differently: letters (ASCII, Latin-1, CJK, a
+    long s), digits and other numbers, apostrophes and contraction letters, punctuation, combining
+    marks, emoji, and every kind of whitespace."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = (
+        list("abcdeSTLMRVD") + ["é", "ü", "中", "文", "ſ", "Ж"] + list("0123456789") + ["½", "Ⅻ", "٣"]
+        + ["'"] * 4 + list(".,!?-_()<>@#$%*") + ["\u0301", "😀", "🎉", "👍🏽"]
+        + [" "] * 8 + ["\t", "\n", "\r", "\u00a0", "\u3000", "\u2028", "\u0085", "\x0b"]
+    )
+    out = []
+    for _ in range(count):
+        n = rng.randint(1, 24)
+        out.append("".join(rng.choice(alphabet) for _ in range(n)))
+    return out
+
+
+def train(pre_tokenizer, special, vocab_size, corpus=CORPUS):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
@@ -102,7 +139,7 @@ def train(pre_tokenizer, special, vocab_size):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([CORPUS], trainer=trainer)
+    tok.train_from_iterator([corpus], trainer=trainer)
     return tok
 
 
@@ -129,25 +166,57 @@ def main():
         special_tokens=[("<|begin_of_text|>", llama3.token_to_id("<|begin_of_text|>"))],
     )
 
-    tokenizers = {"gpt2_style": gpt2, "llama3_style": llama3}
-    for name, tok in tokenizers.items():
+    # Smaller: these two exist for their pre-tokenizers, not their merges.
+    qwen2 = train(
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]),
+        ["<|endoftext|>"],
+        320,
+        CORPUS[: len(CORPUS) // 3],
+    )
+    smollm = train(
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        320,
+        CORPUS[: len(CORPUS) // 3],
+    )
+
+    files = {"gpt2_style": gpt2, "llama3_style": llama3, "qwen2_style": qwen2, "smollm_style": smollm}
+    meta = {}
+    for name, tok in files.items():
         path = os.path.join(HERE, name + ".json")
         tok.save(path)
         print(path, os.path.getsize(path), "bytes, vocab", tok.get_vocab_size())
+        meta[name] = {"file": name + ".json", "vocab_size": tok.get_vocab_size()}
+
+    # GPT-2's own file has add_prefix_space=false; the option is tested on the same vocabulary.
+    cfg = json.loads(gpt2.to_str())
+    cfg["pre_tokenizer"]["add_prefix_space"] = True
+    tokenizers = dict(files, gpt2_prefix=Tokenizer.from_str(json.dumps(cfg)))
+    meta["gpt2_prefix"] = {"file": "gpt2_style.json", "vocab_size": gpt2.get_vocab_size(), "add_prefix_space": True}
 
     cases = []
-    for text in CASES:
+    for text in CASES + random_cases(100):
         entry = {"text": text}
         for name, tok in tokenizers.items():
             enc = tok.encode(text, add_special_tokens=False)
             entry[name] = enc.ids
-            entry[name + "_special"] = tok.encode(text, add_special_tokens=True).ids
-            assert tok.decode(enc.ids, skip_special_tokens=False) == text, (name, text)
+            special = tok.encode(text, add_special_tokens=True).ids
+            if special != enc.ids:  # only where the post-processor adds something
+                entry[name + "_special"] = special
+            if name != "gpt2_prefix":
+                assert tok.decode(enc.ids, skip_special_tokens=False) == text, (name, text)
         cases.append(entry)
-    meta = {name: {"vocab_size": tok.get_vocab_size()} for name, tok in tokenizers.items()}
+    # One case per line keeps the file small and diffable.
     with open(os.path.join(HERE, "cases.json"), "w", encoding="utf-8") as f:
-        json.dump({"tokenizers": meta, "cases": cases}, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write('{"tokenizers": ' + json.dumps(meta, ensure_ascii=False) + ',\n "cases": [\n')
+        f.write(",\n".join("  " + json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in cases))
+        f.write("\n]}\n")
 
 
 def unicode_table():

@@ -1,0 +1,103 @@
+#pragma once
+// ModelLinear<Quant>: one linear layer of a model (q_proj, gate_proj, ...), either a LoRA target or
+// a frozen plain product.
+//
+// Why not a LoraLinear everywhere (with B = 0 on the others): a LoRA path that is never trained
+// still costs its rank-r products, its Context copy of the input and dA/dB buffers, and it would
+// show up in params(). A frozen layer holds only its cpu::QMatrix (same base format, same kernels
+// as the LoRA base), keeps nothing for backward, and its backward is dx = dy·W0.
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qlora/backend/cpu/lora_linear.hpp"
+#include "qlora/core/error.hpp"
+
+namespace qlora {
+
+// A dense fp32 weight (out, in) in the base format Quant: F32 kept as is, NF4 / FP4 quantized with
+// bitsandbytes' defaults (blocksize 64, double quantization), BF16 rounded.
+template <class Quant>
+BaseWeight<Quant> make_base(std::vector<float> w, std::int64_t out, std::int64_t in) {
+  if constexpr (std::is_same<Quant, format::F32>::value) {
+    return BaseWeight<format::F32>(std::move(w), out, in);
+  } else if constexpr (std::is_same<Quant, format::BF16>::value) {
+    std::vector<bf16> b(w.size());
+    for (std::size_t i = 0; i < w.size(); ++i) b[i] = to_bf16(w[i]);
+    return BaseWeight<format::BF16>(std::move(b), out, in);
+  } else if constexpr (std::is_same<Quant, format::Int8>::value) {
+    return BaseWeight<format::Int8>::quantize(w.data(), out, in);
+  } else {
+    return BaseWeight<Quant>(BaseWeight<Quant>::quantize(w.data(), out, in));
+  }
+}
+
+template <class Quant>
+class ModelLinear {
+ public:
+  using Lora = LoraLinear<Quant, Dynamic, Cpu>;
+  using Context = typename Lora::Context;  // empty (never filled) for a frozen layer
+
+  static ModelLinear frozen(BaseWeight<Quant> base) {
+    ModelLinear l;
+    l.out_ = base.out;
+    l.in_ = base.in;
+    l.frozen_.emplace(detail::make_qmatrix(base));
+    return l;
+  }
+  static ModelLinear lora(BaseWeight<Quant> base, const LoraConfig& cfg) {
+    ModelLinear l;
+    l.out_ = base.out;
+    l.in_ = base.in;
+    l.lora_ = std::make_unique<Lora>(std::move(base), cfg);
+    return l;
+  }
+
+  bool has_lora() const { return bool(lora_); }
+  Lora& lora_layer() {
+    QLORA_CHECK(lora_, "ModelLinear: this layer has no LoRA path");
+    return *lora_;
+  }
+  const Lora& lora_layer() const {
+    QLORA_CHECK(lora_, "ModelLinear: this layer has no LoRA path");
+    return *lora_;
+  }
+  // How the base product treats few-token activations (backend/cpu/act_quant.hpp); 4-bit bases
+  // default to Int16 (~5e-5 relative error per product), None is the exact fp32 path.
+  void set_act_quant(cpu::ActQuant aq) {
+    if (lora_)
+      lora_->set_act_quant(aq);
+    else
+      frozen_->set_act_quant(aq);
+  }
+  std::int64_t in_features() const { return in_; }
+  std::int64_t out_features() const { return out_; }
+
+  // x (M, in) -> y (M, out). With ctx (training), a LoRA layer keeps what its backward needs.
+  void forward(const float* x, std::int64_t M, float* y, Context* ctx) {
+    if (!lora_)
+      frozen_->forward(x, M, y, cpu::Accumulate::No);
+    else if (ctx)
+      lora_->forward(x, M, y, *ctx);
+    else
+      static_cast<const Lora&>(*lora_).forward(x, M, y);
+  }
+
+  // dy (M, out) -> dx (M, in), overwritten; LoRA layers also write or add dA, dB by `mode`.
+  void backward(const Context& ctx, const float* dy, std::int64_t M, float* dx, GradMode mode) {
+    if (lora_)
+      lora_->backward(ctx, dy, dx, mode);
+    else
+      frozen_->backward(dy, M, dx, cpu::Accumulate::No);
+  }
+
+ private:
+  ModelLinear() = default;
+  std::int64_t out_ = 0, in_ = 0;
+  std::unique_ptr<Lora> lora_;
+  std::optional<cpu::QMatrix> frozen_;
+};
+
+}  // namespace qlora

@@ -1,0 +1,384 @@
+#pragma once
+// LlamaModel<Quant>: transformers' LlamaForCausalLM on the CPU in fp32 activations, with LoRA on
+// chosen linear layers, a hand-written backward for the LoRA parameters, and PEFT adapters.
+//
+//   x = embed_tokens[ids]                                     (M, D)    M = B·T tokens
+//   per layer:  h  = x + o_proj(attn(rope(q, k), v))          q, k, v from input_layernorm(x)
+//               x' = h + down(silu(gate(n)) ⊙ up(n))           n = post_attention_layernorm(h)
+//   logits = lm_head(norm(x))                                 (M, V)    lm_head = embed_tokens if tied
+//
+// Quant is the base format of the 7 projections of every layer (format::F32 keeps the checkpoint's
+// weights, format::NF4 quantizes them on load as bitsandbytes would); the embedding, the norms and
+// lm_head stay fp32. Projections that LoRA targets are LoraLinear; the others are frozen products
+// (model/linear.hpp says why). Everything but A and B of the LoRA layers is frozen: backward
+// produces dA, dB of every LoRA layer and no other parameter gradient.
+//
+// What a training forward keeps (Activations), per layer and token: the layer input, q, k, v, the
+// attention-residual h, gate and up pre-activations, two rstd values, the LoRA contexts (their
+// inputs), and the attention probabilities (B, H, T, T) per layer: quadratic in T, fine for the
+// sequence lengths this CPU path is for.
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "qlora/backend/cpu/qmatrix.hpp"
+#include "qlora/core/error.hpp"
+#include "qlora/io/hf_model.hpp"
+#include "qlora/io/peft_adapter.hpp"
+#include "qlora/lora/adapter.hpp"
+#include "qlora/model/attention.hpp"
+#include "qlora/model/cross_entropy.hpp"
+#include "qlora/model/linear.hpp"
+#include "qlora/model/llama_config.hpp"
+#include "qlora/model/rmsnorm.hpp"
+#include "qlora/model/rope.hpp"
+#include "qlora/optim/param.hpp"
+
+namespace qlora {
+
+// The 7 projections of a decoder layer, in the order LlamaModel holds them.
+enum LlamaProj : int { kQ, kK, kV, kO, kGate, kUp, kDown, kNumProj };
+inline const char* llama_proj_name(int p) {
+  static const char* const names[kNumProj] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                              "mlp.down_proj"};
+  return names[p];
+}
+// "model.layers.{layer}.self_attn.q_proj": the module name transformers and PEFT use.
+inline std::string llama_module(std::int64_t layer, int p) {
+  return "model.layers." + std::to_string(layer) + "." + llama_proj_name(p);
+}
+
+// Which projections get a fresh LoRA path, and its hyper-parameters.
+struct LlamaLoraOptions {
+  // PEFT's target_modules semantics: names matched against the end of the module name ("q_proj",
+  // "mlp.down_proj", "model.layers.0.self_attn.v_proj"), or {"all-linear"} for all 7 (lm_head is never
+  // a target). Empty: no LoRA, a frozen model.
+  std::vector<std::string> target_modules;
+  // r, alpha, dropout, rslora, init. seed is the model's: each module draws its init and dropout
+  // from seed + its index (layer · 7 + projection), so equal-shaped modules start differently.
+  LoraConfig lora;
+};
+
+template <class Quant>
+class LlamaModel {
+ public:
+  using Linear = ModelLinear<Quant>;
+
+  struct Layer {
+    std::vector<float> input_norm, post_norm;  // (D) RMSNorm weights
+    std::vector<Linear> proj;                  // kNumProj, indexed by LlamaProj
+  };
+
+  // What a forward keeps for backward, and the hidden states for inspection.
+  struct LayerActs {
+    std::vector<float> x;             // (M, D)     the layer's input (the residual stream)
+    std::vector<float> rstd1, rstd2;  // (M)        input_layernorm / post_attention_layernorm r
+    std::vector<float> q;             // (M, H·d)   after RoPE
+    std::vector<float> k, v;          // (M, KV·d)  k after RoPE
+    std::vector<float> P;             // (B, H, T, T) attention probabilities
+    std::vector<float> h;             // (M, D)     after the attention residual
+    std::vector<float> gate, up;      // (M, I)     MLP pre-activations
+    std::array<typename Linear::Context, kNumProj> ctx;  // LoRA layers' contexts
+  };
+  struct Activations {
+    std::int64_t batch = 0, seq = 0;
+    std::vector<LayerActs> layers;
+    std::vector<float> final_in;    // (M, D) output of the last layer, input of model.norm
+    std::vector<float> final_out;   // (M, D) output of model.norm (transformers' last hidden state)
+    std::vector<float> rstd_final;  // (M)
+  };
+
+  // A checkpoint folder (config.json + safetensors), with fresh LoRA paths on the targeted modules.
+  static LlamaModel load(const std::string& dir, const LlamaLoraOptions& opt = {}) {
+    peft::LoraConfig targets;
+    if (opt.target_modules.size() == 1 && peft::ModuleSet::pattern(opt.target_modules[0]).is_all_linear())
+      targets.target_modules = peft::ModuleSet::pattern(opt.target_modules[0]);
+    else
+      targets.target_modules = peft::ModuleSet::list(opt.target_modules);
+    return load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+      if (!peft::targets(targets, module)) return std::nullopt;
+      LoraConfig c = opt.lora;
+      c.seed = opt.lora.seed + std::uint64_t(index);
+      return c;
+    });
+  }
+
+  // A checkpoint folder with a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+  // attached: the modules the adapter targets get its rank, alpha and weights.
+  static LlamaModel load_with_adapter(const std::string& dir, const std::string& adapter_dir) {
+    const peft::Adapter adapter = peft::load_adapter(adapter_dir);
+    const std::string where = "PEFT adapter '" + adapter_dir + "'";
+    QLORA_CHECK(adapter.biases.empty(), where, ": bias \"", adapter.config.bias,
+                "\" (trained biases) is not supported by LlamaModel, expected \"none\"");
+    LlamaModel m = load_impl(dir, [&](const std::string& module, std::int64_t) -> std::optional<LoraConfig> {
+      if (!peft::targets(adapter.config, module)) return std::nullopt;
+      return config_for(adapter.config, module);
+    });
+    std::size_t used = 0;
+    for (std::int64_t l = 0; l < m.cfg_.num_hidden_layers; ++l)
+      for (int p = 0; p < kNumProj; ++p) {
+        Linear& lin = m.layers_[std::size_t(l)].proj[std::size_t(p)];
+        if (!lin.has_lora()) continue;
+        const std::string name = llama_module(l, p);
+        auto it = adapter.modules.find(name);
+        QLORA_CHECK(it != adapter.modules.end(), where, ": targets '", name, "' but has no weights for it");
+        load_weights(lin.lora_layer(), it->second);
+        ++used;
+      }
+    for (const auto& kv : adapter.modules)
+      QLORA_CHECK(m.find(kv.first) != nullptr && m.find(kv.first)->has_lora(), where, ": weights for '",
+                  kv.first, "', which is not a targeted projection of the model");
+    QLORA_CHECK(used == adapter.modules.size(), where, ": ", adapter.modules.size(), " modules, ", used,
+                " of them loaded");
+    return m;
+  }
+
+  const LlamaConfig& config() const { return cfg_; }
+  const RopeTable& rope() const { return rope_; }
+  Layer& layer(std::int64_t l) { return layers_.at(std::size_t(l)); }
+  // The projection named as transformers names it ("model.layers.1.mlp.up_proj"), or null.
+  Linear* find(const std::string& module) {
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      for (int p = 0; p < kNumProj; ++p)
+        if (llama_module(l, p) == module) return &layers_[std::size_t(l)].proj[std::size_t(p)];
+    return nullptr;
+  }
+
+  // How every projection's base product treats few-token activations (model/linear.hpp).
+  void set_act_quant(cpu::ActQuant aq) {
+    for (Layer& L : layers_)
+      for (Linear& lin : L.proj) lin.set_act_quant(aq);
+  }
+
+  // Every LoRA A and B (PEFT's names without the "base_model.model." prefix), for an optimizer.
+  std::vector<optim::Param> params() {
+    std::vector<optim::Param> out;
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      for (int p = 0; p < kNumProj; ++p) {
+        Linear& lin = layers_[std::size_t(l)].proj[std::size_t(p)];
+        if (!lin.has_lora()) continue;
+        for (auto& prm : lin.lora_layer().params(llama_module(l, p))) out.push_back(prm);
+      }
+    return out;
+  }
+
+  // ids (B, T) -> logits (B·T, V). With acts (training), LoRA dropout is on and everything backward
+  // needs is kept there; without, the forward of inference.
+  void forward(const std::int64_t* ids, std::int64_t B, std::int64_t T, float* logits, Activations* acts) {
+    QLORA_CHECK(B > 0 && T > 0, "LlamaModel::forward: batch ", B, " and sequence ", T, " must be positive");
+    QLORA_CHECK(T <= cfg_.max_position_embeddings, "LlamaModel::forward: sequence of ", T,
+                " tokens, longer than max_position_embeddings ", cfg_.max_position_embeddings);
+    const std::int64_t M = B * T, D = cfg_.hidden_size;
+    Activations scratch;
+    Activations& a = acts ? *acts : scratch;
+    a.batch = B;
+    a.seq = T;
+    a.layers.resize(acts ? std::size_t(cfg_.num_hidden_layers) : 1);
+    std::vector<float> x(std::size_t(M * D));  // (M, D) the residual stream
+    for (std::int64_t t = 0; t < M; ++t) {
+      const std::int64_t id = ids[t];
+      QLORA_CHECK(id >= 0 && id < cfg_.vocab_size, "LlamaModel::forward: token id ", id, " at [", t / T, ", ",
+                  t % T, "] is outside the vocabulary [0, ", cfg_.vocab_size, ")");
+      std::copy_n(embed_.data() + id * D, D, x.data() + t * D);
+    }
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      layer_forward(layers_[std::size_t(l)], a.layers[acts ? std::size_t(l) : 0], x, B, T, acts != nullptr);
+    a.final_in = x;
+    a.final_out.resize(std::size_t(M * D));
+    a.rstd_final.resize(std::size_t(M));
+    rmsnorm::forward(x.data(), final_norm_.data(), M, D, float(cfg_.rms_norm_eps), a.final_out.data(),
+                     a.rstd_final.data());
+    lm_head_->forward(a.final_out.data(), M, logits, cpu::Accumulate::No);  // (M, V)
+  }
+
+  std::vector<float> logits(const std::int64_t* ids, std::int64_t B, std::int64_t T) {
+    std::vector<float> out(std::size_t(B * T * cfg_.vocab_size));
+    forward(ids, B, T, out.data(), nullptr);
+    return out;
+  }
+
+  // The mean next-token cross-entropy of labels (B, T) (-100: ignored), as transformers'
+  // model(ids, labels=labels).loss.
+  float loss(const std::int64_t* ids, const std::int64_t* labels, std::int64_t B, std::int64_t T) {
+    const std::vector<float> z = logits(ids, B, T);
+    return causal_lm_loss(z.data(), labels, B, T, cfg_.vocab_size, nullptr);
+  }
+
+  // dlogits (B·T, V) -> dA, dB of every LoRA layer, written or added by `mode`. acts from the
+  // training forward that produced the logits.
+  void backward(const Activations& a, const float* dlogits, GradMode mode) {
+    const std::int64_t B = a.batch, T = a.seq, M = B * T, D = cfg_.hidden_size;
+    QLORA_CHECK(
+        a.layers.size() == std::size_t(cfg_.num_hidden_layers) && std::int64_t(a.final_in.size()) == M * D,
+        "LlamaModel::backward: activations are not from a training forward of this model");
+    std::vector<float> dn(std::size_t(M * D)), dres(std::size_t(M * D));  // (M, D)
+    // lm_head and the final norm are frozen: only their dx
+    lm_head_->backward(dlogits, M, dn.data(), cpu::Accumulate::No);
+    rmsnorm::backward(dn.data(), a.final_in.data(), final_norm_.data(), a.rstd_final.data(), M, D,
+                      dres.data());
+    for (std::int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l)
+      // the embedding is frozen: the first layer need not compute the gradient of its input
+      layer_backward(layers_[std::size_t(l)], a.layers[std::size_t(l)], dres, B, T, mode, l > 0);
+  }
+
+  // One training step's forward and backward on labels (B, T): returns the loss; dA, dB of every
+  // LoRA layer written or added by `mode` (Accumulate for gradient accumulation over micro-batches).
+  float forward_backward(const std::int64_t* ids, const std::int64_t* labels, std::int64_t B, std::int64_t T,
+                         GradMode mode) {
+    Activations a;
+    std::vector<float> z(std::size_t(B * T * cfg_.vocab_size)), dz(z.size());  // (M, V)
+    forward(ids, B, T, z.data(), &a);
+    const float L = causal_lm_loss(z.data(), labels, B, T, cfg_.vocab_size, dz.data());
+    backward(a, dz.data(), mode);
+    return L;
+  }
+
+ private:
+  LlamaModel() = default;
+
+  template <class LoraFor>
+  static LlamaModel load_impl(const std::string& dir, LoraFor&& lora_for) {
+    const hf::ModelFolder f = hf::ModelFolder::open(dir);
+    LlamaModel m;
+    m.cfg_ = LlamaConfig::from_folder(f);
+    const LlamaConfig& c = m.cfg_;
+    const std::int64_t D = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+    auto tensor = [&](const std::string& name, std::vector<std::int64_t> shape) {
+      const safetensors::TensorView v = f.get(name);
+      QLORA_CHECK(v.shape == shape, "model folder '", dir, "': tensor '", name, "' has shape ",
+                  safetensors::detail::shape_str(v.shape), ", expected ",
+                  safetensors::detail::shape_str(shape));
+      return with_context("model folder '" + dir + "': tensor '" + name + "'", [&] { return v.to_f32(); });
+    };
+    m.embed_ = tensor("model.embed_tokens.weight", {V, D});
+    m.final_norm_ = tensor("model.norm.weight", {D});
+    if (c.tie_word_embeddings) {
+      m.lm_head_.emplace(cpu::QMatrix::dense(m.embed_.data(), V, D));
+    } else {
+      const std::vector<float> w = tensor("lm_head.weight", {V, D});
+      m.lm_head_.emplace(cpu::QMatrix::dense(w.data(), V, D));
+    }
+    const std::array<std::array<std::int64_t, 2>, kNumProj> shapes = {
+        {{c.q_size(), D}, {c.kv_size(), D}, {c.kv_size(), D}, {D, c.q_size()}, {I, D}, {I, D}, {D, I}}};
+    for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      Layer L;
+      const std::string pre = "model.layers." + std::to_string(l) + ".";
+      L.input_norm = tensor(pre + "input_layernorm.weight", {D});
+      L.post_norm = tensor(pre + "post_attention_layernorm.weight", {D});
+      for (int p = 0; p < kNumProj; ++p) {
+        const std::string name = llama_module(l, p);
+        const std::int64_t out = shapes[std::size_t(p)][0], in = shapes[std::size_t(p)][1];
+        BaseWeight<Quant> base = with_context(name, [&] {
+          return make_base<Quant>(tensor(name + ".weight", {out, in}), out, in);
+        });
+        const std::optional<LoraConfig> lc = lora_for(name, l * kNumProj + p);
+        L.proj.push_back(lc ? Linear::lora(std::move(base), *lc) : Linear::frozen(std::move(base)));
+      }
+      m.layers_.push_back(std::move(L));
+    }
+    m.rope_ = RopeTable::make(c.rope_theta, c.head_dim, c.max_position_embeddings);
+    return m;
+  }
+
+  attention::Shape attn_shape(std::int64_t B, std::int64_t T) const {
+    return {B, T, cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim};
+  }
+
+  // x (M, D) -> the layer's output, in place.
+  void layer_forward(Layer& L, LayerActs& a, std::vector<float>& x, std::int64_t B, std::int64_t T,
+                     bool train) {
+    const std::int64_t M = B * T, D = cfg_.hidden_size, I = cfg_.intermediate_size;
+    const std::int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads;
+    const float eps = float(cfg_.rms_norm_eps);
+    auto ctx = [&](int p) { return train ? &a.ctx[std::size_t(p)] : nullptr; };
+    auto sized = [](std::vector<float>& v, std::int64_t n) -> float* {
+      v.resize(std::size_t(n));
+      return v.data();
+    };
+    a.x = x;
+    std::vector<float> n(std::size_t(M * D));  // (M, D) normed input, then reused
+    rmsnorm::forward(x.data(), L.input_norm.data(), M, D, eps, n.data(), sized(a.rstd1, M));
+    L.proj[kQ].forward(n.data(), M, sized(a.q, M * cfg_.q_size()), ctx(kQ));   // (M, H·d)
+    L.proj[kK].forward(n.data(), M, sized(a.k, M * cfg_.kv_size()), ctx(kK));  // (M, KV·d)
+    L.proj[kV].forward(n.data(), M, sized(a.v, M * cfg_.kv_size()), ctx(kV));  // (M, KV·d)
+    rope_.apply(a.q.data(), B, T, H);
+    rope_.apply(a.k.data(), B, T, KV);
+    std::vector<float> att(std::size_t(M * cfg_.q_size()));  // (M, H·d)
+    attention::forward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), att.data(),
+                       sized(a.P, B * H * T * T));
+    L.proj[kO].forward(att.data(), M, n.data(), ctx(kO));  // (M, D)
+    a.h.resize(std::size_t(M * D));
+    for (std::int64_t i = 0; i < M * D; ++i) a.h[std::size_t(i)] = x[std::size_t(i)] + n[std::size_t(i)];
+    rmsnorm::forward(a.h.data(), L.post_norm.data(), M, D, eps, n.data(), sized(a.rstd2, M));
+    L.proj[kGate].forward(n.data(), M, sized(a.gate, M * I), ctx(kGate));  // (M, I)
+    L.proj[kUp].forward(n.data(), M, sized(a.up, M * I), ctx(kUp));        // (M, I)
+    std::vector<float> act(std::size_t(M * I));                            // (M, I)
+    for (std::int64_t i = 0; i < M * I; ++i) {
+      const float g = a.gate[std::size_t(i)];
+      act[std::size_t(i)] = g / (1.0f + std::exp(-g)) * a.up[std::size_t(i)];  // silu(g) · u
+    }
+    L.proj[kDown].forward(act.data(), M, n.data(), ctx(kDown));  // (M, D)
+    for (std::int64_t i = 0; i < M * D; ++i) x[std::size_t(i)] = a.h[std::size_t(i)] + n[std::size_t(i)];
+  }
+
+  // dres (M, D): d loss / d (layer output) in, d loss / d (layer input) out (when need_dx).
+  void layer_backward(Layer& L, const LayerActs& a, std::vector<float>& dres, std::int64_t B, std::int64_t T,
+                      GradMode mode, bool need_dx) {
+    const std::int64_t M = B * T, D = cfg_.hidden_size, I = cfg_.intermediate_size;
+    const std::int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads;
+    const std::int64_t qw = cfg_.q_size(), kw = cfg_.kv_size();
+    auto bwd = [&](int p, const float* dy, float* dx) {
+      Linear& lin = L.proj[std::size_t(p)];
+      if (!dx && !lin.has_lora()) return;  // nothing to compute for a frozen layer
+      lin.backward(a.ctx[std::size_t(p)], dy, M, dx, mode);
+    };
+    // MLP: x' = h + down(silu(g) ⊙ u)
+    std::vector<float> dact(std::size_t(M * I)), dg(std::size_t(M * I)), du(std::size_t(M * I));  // (M, I)
+    bwd(kDown, dres.data(), dact.data());
+    for (std::int64_t i = 0; i < M * I; ++i) {
+      const float g = a.gate[std::size_t(i)], sg = 1.0f / (1.0f + std::exp(-g));
+      du[std::size_t(i)] = dact[std::size_t(i)] * (g * sg);
+      // silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+      dg[std::size_t(i)] = dact[std::size_t(i)] * a.up[std::size_t(i)] * (sg * (1.0f + g * (1.0f - sg)));
+    }
+    std::vector<float> dn(std::size_t(M * D)), tmp(std::size_t(M * D));  // (M, D)
+    bwd(kGate, dg.data(), dn.data());
+    bwd(kUp, du.data(), tmp.data());
+    for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
+    rmsnorm::backward(dn.data(), a.h.data(), L.post_norm.data(), a.rstd2.data(), M, D, tmp.data());
+    for (std::int64_t i = 0; i < M * D; ++i) dres[std::size_t(i)] += tmp[std::size_t(i)];  // now d loss / d h
+    // attention: h = x + o_proj(attn)
+    std::vector<float> datt(std::size_t(M * qw)), dq(std::size_t(M * qw));  // (M, H·d)
+    std::vector<float> dk(std::size_t(M * kw)), dv(std::size_t(M * kw));    // (M, KV·d)
+    bwd(kO, dres.data(), datt.data());
+    attention::backward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(),
+                        dq.data(), dk.data(), dv.data());
+    rope_.apply(dq.data(), B, T, H, /*inverse=*/true);
+    rope_.apply(dk.data(), B, T, KV, /*inverse=*/true);
+    if (!need_dx) {
+      bwd(kQ, dq.data(), nullptr);
+      bwd(kK, dk.data(), nullptr);
+      bwd(kV, dv.data(), nullptr);
+      return;
+    }
+    bwd(kQ, dq.data(), dn.data());
+    bwd(kK, dk.data(), tmp.data());
+    for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
+    bwd(kV, dv.data(), tmp.data());
+    for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
+    rmsnorm::backward(dn.data(), a.x.data(), L.input_norm.data(), a.rstd1.data(), M, D, tmp.data());
+    for (std::int64_t i = 0; i < M * D; ++i) dres[std::size_t(i)] += tmp[std::size_t(i)];  // d loss / d x
+  }
+
+  LlamaConfig cfg_;
+  std::vector<float> embed_;             // (V, D)
+  std::vector<float> final_norm_;        // (D)
+  std::optional<cpu::QMatrix> lm_head_;  // (V, D), fp32; a copy of embed_ when tied
+  std::vector<Layer> layers_;
+  RopeTable rope_;
+};
+
+}  // namespace qlora

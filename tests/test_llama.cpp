@@ -1,0 +1,267 @@
+// LlamaModel reproduces transformers 5.17's LlamaForCausalLM (fp32, eager attention) and PEFT's LoRA
+// on it: logits, hidden states, losses and the adapter's gradients against tests/data/llama
+// (make_reference.py; README.md there lists what each file holds). The maximum differences are
+// printed so a regression shows how far it moved, not only that it failed.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "qlora/model/llama.hpp"
+#include "test_util.hpp"
+
+using namespace qlora;
+
+namespace {
+std::string data(const std::string& name) { return std::string(QLORA_TEST_DATA_DIR) + "/llama/" + name; }
+
+struct Ids {
+  std::int64_t B = 0, T = 0;
+  std::vector<std::int64_t> v;
+};
+Ids read_ids(const safetensors::File& f, const std::string& key) {
+  const auto t = f.get(key);
+  REQUIRE(t.shape.size() == 2);
+  return {t.shape[0], t.shape[1], t.copy_as<std::int64_t>()};
+}
+
+double max_abs_diff(const float* got, const std::vector<float>& want) {
+  double m = 0;
+  for (std::size_t i = 0; i < want.size(); ++i) m = std::max(m, std::fabs(double(got[i]) - double(want[i])));
+  return m;
+}
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, std::fabs(double(x)));
+  return m;
+}
+
+template <class Model>
+void check_forward(Model& m, const std::string& expected, const Ids& ids, bool check_hidden) {
+  const auto e = safetensors::File::open(data(expected));
+  const std::int64_t M = ids.B * ids.T, D = m.config().hidden_size, V = m.config().vocab_size;
+  typename Model::Activations acts;
+  std::vector<float> logits(std::size_t(M * V));
+  m.forward(ids.v.data(), ids.B, ids.T, logits.data(), &acts);
+  const double dl = max_abs_diff(logits.data(), e.get("logits").to_f32());
+  std::printf("%-42s logits max |diff| %.3g\n", expected.c_str(), dl);
+  CHECK(dl <= 1e-4);
+  // the inference forward computes the same numbers
+  const std::vector<float> li = m.logits(ids.v.data(), ids.B, ids.T);
+  CHECK(max_abs_diff(li.data(), e.get("logits").to_f32()) <= 1e-4);
+
+  if (check_hidden) {
+    // hidden_0 = input of layer 0, hidden_1 = input of layer 1, hidden_2 = model.norm's output
+    double dh = 0;
+    for (std::size_t l = 0; l < acts.layers.size(); ++l)
+      dh = std::max(dh, max_abs_diff(acts.layers[l].x.data(), e.get("hidden_" + std::to_string(l)).to_f32()));
+    dh = std::max(dh, max_abs_diff(acts.final_in.data(), e.get("hidden_2_prenorm").to_f32()));
+    dh = std::max(dh, max_abs_diff(acts.final_out.data(), e.get("hidden_2").to_f32()));
+    std::printf("%-42s hidden states max |diff| %.3g\n", expected.c_str(), dh);
+    CHECK(dh <= 1e-4);
+    REQUIRE(acts.final_out.size() == std::size_t(M * D));
+  }
+
+  const float loss = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+  const double want = e.get("loss").to_f32()[0];
+  std::printf("%-42s loss %.7f, |diff| %.3g\n", expected.c_str(), double(loss), std::fabs(loss - want));
+  CHECK(std::fabs(loss - want) <= 1e-5);
+
+  const auto base = safetensors::File::open(data("tiny_untied_expected.safetensors"));
+  const Ids labels = read_ids(base, "labels_masked");
+  const float lm = m.loss(ids.v.data(), labels.v.data(), ids.B, ids.T);
+  const double want_m = e.get("loss_masked").to_f32()[0];
+  std::printf("%-42s loss_masked %.7f, |diff| %.3g\n", expected.c_str(), double(lm), std::fabs(lm - want_m));
+  CHECK(std::fabs(lm - want_m) <= 1e-5);
+}
+}  // namespace
+
+TEST_CASE("LlamaConfig reads both RoPE forms and the defaults", "[llama]") {
+  const auto untied = LlamaConfig::from_folder(hf::ModelFolder::open(data("tiny_untied")));
+  CHECK(untied.rope_theta == 10000.0);
+  CHECK(untied.num_key_value_heads == 2);
+  CHECK(untied.head_dim == 16);
+  CHECK(!untied.tie_word_embeddings);
+  const auto tied = LlamaConfig::from_folder(hf::ModelFolder::open(data("tiny_tied")));
+  CHECK(tied.rope_theta == 500000.0);
+  CHECK(tied.num_key_value_heads == 4);
+  CHECK(tied.tie_word_embeddings);
+  CHECK(tied.rms_norm_eps == 1e-5);
+
+  nlohmann::json j = hf::read_json(data("tiny_tied/config.json"));
+  j.erase("head_dim");
+  j.erase("num_key_value_heads");
+  const auto d = LlamaConfig::from_json(j, "cfg");
+  CHECK(d.head_dim == 16);
+  CHECK(d.num_key_value_heads == 4);
+}
+
+TEST_CASE("LlamaConfig refuses what it does not compute, naming the key and file", "[llama]") {
+  const nlohmann::json base = hf::read_json(data("tiny_tied/config.json"));
+  auto err = [&](nlohmann::json j, const std::string& msg) {
+    INFO(j.dump());
+    REQUIRE_THROWS_WITH(LlamaConfig::from_json(j, "'x/config.json'"), Catch::Contains(msg));
+  };
+  nlohmann::json j = base;
+  j["rope_parameters"]["rope_type"] = "llama3";
+  err(j, "'x/config.json': \"rope_parameters.rope_type\" is \"llama3\", expected \"default\"");
+  j = base;
+  j.erase("rope_parameters");
+  j["rope_theta"] = 10000.0;
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+  err(j, "\"rope_scaling.rope_type\" is \"linear\"");
+  j = base;
+  j.erase("hidden_size");
+  err(j, "'x/config.json': missing \"hidden_size\"");
+  j = base;
+  j["hidden_size"] = "64";
+  err(j, "\"hidden_size\" is \"64\", expected an integer");
+  j = base;
+  j.erase("rope_parameters");
+  err(j, "missing \"rope_theta\"");
+  j = base;
+  j["hidden_act"] = "gelu";
+  err(j, "\"hidden_act\" is \"gelu\", expected \"silu\"");
+  j = base;
+  j["attention_bias"] = true;
+  err(j, "\"attention_bias\" is true");
+  j = base;
+  j["mlp_bias"] = true;
+  err(j, "\"mlp_bias\" is true");
+  j = base;
+  j["num_key_value_heads"] = 3;
+  err(j, "\"num_attention_heads\" 4 is not a multiple of \"num_key_value_heads\" 3");
+
+  // and through a folder: the message names the file
+  testutil::TempDir dir;
+  j = base;
+  j.erase("hidden_size");
+  std::ofstream(dir / "config.json") << j.dump();
+  std::ifstream src(data("tiny_tied/model.safetensors"), std::ios::binary);
+  std::ofstream(dir / "model.safetensors", std::ios::binary) << src.rdbuf();
+  REQUIRE_THROWS_WITH(LlamaModel<format::F32>::load(dir.path),
+                      Catch::Contains(dir / "config.json") && Catch::Contains("missing \"hidden_size\""));
+}
+
+TEST_CASE("RoPE tables equal transformers' cos / sin", "[llama]") {
+  for (const char* name : {"tiny_untied", "tiny_tied"}) {
+    const auto c = LlamaConfig::from_folder(hf::ModelFolder::open(data(name)));
+    const auto e = safetensors::File::open(data(std::string(name) + "_expected.safetensors"));
+    const RopeTable r = RopeTable::make(c.rope_theta, c.head_dim, 24);
+    const double dc = max_abs_diff(r.cos.data(), e.get("rope_cos").to_f32());
+    const double ds = max_abs_diff(r.sin.data(), e.get("rope_sin").to_f32());
+    std::printf("%-42s rope cos / sin max |diff| %.3g / %.3g\n", name, dc, ds);
+    CHECK(dc <= 1e-6);
+    CHECK(ds <= 1e-6);
+  }
+}
+
+TEST_CASE("LlamaModel equals transformers: logits, hidden states, losses", "[llama]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  REQUIRE(ids.B == 2);
+  REQUIRE(ids.T == 24);
+  SECTION("tiny_untied (GQA, legacy rope_theta)") {
+    auto m = LlamaModel<format::F32>::load(data("tiny_untied"));
+    check_forward(m, "tiny_untied_expected.safetensors", ids, true);
+  }
+  SECTION("tiny_tied (tied embeddings, rope_parameters)") {
+    auto m = LlamaModel<format::F32>::load(data("tiny_tied"));
+    check_forward(m, "tiny_tied_expected.safetensors", ids, true);
+  }
+  SECTION("tiny_untied with the PEFT adapter") {
+    auto m = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), data("tiny_untied_adapter"));
+    REQUIRE(m.params().size() == 28);
+    check_forward(m, "tiny_untied_adapter_expected.safetensors", ids, true);
+  }
+}
+
+TEST_CASE("LlamaModel backward gives PEFT's LoRA gradients", "[llama]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  const auto e = safetensors::File::open(data("tiny_untied_adapter_expected.safetensors"));
+  auto m = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), data("tiny_untied_adapter"));
+  const float loss = m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+  CHECK(std::fabs(loss - e.get("loss").to_f32()[0]) <= 1e-5);
+  double worst = 0;
+  const auto params = m.params();
+  REQUIRE(params.size() == 28);
+  for (const auto& p : params) {
+    INFO(p.name);
+    const auto want = e.get("grad." + std::string(peft::kPrefix) + p.name).to_f32();
+    REQUIRE(want.size() == p.size);
+    const double rel = max_abs_diff(p.grad, want) / max_abs(want);
+    worst = std::max(worst, rel);
+    CHECK(rel <= 1e-4);
+  }
+  std::printf("%-42s LoRA gradients max |diff| / max |grad| %.3g (28 tensors)\n", "tiny_untied_adapter",
+              worst);
+
+  // Accumulate adds a second micro-batch's gradients on top
+  std::vector<float> first(params[0].grad, params[0].grad + params[0].size);
+  m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Accumulate);
+  for (std::size_t i = 0; i < first.size(); ++i)
+    CHECK(params[0].grad[i] == Approx(2 * first[i]).margin(1e-7));
+}
+
+TEST_CASE("LlamaModel with fresh LoRA targets and an NF4 base", "[llama]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  const auto e = safetensors::File::open(data("tiny_untied_expected.safetensors"));
+  LlamaLoraOptions opt;
+  opt.target_modules = {"q_proj", "v_proj"};
+  opt.lora.r = 4;
+  opt.lora.alpha = 8;
+  auto m = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  CHECK(m.params().size() == 2 * 2 * 2);
+  // B = 0 at init (PEFT's default): the model is the base model
+  const auto z = m.logits(ids.v.data(), ids.B, ids.T);
+  CHECK(max_abs_diff(z.data(), e.get("logits").to_f32()) <= 1e-4);
+  opt.target_modules = {"all-linear"};
+  CHECK(LlamaModel<format::F32>::load(data("tiny_untied"), opt).params().size() == 2 * 7 * 2);
+
+  // NF4 projections: the same model as an fp32 one whose projections hold the dequantized NF4
+  // weights (blocksize 64, double quantization, as make_base quantizes them)
+  auto q = LlamaModel<format::NF4>::load(data("tiny_untied"), opt);
+  testutil::TempDir dir;
+  {
+    const auto src = hf::ModelFolder::open(data("tiny_untied"));
+    safetensors::Writer w;
+    std::vector<std::vector<float>> keep;
+    for (const auto& name : src.names()) {
+      const auto v = src.get(name);
+      keep.push_back(v.to_f32());
+      if (v.shape.size() == 2 && name.find("_proj") != std::string::npos) {
+        const auto b = make_base<format::NF4>(keep.back(), v.shape[0], v.shape[1]);
+        b.dequantize(keep.back().data());
+      }
+      w.add(name, DType::F32, v.shape, keep.back().data(), keep.back().size() * sizeof(float));
+    }
+    w.write(dir / "model.safetensors");
+    std::ifstream cfg(data("tiny_untied/config.json"));
+    std::ofstream(dir / "config.json") << cfg.rdbuf();
+  }
+  auto deq = LlamaModel<format::F32>::load(dir.path, opt);
+  const auto zd = deq.logits(ids.v.data(), ids.B, ids.T);
+  // the default int16 activations of few-token 4-bit products add ~5e-5 relative error per product
+  const auto zq16 = q.logits(ids.v.data(), ids.B, ids.T);
+  q.set_act_quant(cpu::ActQuant::None);
+  const auto zq = q.logits(ids.v.data(), ids.B, ids.T);
+  const double dq = max_abs_diff(zq.data(), zd), dq16 = max_abs_diff(zq16.data(), zd);
+  std::printf(
+      "%-42s NF4 logits max |diff| vs dequantized fp32: %.3g exact path, %.3g int16 (vs the fp32 "
+      "model %.3g)\n",
+      "tiny_untied", dq, dq16, max_abs_diff(zq.data(), e.get("logits").to_f32()));
+  CHECK(dq <= 1e-4);
+  CHECK(dq16 <= 2e-3);
+  const float lq = q.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+  CHECK(std::isfinite(lq));
+}
+
+TEST_CASE("LlamaModel refuses bad token ids and labels", "[llama]") {
+  auto m = LlamaModel<format::F32>::load(data("tiny_tied"));
+  std::vector<std::int64_t> ids = {1, 2, 256};
+  REQUIRE_THROWS_WITH(m.logits(ids.data(), 1, 3), Catch::Contains("token id 256 at [0, 2]"));
+  ids = {1, 2, 3};
+  std::vector<std::int64_t> labels = {1, -100, -100};
+  REQUIRE_THROWS_WITH(m.loss(ids.data(), labels.data(), 1, 3), Catch::Contains("every label is -100"));
+}

@@ -51,6 +51,23 @@ TEST_CASE("ByteTokenizer: one token per byte, any bytes round-trip") {
   CHECK_THROWS_AS(tok.decode({-1}), qlora::Error);
 }
 
+TEST_CASE("split patterns: pieces match the Hugging Face Split pre-tokenizer") {
+  using qlora::text::SplitPattern;
+  const nlohmann::json ref = load("cases.json");
+  const std::pair<const char*, SplitPattern> patterns[] = {{"split_gpt2", SplitPattern::Gpt2},
+                                                           {"split_llama3", SplitPattern::Llama3},
+                                                           {"split_qwen2", SplitPattern::Qwen2}};
+  for (const auto& [key, pattern] : patterns) {
+    for (const nlohmann::json& c : ref["cases"]) {
+      const std::string text = c["text"].get<std::string>();
+      INFO(key << " case '" << text << "'");
+      CHECK(qlora::text::split(text, pattern) == c[key].get<std::vector<std::string>>());
+    }
+    CHECK(qlora::text::pattern_from_regex(qlora::text::pattern_source(pattern)) == pattern);
+  }
+  CHECK_FALSE(qlora::text::pattern_from_regex("\\w+").has_value());
+}
+
 TEST_CASE("BpeTokenizer: ids match the Hugging Face library on every case") {
   const nlohmann::json ref = load("cases.json");
   REQUIRE(ref["cases"].size() >= 40);

@@ -107,7 +107,8 @@ class SplitMatcher {
     if (!valid(i)) return false;
     const std::uint32_t cp = c_[i].cp;
     if (ignore_case && ch >= 'a' && ch <= 'z')
-      return cp == static_cast<std::uint32_t>(ch) || cp == static_cast<std::uint32_t>(ch - 32);
+      return cp == static_cast<std::uint32_t>(ch) || cp == static_cast<std::uint32_t>(ch - 32) ||
+             (ch == 's' && cp == 0x17F);
     return cp == static_cast<std::uint32_t>(ch);
   }
 

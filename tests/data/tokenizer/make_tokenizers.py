@@ -11,7 +11,8 @@ Python; they read the committed outputs:
   smollm_style.json  Sequence[Digits(individual_digits), ByteLevel(use_regex=True)]
   cases.json         {"tokenizers": {name: {"file", "vocab_size", "add_prefix_space"?}},
                       "cases": [{"text": ..., name: [ids], name + "_special": [ids]}]}
-                     (name + "_special": encode(add_special_tokens=True), present where it differs)
+                     (name + "_special": encode(add_special_tokens=True), present where it differs;
+                     "split_gpt2" / "split_llama3" / "split_qwen2": the pieces of each split regex)
                      "gpt2_prefix" is gpt2_style.json with ByteLevel add_prefix_space=true.
 The cases are hand-written edge cases plus seeded random strings over an alphabet of the
 characters the split patterns treat differently.
@@ -25,6 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -200,9 +202,18 @@ def main():
     tokenizers = dict(files, gpt2_prefix=Tokenizer.from_str(json.dumps(cfg)))
     meta["gpt2_prefix"] = {"file": "gpt2_style.json", "vocab_size": gpt2.get_vocab_size(), "add_prefix_space": True}
 
+    # The split patterns alone, so the matchers are checked piece by piece, not only through merges
+    # (which can hide a wrong boundary).
+    splitters = {
+        name: pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+        for name, pattern in (("gpt2", GPT2_PATTERN), ("llama3", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN))
+    }
+
     cases = []
     for text in CASES + random_cases(100):
         entry = {"text": text}
+        for name, splitter in splitters.items():
+            entry["split_" + name] = [piece for piece, _ in splitter.pre_tokenize_str(text)]
         for name, tok in tokenizers.items():
             enc = tok.encode(text, add_special_tokens=False)
             entry[name] = enc.ids

@@ -2,9 +2,15 @@
 // the ids it produced (see make_tokenizers.py) for small trained byte-level BPE tokenizers (GPT-2,
 // Llama-3, Qwen2 and SmolLM style pre-tokenizers); every case must encode to exactly those ids and
 // decode back.
+#include <stdlib.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "qlora/text/tokenizer.hpp"
@@ -172,4 +178,48 @@ TEST_CASE("BpeTokenizer: vocabulary and merges must agree") {
              Catch::Contains("merge 3 'abc' is not two tokens"));
   CHECK_THAT(error_of(llama3_with(P("/model/merges/3"), 7)), Catch::Contains("merge 3 is 7"));
   CHECK_THAT(error_of(llama3_with(P("/model/vocab/a"), "x")), Catch::Contains("vocab[\"a\"] is string"));
+}
+
+TEST_CASE("BpeTokenizer: tokenizer_config.json beside the file names BOS and EOS") {
+  char dir_template[] = "/tmp/qlora_tokenizer_XXXXXX";
+  const char* dir = ::mkdtemp(dir_template);
+  REQUIRE(dir != nullptr);
+  const std::string d = dir;
+  {
+    std::ofstream(d + "/tokenizer.json") << load("llama3_style.json").dump();
+    // bos_token as a plain string, eos_token as an AddedToken object: both spellings occur.
+    std::ofstream(d + "/tokenizer_config.json")
+        << R"({"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}})";
+  }
+  const BpeTokenizer tok = BpeTokenizer::from_file(d + "/tokenizer.json");
+  CHECK(tok.bos_id() == tok.token_id("<|begin_of_text|>"));
+  CHECK(tok.eos_id() == tok.token_id("<|end_of_text|>"));
+  REQUIRE(tok.eos_id().has_value());
+  CHECK(tok.encode("a<|end_of_text|>").back() == *tok.eos_id());
+
+  std::ofstream(d + "/tokenizer_config.json") << R"({"eos_token": "<|no_such|>"})";
+  CHECK_THROWS_WITH(BpeTokenizer::from_file(d + "/tokenizer.json"),
+                    Catch::Contains("tokenizer_config.json") && Catch::Contains("eos_token '<|no_such|>'"));
+  std::remove((d + "/tokenizer.json").c_str());
+  std::remove((d + "/tokenizer_config.json").c_str());
+  ::rmdir(dir);
+}
+
+TEST_CASE("BpeTokenizer: encode from several threads at once agrees with one thread") {
+  const BpeTokenizer tok = BpeTokenizer::from_file(kDir + "llama3_style.json");
+  const nlohmann::json ref = load("cases.json");
+  std::vector<std::thread> threads;
+  std::vector<int> ok(4, 0);
+  for (std::size_t t = 0; t < ok.size(); ++t) {
+    threads.emplace_back([&, t] {
+      bool all = true;
+      for (int round = 0; round < 20; ++round)
+        for (const nlohmann::json& c : ref["cases"])
+          all = all && tok.encode(c["text"].get<std::string>()) ==
+                           c["llama3_style"].get<std::vector<std::int32_t>>();
+      ok[t] = all;
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  CHECK(ok == std::vector<int>(4, 1));
 }

@@ -223,3 +223,21 @@ TEST_CASE("BpeTokenizer: encode from several threads at once agrees with one thr
   for (std::thread& th : threads) th.join();
   CHECK(ok == std::vector<int>(4, 1));
 }
+
+TEST_CASE("BpeTokenizer: added tokens match leftmost, then longest") {
+  nlohmann::json j = load("gpt2_style.json");
+  j["added_tokens"].push_back({{"id", 900}, {"content", "<x>"}, {"special", true}});
+  j["added_tokens"].push_back({{"id", 901}, {"content", "<x>>"}, {"special", true}});
+  const BpeTokenizer tok = BpeTokenizer::from_json(j);
+  CHECK(tok.vocab_size() == 902);
+  const std::vector<std::int32_t> ids = tok.encode("a<x>><x>b<x>");
+  const std::vector<std::int32_t> a = tok.encode("a"), b = tok.encode("b");
+  std::vector<std::int32_t> expected = a;
+  expected.push_back(901);
+  expected.push_back(900);
+  expected.insert(expected.end(), b.begin(), b.end());
+  expected.push_back(900);
+  CHECK(ids == expected);
+  CHECK(tok.decode(ids) == "a<x>><x>b<x>");
+  CHECK_THROWS_WITH(tok.decode({899}), Catch::Contains("id 899 at position 0 is not a token"));  // a gap
+}

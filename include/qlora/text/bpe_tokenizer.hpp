@@ -24,7 +24,6 @@
 //
 // encode is safe to call from several threads: the per-pre-token cache is behind a mutex.
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -74,11 +73,22 @@ class BpeTokenizer {
   std::vector<std::int32_t> encode(const std::string& text, bool add_special = false) const {
     std::vector<std::int32_t> ids;
     if (add_special) ids = template_prefix_;
+    // next[k]: where added token k next occurs at or after pos (npos: nowhere). Kept across the loop
+    // so a text is searched once per added token, not once per token per occurrence (Llama-3 has
+    // hundreds of reserved special tokens).
+    std::vector<std::size_t> next(added_.size(), 0);
+    for (std::size_t k = 0; k < added_.size(); ++k) next[k] = text.find(added_[k].content);
     std::size_t pos = 0;
     while (pos < text.size()) {
+      // The leftmost added token at or after pos, the longest if several start there.
       std::size_t at = text.size(), len = 0;
       std::int32_t added_id = -1;
-      find_added(text, pos, at, len, added_id);
+      for (std::size_t k = 0; k < added_.size(); ++k) {
+        if (next[k] != std::string::npos && next[k] < pos) next[k] = text.find(added_[k].content, pos);
+        if (next[k] == std::string::npos) continue;
+        if (next[k] < at || (next[k] == at && added_[k].content.size() > len))
+          at = next[k], len = added_[k].content.size(), added_id = added_[k].id;
+      }
       if (at > pos) encode_segment(text.substr(pos, at - pos), ids);
       if (len == 0) break;
       ids.push_back(added_id);
@@ -380,16 +390,6 @@ class BpeTokenizer {
     };
     if (auto id = token_of("bos_token")) bos_ = id;
     if (auto id = token_of("eos_token")) eos_ = id;
-  }
-
-  // The leftmost added token at or after pos (longest if several start there).
-  void find_added(const std::string& text, std::size_t pos, std::size_t& at, std::size_t& len,
-                  std::int32_t& id) const {
-    for (const Added& a : added_) {
-      const std::size_t p = text.find(a.content, pos);
-      if (p == std::string::npos) continue;
-      if (p < at || (p == at && a.content.size() > len)) at = p, len = a.content.size(), id = a.id;
-    }
   }
 
   // The library's Digits pre-tokenizer: runs of numeric characters (Rust's char::is_numeric, i.e.

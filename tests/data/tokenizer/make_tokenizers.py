@@ -101,6 +101,8 @@ CASES = [
     "<|endoftext|>",
     "before<|endoftext|>after",
     "a<|endoftext|> b",
+    "<|endoftext|><|endoftext|>x<|endoftext|>",
+    "<|begin_of_text|>hi<|end_of_text|> <|im_start|>user\n<|im_end|>",
     "ſ K Ⅻ ½ ²",
     "it'ſt IT'Ll we'RE 'x '",
     "a\u0301b combining",

@@ -7,6 +7,7 @@
 // fp32 reductions land within a few ulps of it). The gradient wrt the logits is
 //   dlogits[b, t, :] = (softmax(logits[b, t, :]) − onehot(label[b, t + 1])) / count
 // and 0 on rows without a target.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 

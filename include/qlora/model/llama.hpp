@@ -17,9 +17,11 @@
 // attention-residual h, gate and up pre-activations, two rstd values, the LoRA contexts (their
 // inputs), and the attention probabilities (B, H, T, T) per layer: quadratic in T, fine for the
 // sequence lengths this CPU path is for.
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 

@@ -355,3 +355,21 @@ TEST_CASE("LlamaModel trains with LoRA dropout: same masks, gradients of the mas
   std::printf("%-42s LoRA gradients with dropout 0.25 vs central differences: max relative diff %.3g\n",
               "tiny_untied", worst);
 }
+
+TEST_CASE("an adapter that does not fit the model is an error naming the module", "[llama]") {
+  // tiny_tied has 4 KV heads: k_proj / v_proj are (64, 64) there, the adapter's lora_B (32, 4)
+  REQUIRE_THROWS_WITH(
+      LlamaModel<format::F32>::load_with_adapter(data("tiny_tied"), data("tiny_untied_adapter")),
+      Catch::Contains("adapter model.layers.0.self_attn.k_proj: lora_B has 32 rows, base weight has 64"));
+
+  // weights for a layer the model does not have, none for one it has
+  peft::Adapter a = peft::load_adapter(data("tiny_untied_adapter"));
+  auto node = a.modules.extract("model.layers.1.mlp.up_proj");
+  node.key() = "model.layers.5.mlp.up_proj";
+  node.mapped().module = node.key();
+  a.modules.insert(std::move(node));
+  testutil::TempDir dir;
+  peft::save_adapter(dir.path, a);
+  REQUIRE_THROWS_WITH(LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path),
+                      Catch::Contains("targets 'model.layers.1.mlp.up_proj' but has no weights for it"));
+}

@@ -127,7 +127,7 @@ class LlamaModel {
         const std::string name = llama_module(l, p);
         auto it = adapter.modules.find(name);
         QLORA_CHECK(it != adapter.modules.end(), where, ": targets '", name, "' but has no weights for it");
-        load_weights(lin.lora_layer(), it->second);
+        with_context(where, [&] { load_weights(lin.lora_layer(), it->second); });
         ++used;
       }
     for (const auto& kv : adapter.modules)

@@ -12,7 +12,8 @@ Python; they read the committed outputs:
   cases.json         {"tokenizers": {name: {"file", "vocab_size", "add_prefix_space"?}},
                       "cases": [{"text": ..., name: [ids], name + "_special": [ids]}]}
                      (name + "_special": encode(add_special_tokens=True), present where it differs;
-                     "split_gpt2" / "split_llama3" / "split_qwen2": the pieces of each split regex)
+                     "split_gpt2" / "split_llama3" / "split_qwen2": the pieces of each split regex),
+                      "split_cases": [...] random strings over all of Unicode, pieces only}
                      "gpt2_prefix" is gpt2_style.json with ByteLevel add_prefix_space=true.
 The cases are hand-written edge cases plus seeded random strings over an alphabet of the
 characters the split patterns treat differently.
@@ -132,6 +133,25 @@ def random_cases(count, seed=1234):
     return out
 
 
+def wide_random_cases(count, seed=7):
+    """Short strings mixing contraction material with code points drawn from all of Unicode, for the
+    split patterns alone: they check the letter / number tables against the library's engine."""
+    import random
+
+    rng = random.Random(seed)
+    base = list(" \t\n\r'sStTdDlLmMrReEvV0123456789.,!-")
+    out = []
+    for _ in range(count):
+        s = ""
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.5:
+                s += rng.choice(base)
+            else:
+                s += chr(rng.choice([rng.randint(0x80, 0x3000), rng.randint(0x3000, 0xD7FF), rng.randint(0xE000, 0x2FFFF)]))
+        out.append(s)
+    return out
+
+
 def train(pre_tokenizer, special, vocab_size, corpus=CORPUS):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizer
@@ -225,33 +245,55 @@ def main():
             if name != "gpt2_prefix":
                 assert tok.decode(enc.ids, skip_special_tokens=False) == text, (name, text)
         cases.append(entry)
+    split_cases = []
+    for text in wide_random_cases(150):
+        entry = {"text": text}
+        for name, splitter in splitters.items():
+            entry["split_" + name] = [piece for piece, _ in splitter.pre_tokenize_str(text)]
+        split_cases.append(entry)
+
     # One case per line keeps the file small and diffable.
+    def lines(entries):
+        return ",\n".join("  " + json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in entries)
+
     with open(os.path.join(HERE, "cases.json"), "w", encoding="utf-8") as f:
         f.write('{"tokenizers": ' + json.dumps(meta, ensure_ascii=False) + ',\n "cases": [\n')
-        f.write(",\n".join("  " + json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in cases))
+        f.write(lines(cases))
+        f.write('\n],\n "split_cases": [\n')
+        f.write(lines(split_cases))
         f.write("\n]}\n")
 
 
 def unicode_table():
     """Prints the letter / number ranges of include/qlora/text/unicode_tables.hpp (python3
-    make_tokenizers.py --unicode-table), from this Python's unicodedata."""
+    make_tokenizers.py --unicode-table). The classes are read from the library's own regex engine
+    (Oniguruma, through a Split on \\p{L} / \\p{N}), so they are exactly what its patterns use,
+    whatever Unicode version Python's unicodedata has."""
     import sys
-    import unicodedata
 
-    def ranges(cats):
-        out, start = [], None
-        for cp in range(0x110000):
-            inside = unicodedata.category(chr(cp)) in cats
-            if inside and start is None:
-                start = cp
-            if not inside and start is not None:
-                out.append((start, cp - 1))
-                start = None
+    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    text = "".join(chr(c) for c in cps)
+
+    def members(pattern):
+        inside = [True] * len(cps)
+        # behavior="removed" drops the matches; what is left (by code-point offsets) is outside the class.
+        for _, (a, b) in pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text):
+            for i in range(a, b):
+                inside[i] = False
+        return [cps[i] for i in range(len(cps)) if inside[i]]
+
+    def ranges(members_):
+        out = []
+        for cp in members_:
+            if out and out[-1][1] == cp - 1:
+                out[-1][1] = cp
+            else:
+                out.append([cp, cp])
         return out
 
-    print("// Unicode", unicodedata.unidata_version)
-    for name, cats in (("kLetterRanges", ("Lu", "Ll", "Lt", "Lm", "Lo")), ("kNumberRanges", ("Nd", "Nl", "No"))):
-        r = ranges(cats)
+    print("// From the regex engine of tokenizers", __import__("tokenizers").__version__)
+    for name, pattern in (("kLetterRanges", r"\p{L}"), ("kNumberRanges", r"\p{N}")):
+        r = ranges(members(pattern))
         print(f"inline constexpr CodeRange {name}[] = {{")
         line = " "
         for a, b in r:

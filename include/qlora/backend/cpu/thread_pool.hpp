@@ -143,22 +143,16 @@ class ThreadPool {
 template <class F>
 void pool_for(std::size_t n, std::size_t align, std::size_t min_per_thread, F&& f) {
   if (n == 0) return;
-  align = std::max<std::size_t>(align, 1);
-  const std::size_t units = (n + align - 1) / align;
-  std::size_t threads = std::size_t(num_threads());
-  threads = std::min(threads, std::max<std::size_t>(1, n / std::max<std::size_t>(min_per_thread, 1)));
-  threads = std::min(threads, units);
-  if (threads <= 1) {
+  const ChunkPlan plan = plan_chunks(n, align, min_per_thread);
+  if (plan.threads <= 1) {
     f(std::size_t(0), n);
     return;
   }
-  const std::size_t per = (units + threads - 1) / threads;
   const std::function<void(int)> chunk = [&](int t) {
-    const std::size_t b = std::min(n, std::size_t(t) * per * align),
-                      e = std::min(n, std::size_t(t + 1) * per * align);
+    const std::size_t b = plan.begin(std::size_t(t)), e = plan.end(std::size_t(t));
     if (b < e) f(b, e);
   };
-  if (!ThreadPool::instance().try_run(int(threads), chunk)) parallel_for(n, align, min_per_thread, f);
+  if (!ThreadPool::instance().try_run(int(plan.threads), chunk)) parallel_for(n, align, min_per_thread, f);
 }
 
 }  // namespace cpu

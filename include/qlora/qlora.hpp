@@ -7,6 +7,7 @@
 //   io/     safetensors, Hugging Face folders, the bitsandbytes checkpoint layout, quantize_model
 //   lora/   the LoRA layer's config, base formats, reference math (backends: backend/<name>/)
 //   optim/  AdamW (+ LoRA+, clipping, schedules, state files)
+//   text/   tokenizers: raw bytes, byte-level BPE from tokenizer.json
 #include "qlora/core/dtype.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/finite.hpp"
@@ -31,3 +32,4 @@
 #include "qlora/quant/blockwise8bit.hpp"
 #include "qlora/quant/codebooks.hpp"
 #include "qlora/quant/rowwise_int8.hpp"
+#include "qlora/text/tokenizer.hpp"

@@ -8,6 +8,8 @@
 //   lora/   the LoRA layer's config, base formats, reference math (backends: backend/<name>/)
 //   optim/  AdamW (+ LoRA+, clipping, schedules, state files)
 //   text/   tokenizers: raw bytes, byte-level BPE from tokenizer.json
+// The CPU backend (backend/cpu/) and the Llama model built on it (model/) are included separately:
+//   #include "qlora/model/llama.hpp"   (brings backend/cpu/lora_linear.hpp)
 #include "qlora/core/dtype.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/core/finite.hpp"

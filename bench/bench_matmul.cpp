@@ -36,6 +36,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.hpp"
+
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -111,16 +113,7 @@ void set_counters(benchmark::State& st, std::size_t weight_bytes, std::int64_t M
                                              benchmark::Counter::kIsIterationInvariantRate);
 }
 
-benchmark::internal::Benchmark* reg(const std::string& name, std::function<void(benchmark::State&)> fn) {
-  // min over --benchmark_repetitions: on a shared machine the fastest repetition is the least disturbed
-  return benchmark::RegisterBenchmark(name.c_str(), [fn](benchmark::State& st) { fn(st); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond)
-      ->ComputeStatistics("min",
-                          [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); })
-      ->ComputeStatistics("max",
-                          [](const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); });
-}
+using benchutil::reg;
 
 void register_qmatrix(const std::string& type, const Shape& s, std::int64_t M, bool backward) {
   const std::string name = std::string(backward ? "matmul_backward" : "matmul") + "/cpu/" + type + "/" +

@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/core/parallel.hpp"
 #include "qlora/quant/blockwise4bit.hpp"
@@ -84,17 +85,7 @@ const char* out_name<fp16>() {
   return "f16";
 }
 
-benchmark::internal::Benchmark* reg(const std::string& name, std::function<void(benchmark::State&)> fn) {
-  // min / max over --benchmark_repetitions: on a machine shared with other work, the fastest
-  // repetition (min time, max GB/s) is the one least disturbed, so docs/performance.md reports those.
-  return benchmark::RegisterBenchmark(name.c_str(), [fn](benchmark::State& st) { fn(st); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond)
-      ->ComputeStatistics("min",
-                          [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); })
-      ->ComputeStatistics("max",
-                          [](const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); });
-}
+using benchutil::reg;
 
 // --- quantize / dequantize pairs ------------------------------------------------------------------
 // Registers quantize/<tail> and dequantize/<tail>/{f32,bf16,f16} for one format; quantize(w) makes the

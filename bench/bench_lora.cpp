@@ -10,18 +10,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.hpp"
 #include "qlora/backend/cpu/lora_linear.hpp"
 
 using namespace qlora;
 
 namespace {
-std::vector<float> gaussian(std::size_t n, unsigned seed, float sd) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, sd);
-  std::vector<float> v(n);
-  for (auto& e : v) e = d(rng);
-  return v;
-}
+using benchutil::gaussian;
 
 template <class Quant>
 BaseWeight<Quant> make_base(const std::vector<float>& w, std::int64_t N, std::int64_t K);

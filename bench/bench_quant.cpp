@@ -51,12 +51,7 @@ struct Shape {
 const std::vector<float>& weights(const Shape& s) {
   static std::map<std::size_t, std::vector<float>> cache;
   auto& w = cache[s.numel()];
-  if (w.empty()) {
-    std::mt19937_64 rng(42);
-    std::normal_distribution<float> dist(0.0f, 0.02f);
-    w.resize(s.numel());
-    for (float& v : w) v = dist(rng);
-  }
+  if (w.empty()) w = benchutil::gaussian(std::size_t(s.numel()), 42, 0.02f);
   return w;
 }
 

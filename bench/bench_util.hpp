@@ -3,7 +3,9 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,15 @@ inline benchmark::internal::Benchmark* reg(const std::string& name,
                           [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); })
       ->ComputeStatistics("max",
                           [](const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); });
+}
+
+// n values from N(0, sd), the same for the same seed (the benchmarks' weights and activations).
+inline std::vector<float> gaussian(std::size_t n, unsigned seed, float sd) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, sd);
+  std::vector<float> v(n);
+  for (float& e : v) e = dist(rng);
+  return v;
 }
 
 }  // namespace benchutil

@@ -373,3 +373,75 @@ TEST_CASE("an adapter that does not fit the model is an error naming the module"
   REQUIRE_THROWS_WITH(LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path),
                       Catch::Contains("targets 'model.layers.1.mlp.up_proj' but has no weights for it"));
 }
+
+TEST_CASE("LlamaModel full-parameter training: every weight's gradient matches finite differences",
+          "[llama][full]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  for (const char* name : {"tiny_untied", "tiny_tied"}) {
+    auto m = LlamaModel<format::F32>::load(data(name));
+    m.enable_full_training();
+    m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+    const auto params = m.params();
+    // embedding, 2 norms + 7 projections per layer, final norm, lm_head when untied
+    const std::size_t layers = std::size_t(m.config().num_hidden_layers);
+    REQUIRE(params.size() == 1 + 9 * layers + 1 + (m.config().tie_word_embeddings ? 0 : 1));
+    double worst = 0;
+    for (const auto& p : params) {
+      INFO(name << ": " << p.name);
+      std::size_t at = 0;
+      for (std::size_t i = 1; i < p.size; ++i)
+        if (std::fabs(p.grad[i]) > std::fabs(p.grad[at])) at = i;
+      REQUIRE(p.grad[at] != 0.0f);
+      const float g = p.grad[at], v0 = p.value[at], h = 1e-2f;
+      p.value[at] = v0 + h;
+      const double lp = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+      p.value[at] = v0 - h;
+      const double lm = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+      p.value[at] = v0;
+      const double fd = (lp - lm) / (2.0 * double(h));
+      const double rel = std::fabs(fd - double(g)) / std::fabs(double(g));
+      worst = std::max(worst, rel);
+      CHECK(rel <= 1e-2);
+    }
+    std::printf("%-42s full-training gradients vs central differences: max relative diff %.3g\n", name, worst);
+    // Accumulate adds a second copy of the same gradient
+    std::vector<float> g0(params[0].grad, params[0].grad + params[0].size);
+    m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Accumulate);
+    for (std::size_t i = 0; i < g0.size(); i += 97) CHECK(params[0].grad[i] == Approx(2 * g0[i]).margin(1e-7));
+  }
+}
+
+TEST_CASE("LlamaModel full training refuses LoRA and quantized models; save round-trips", "[llama][full]") {
+  LlamaLoraOptions opt;
+  opt.target_modules = {"q_proj"};
+  auto lora = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  CHECK_THROWS_WITH(lora.enable_full_training(), Catch::Contains("q_proj") && Catch::Contains("LoRA"));
+  auto nf4 = LlamaModel<format::NF4>::load(data("tiny_untied"));
+  CHECK_THROWS_WITH(nf4.enable_full_training(), Catch::Contains("fp32"));
+
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  const testutil::TempDir tmp;
+  const std::string out = tmp.path;
+  for (const char* name : {"tiny_untied", "tiny_tied"}) {
+    auto m = LlamaModel<format::F32>::load(data(name));
+    const std::vector<float> z = m.logits(ids.v.data(), ids.B, ids.T);
+    m.save(out + "/f32");
+    auto back = LlamaModel<format::F32>::load(out + "/f32");
+    const std::vector<float> zb = back.logits(ids.v.data(), ids.B, ids.T);
+    CHECK(max_abs_diff(zb.data(), z) == 0.0);
+    m.save(out + "/bf16", DType::BF16);
+    CHECK(hf::ModelFolder::open(out + "/bf16").config()["torch_dtype"] == "bfloat16");
+    auto b16 = LlamaModel<format::F32>::load(out + "/bf16");
+    const std::vector<float> z16 = b16.logits(ids.v.data(), ids.B, ids.T);
+    CHECK(max_abs_diff(z16.data(), z) <= 0.05 * max_abs(z));
+  }
+  // a LoRA model saves merged: the same logits without any adapter
+  opt.lora.init = LoraInit::NonZero;
+  auto withlora = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  const std::vector<float> zl = withlora.logits(ids.v.data(), ids.B, ids.T);
+  withlora.save(out + "/merged");
+  auto merged = LlamaModel<format::F32>::load(out + "/merged");
+  const std::vector<float> zm = merged.logits(ids.v.data(), ids.B, ids.T);
+  CHECK(max_abs_diff(zm.data(), zl) <= 1e-5 * max_abs(zl));
+  CHECK_THROWS_WITH(withlora.save(out + "/bad", DType::I8), Catch::Contains("I8"));
+}

@@ -73,6 +73,19 @@ class ModelLinear {
     else
       frozen_->set_act_quant(aq);
   }
+  // The frozen product (no LoRA path): its weight, for full-parameter training of an F32 model.
+  cpu::QMatrix& frozen_matrix() {
+    QLORA_CHECK(frozen_, "ModelLinear::frozen_matrix: this layer has a LoRA path");
+    return *frozen_;
+  }
+  // The weight as the layer computes with it, (out, in) fp32: W0 (dequantized) plus the scaled
+  // B·A of an unmerged LoRA path. What a merged checkpoint stores.
+  std::vector<float> dense_weight() const {
+    if (lora_) return lora_->merged_weight();
+    std::vector<float> w(std::size_t(out_ * in_));
+    frozen_->dequantize(w.data());
+    return w;
+  }
   std::int64_t in_features() const { return in_; }
   std::int64_t out_features() const { return out_; }
 

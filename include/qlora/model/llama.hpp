@@ -13,6 +13,12 @@
 // (model/linear.hpp says why). Everything but A and B of the LoRA layers is frozen: backward
 // produces dA, dB of every LoRA layer and no other parameter gradient.
 //
+// Full-parameter training (enable_full_training(), F32 models without LoRA; what pretraining the
+// embedded demo model uses): every weight is a parameter. The projections' gradients are
+// dW = dyᵀ·x (out, in) from the projection inputs the forward keeps, the norms'
+// dw = Σ_rows dy ⊙ x·r, lm_head's dW = dlogitsᵀ·norm(x), and the embedding's rows get the gradient
+// of the first layer's input, scattered by token id (plus lm_head's when tied).
+//
 // What a training forward keeps (Activations), per layer and token: the layer input, q, k, v, the
 // attention-residual h, gate and up pre-activations, two rstd values, the LoRA contexts (their
 // inputs), and the attention probabilities (B, H, T, T) per layer: quadratic in T, fine for the
@@ -21,11 +27,19 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "qlora/backend/cpu/qmatrix.hpp"
+#include "qlora/backend/cpu/thread_pool.hpp"
+#include "qlora/core/half.hpp"
+#include "qlora/io/atomic_dir.hpp"
+#include "qlora/io/atomic_file.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/io/hf_model.hpp"
 #include "qlora/io/peft_adapter.hpp"
@@ -72,6 +86,9 @@ class LlamaModel {
   struct Layer {
     std::vector<float> input_norm, post_norm;  // (D) RMSNorm weights
     std::vector<Linear> proj;                  // kNumProj, indexed by LlamaProj
+    // Full-parameter training: gradients of the above (empty otherwise)
+    std::vector<float> d_input_norm, d_post_norm;        // (D)
+    std::array<std::vector<float>, kNumProj> dW;         // (out, in) per projection
   };
 
   // What a forward keeps for backward, and the hidden states for inspection.
@@ -84,9 +101,15 @@ class LlamaModel {
     std::vector<float> h;             // (M, D)     after the attention residual
     std::vector<float> gate, up;      // (M, I)     MLP pre-activations
     std::array<typename Linear::Context, kNumProj> ctx;  // LoRA layers' contexts
+    // Full-parameter training only: the inputs of the frozen products, for their dW.
+    std::vector<float> n1;   // (M, D)    input_layernorm(x): q/k/v input
+    std::vector<float> att;  // (M, H·d)  attention output: o_proj input
+    std::vector<float> n2;   // (M, D)    post_attention_layernorm(h): gate/up input
+    std::vector<float> act;  // (M, I)    silu(gate) ⊙ up: down_proj input
   };
   struct Activations {
     std::int64_t batch = 0, seq = 0;
+    std::vector<std::int64_t> ids;  // (B, T), kept in full-parameter training (embedding gradient)
     std::vector<LayerActs> layers;
     std::vector<float> final_in;    // (M, D) output of the last layer, input of model.norm
     std::vector<float> final_out;   // (M, D) output of model.norm (transformers' last hidden state)
@@ -155,9 +178,56 @@ class LlamaModel {
       for (Linear& lin : L.proj) lin.set_act_quant(aq);
   }
 
-  // Every LoRA A and B (PEFT's names without the "base_model.model." prefix), for an optimizer.
+  // Makes every weight trainable (the checkpoint's names; see the top of this file). Only for
+  // format::F32 models with no LoRA path: a quantized base cannot take gradient updates, and mixing
+  // full and LoRA training is not something this model does.
+  void enable_full_training() {
+    QLORA_CHECK((std::is_same<Quant, format::F32>::value),
+                "LlamaModel::enable_full_training: needs an fp32 model (format::F32), not a quantized one");
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      for (int p = 0; p < kNumProj; ++p)
+        QLORA_CHECK(!layers_[std::size_t(l)].proj[std::size_t(p)].has_lora(),
+                    "LlamaModel::enable_full_training: '", llama_module(l, p),
+                    "' has a LoRA path; load the model without target modules");
+    if (full_) return;
+    full_ = true;
+    const std::int64_t D = cfg_.hidden_size;
+    d_embed_.assign(embed_.size(), 0.0f);
+    d_final_norm_.assign(std::size_t(D), 0.0f);
+    if (!cfg_.tie_word_embeddings) d_lm_head_.assign(std::size_t(cfg_.vocab_size * D), 0.0f);
+    for (Layer& L : layers_) {
+      L.d_input_norm.assign(std::size_t(D), 0.0f);
+      L.d_post_norm.assign(std::size_t(D), 0.0f);
+      for (int p = 0; p < kNumProj; ++p) {
+        const Linear& lin = L.proj[std::size_t(p)];
+        L.dW[std::size_t(p)].assign(std::size_t(lin.out_features() * lin.in_features()), 0.0f);
+      }
+    }
+  }
+  bool full_training() const { return full_; }
+
+  // The trainable parameters for an optimizer: every LoRA A and B (PEFT's names without the
+  // "base_model.model." prefix), or in full-parameter training every weight (the checkpoint's names).
   std::vector<optim::Param> params() {
     std::vector<optim::Param> out;
+    if (full_) {
+      auto add = [&](std::string name, float* v, std::vector<float>& g) {
+        out.push_back({std::move(name), v, g.data(), g.size(), optim::ParamGroup::Other});
+      };
+      add("model.embed_tokens.weight", embed_.data(), d_embed_);
+      for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+        Layer& L = layers_[std::size_t(l)];
+        const std::string pre = "model.layers." + std::to_string(l) + ".";
+        add(pre + "input_layernorm.weight", L.input_norm.data(), L.d_input_norm);
+        add(pre + "post_attention_layernorm.weight", L.post_norm.data(), L.d_post_norm);
+        for (int p = 0; p < kNumProj; ++p)
+          add(llama_module(l, p) + ".weight", L.proj[std::size_t(p)].frozen_matrix().f32_data(),
+              L.dW[std::size_t(p)]);
+      }
+      add("model.norm.weight", final_norm_.data(), d_final_norm_);
+      if (!cfg_.tie_word_embeddings) add("lm_head.weight", lm_head_->f32_data(), d_lm_head_);
+      return out;
+    }
     for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
       for (int p = 0; p < kNumProj; ++p) {
         Linear& lin = layers_[std::size_t(l)].proj[std::size_t(p)];
@@ -178,6 +248,9 @@ class LlamaModel {
     Activations& a = acts ? *acts : scratch;
     a.batch = B;
     a.seq = T;
+    // Full training updates embed_ in place; a tied lm_head reads its own copy, refreshed here.
+    if (full_ && cfg_.tie_word_embeddings) std::copy(embed_.begin(), embed_.end(), lm_head_->f32_data());
+    if (full_ && acts) a.ids.assign(ids, ids + M);
     a.layers.resize(acts ? std::size_t(cfg_.num_hidden_layers) : 1);
     std::vector<float> x(std::size_t(M * D));  // (M, D) the residual stream
     for (std::int64_t t = 0; t < M; ++t) {
@@ -217,13 +290,90 @@ class LlamaModel {
         a.layers.size() == std::size_t(cfg_.num_hidden_layers) && std::int64_t(a.final_in.size()) == M * D,
         "LlamaModel::backward: activations are not from a training forward of this model");
     std::vector<float> dn(std::size_t(M * D)), dres(std::size_t(M * D));  // (M, D)
-    // lm_head and the final norm are frozen: only their dx
+    if (full_) {
+      QLORA_CHECK(std::int64_t(a.ids.size()) == M && !a.layers.empty() && !a.layers[0].n1.empty(),
+                  "LlamaModel::backward: activations are from a forward before enable_full_training()");
+      if (mode == GradMode::Overwrite) zero_grad();
+      // lm_head (V, D): dW += dlogitsᵀ · norm(x); tied, it is the embedding's gradient too
+      add_weight_grad(cfg_.tie_word_embeddings ? d_embed_ : d_lm_head_, dlogits, a.final_out.data(), M,
+                      cfg_.vocab_size, D);
+    }
+    // lm_head and the final norm are frozen unless full_: only their dx
     lm_head_->backward(dlogits, M, dn.data(), cpu::Accumulate::No);
+    if (full_) add_norm_grad(d_final_norm_, dn.data(), a.final_in.data(), a.rstd_final.data(), M, D);
     rmsnorm::backward(dn.data(), a.final_in.data(), final_norm_.data(), a.rstd_final.data(), M, D,
                       dres.data());
     for (std::int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l)
-      // the embedding is frozen: the first layer need not compute the gradient of its input
-      layer_backward(layers_[std::size_t(l)], a.layers[std::size_t(l)], dres, B, T, mode, l > 0);
+      // a frozen embedding needs no gradient: then the first layer skips the gradient of its input
+      layer_backward(layers_[std::size_t(l)], a.layers[std::size_t(l)], dres, B, T, mode, l > 0 || full_);
+    if (full_)  // embedding rows: the gradient of the first layer's input, by token
+      for (std::int64_t t = 0; t < M; ++t) {
+        float* g = d_embed_.data() + a.ids[std::size_t(t)] * D;
+        const float* d = dres.data() + t * D;
+        for (std::int64_t i = 0; i < D; ++i) g[i] += d[i];
+      }
+  }
+
+  // Writes the model as a Hugging Face folder (config.json + model.safetensors, the source folder's
+  // other files such as tokenizer.json copied), atomically. Every projection is stored dense as the
+  // model computes with it: a LoRA path is merged in (W0 + s·B·A; a 4-bit base dequantized first),
+  // so this is also what `qlora merge` writes. dtype: F32, BF16 or F16.
+  void save(const std::string& dir, DType dtype = DType::F32) const {
+    QLORA_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16, "LlamaModel::save: dtype ",
+                dtype_name(dtype), ", expected F32, BF16 or F16");
+    const std::int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+    safetensors::Writer w;
+    w.set_metadata("format", "pt");  // transformers refuses safetensors files without it
+    auto put = [&](const std::string& name, const float* v, std::vector<std::int64_t> shape) {
+      std::size_t n = 1;
+      for (std::int64_t d : shape) n *= std::size_t(d);
+      if (dtype == DType::F32) return w.add_copy(name, dtype, shape, v, n * 4);
+      std::vector<std::uint16_t> h(n);
+      for (std::size_t i = 0; i < n; ++i) h[i] = dtype == DType::BF16 ? to_bf16(v[i]).bits : to_fp16(v[i]).bits;
+      w.add_copy(name, dtype, shape, h.data(), n * 2);
+    };
+    put("model.embed_tokens.weight", embed_.data(), {V, D});
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+      const Layer& L = layers_[std::size_t(l)];
+      const std::string pre = "model.layers." + std::to_string(l) + ".";
+      put(pre + "input_layernorm.weight", L.input_norm.data(), {D});
+      put(pre + "post_attention_layernorm.weight", L.post_norm.data(), {D});
+      for (int p = 0; p < kNumProj; ++p) {
+        const Linear& lin = L.proj[std::size_t(p)];
+        const std::vector<float> wt = lin.dense_weight();
+        put(llama_module(l, p) + ".weight", wt.data(), {lin.out_features(), lin.in_features()});
+      }
+    }
+    put("model.norm.weight", final_norm_.data(), {D});
+    if (!cfg_.tie_word_embeddings) {
+      std::vector<float> head(std::size_t(V * D));
+      lm_head_->dequantize(head.data());
+      put("lm_head.weight", head.data(), {V, D});
+    }
+    nlohmann::json cfg = source_config_;
+    cfg.erase("quantization_config");
+    cfg["torch_dtype"] = dtype == DType::F32 ? "float32" : dtype == DType::BF16 ? "bfloat16" : "float16";
+    if (cfg.contains("dtype")) cfg["dtype"] = cfg["torch_dtype"];
+    AtomicDir out(dir);
+    w.write(hf::join(out.path(), hf::kSingleWeights));
+    write_text_atomic(hf::join(out.path(), "config.json"), cfg.dump(2) + "\n");
+    for (const std::string& f : source_files_)
+      copy_file_atomic(hf::join(source_dir_, f), hf::join(out.path(), f));
+    out.commit();
+  }
+
+  // Clears the full-training gradients (the LoRA layers' own are cleared by the optimizer's
+  // zero_grad through params()).
+  void zero_grad() {
+    auto z = [](std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); };
+    z(d_embed_);
+    z(d_final_norm_);
+    z(d_lm_head_);
+    for (Layer& L : layers_) {
+      z(L.d_input_norm);
+      z(L.d_post_norm);
+      for (auto& g : L.dW) z(g);
+    }
   }
 
   // One training step's forward and backward on labels (B, T): returns the loss; dA, dB of every
@@ -246,6 +396,9 @@ class LlamaModel {
     const hf::ModelFolder f = hf::ModelFolder::open(dir);
     LlamaModel m;
     m.cfg_ = LlamaConfig::from_folder(f);
+    m.source_dir_ = dir;
+    m.source_config_ = f.config();
+    m.source_files_ = f.other_files();
     const LlamaConfig& c = m.cfg_;
     const std::int64_t D = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
     auto tensor = [&](const std::string& name, std::vector<std::int64_t> shape) {
@@ -303,6 +456,8 @@ class LlamaModel {
     a.x = x;
     std::vector<float> n(std::size_t(M * D));  // (M, D) normed input, then reused
     rmsnorm::forward(x.data(), L.input_norm.data(), M, D, eps, n.data(), sized(a.rstd1, M));
+    const bool keep_inputs = train && full_;  // the frozen products' inputs, for dW
+    if (keep_inputs) a.n1 = n;
     L.proj[kQ].forward(n.data(), M, sized(a.q, M * cfg_.q_size()), ctx(kQ));   // (M, H·d)
     L.proj[kK].forward(n.data(), M, sized(a.k, M * cfg_.kv_size()), ctx(kK));  // (M, KV·d)
     L.proj[kV].forward(n.data(), M, sized(a.v, M * cfg_.kv_size()), ctx(kV));  // (M, KV·d)
@@ -311,10 +466,12 @@ class LlamaModel {
     std::vector<float> att(std::size_t(M * cfg_.q_size()));  // (M, H·d)
     attention::forward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), att.data(),
                        sized(a.P, B * H * T * T));
+    if (keep_inputs) a.att = att;
     L.proj[kO].forward(att.data(), M, n.data(), ctx(kO));  // (M, D)
     a.h.resize(std::size_t(M * D));
     for (std::int64_t i = 0; i < M * D; ++i) a.h[std::size_t(i)] = x[std::size_t(i)] + n[std::size_t(i)];
     rmsnorm::forward(a.h.data(), L.post_norm.data(), M, D, eps, n.data(), sized(a.rstd2, M));
+    if (keep_inputs) a.n2 = n;
     L.proj[kGate].forward(n.data(), M, sized(a.gate, M * I), ctx(kGate));  // (M, I)
     L.proj[kUp].forward(n.data(), M, sized(a.up, M * I), ctx(kUp));        // (M, I)
     std::vector<float> act(std::size_t(M * I));                            // (M, I)
@@ -322,6 +479,7 @@ class LlamaModel {
       const float g = a.gate[std::size_t(i)];
       act[std::size_t(i)] = g / (1.0f + std::exp(-g)) * a.up[std::size_t(i)];  // silu(g) · u
     }
+    if (keep_inputs) a.act = act;
     L.proj[kDown].forward(act.data(), M, n.data(), ctx(kDown));  // (M, D)
     for (std::int64_t i = 0; i < M * D; ++i) x[std::size_t(i)] = a.h[std::size_t(i)] + n[std::size_t(i)];
   }
@@ -332,8 +490,13 @@ class LlamaModel {
     const std::int64_t M = B * T, D = cfg_.hidden_size, I = cfg_.intermediate_size;
     const std::int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads;
     const std::int64_t qw = cfg_.q_size(), kw = cfg_.kv_size();
+    const std::array<const float*, kNumProj> inputs = {a.n1.data(),  a.n1.data(), a.n1.data(), a.att.data(),
+                                                       a.n2.data(),  a.n2.data(), a.act.data()};
     auto bwd = [&](int p, const float* dy, float* dx) {
       Linear& lin = L.proj[std::size_t(p)];
+      if (full_)
+        add_weight_grad(L.dW[std::size_t(p)], dy, inputs[std::size_t(p)], M, lin.out_features(),
+                        lin.in_features());
       if (!dx && !lin.has_lora()) return;  // nothing to compute for a frozen layer
       lin.backward(a.ctx[std::size_t(p)], dy, M, dx, mode);
     };
@@ -350,6 +513,7 @@ class LlamaModel {
     bwd(kGate, dg.data(), dn.data());
     bwd(kUp, du.data(), tmp.data());
     for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
+    if (full_) add_norm_grad(L.d_post_norm, dn.data(), a.h.data(), a.rstd2.data(), M, D);
     rmsnorm::backward(dn.data(), a.h.data(), L.post_norm.data(), a.rstd2.data(), M, D, tmp.data());
     for (std::int64_t i = 0; i < M * D; ++i) dres[std::size_t(i)] += tmp[std::size_t(i)];  // now d loss / d h
     // attention: h = x + o_proj(attn)
@@ -371,11 +535,38 @@ class LlamaModel {
     for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
     bwd(kV, dv.data(), tmp.data());
     for (std::int64_t i = 0; i < M * D; ++i) dn[std::size_t(i)] += tmp[std::size_t(i)];
+    if (full_) add_norm_grad(L.d_input_norm, dn.data(), a.x.data(), a.rstd1.data(), M, D);
     rmsnorm::backward(dn.data(), a.x.data(), L.input_norm.data(), a.rstd1.data(), M, D, tmp.data());
     for (std::int64_t i = 0; i < M * D; ++i) dres[std::size_t(i)] += tmp[std::size_t(i)];  // d loss / d x
   }
 
+  // g (N, K) += dyᵀ · x with dy (M, N), x (M, K): a weight gradient, rows split over the pool.
+  static void add_weight_grad(std::vector<float>& g, const float* dy, const float* x, std::int64_t M,
+                              std::int64_t N, std::int64_t K) {
+    using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    Eigen::Map<const RowMat> DY(dy, M, N), X(x, M, K);
+    Eigen::Map<RowMat> G(g.data(), N, K);
+    cpu::pool_for(std::size_t(N), 8, std::size_t(std::max<std::int64_t>(8, 32768 / std::max<std::int64_t>(K, 1))),
+                  [&](std::size_t b, std::size_t e) {
+                    const auto n = std::int64_t(e - b);
+                    G.middleRows(std::int64_t(b), n).noalias() += DY.middleCols(std::int64_t(b), n).transpose() * X;
+                  });
+  }
+  // g (D) += Σ_rows dy ⊙ x · r: the gradient of an RMSNorm weight (y = w ⊙ x · r).
+  static void add_norm_grad(std::vector<float>& g, const float* dy, const float* x, const float* rstd,
+                            std::int64_t M, std::int64_t D) {
+    std::vector<double> acc(std::size_t(D), 0.0);
+    for (std::int64_t t = 0; t < M; ++t)
+      for (std::int64_t i = 0; i < D; ++i) acc[std::size_t(i)] += double(dy[t * D + i]) * x[t * D + i] * rstd[t];
+    for (std::int64_t i = 0; i < D; ++i) g[std::size_t(i)] += float(acc[std::size_t(i)]);
+  }
+
   LlamaConfig cfg_;
+  std::string source_dir_;               // the folder loaded, for save()
+  nlohmann::json source_config_;         // its config.json
+  std::vector<std::string> source_files_;  // its files other than weights and config (tokenizer...)
+  bool full_ = false;                    // enable_full_training()
+  std::vector<float> d_embed_, d_final_norm_, d_lm_head_;  // their gradients in full training
   std::vector<float> embed_;             // (V, D)
   std::vector<float> final_norm_;        // (D)
   std::optional<cpu::QMatrix> lm_head_;  // (V, D), fp32; a copy of embed_ when tied

@@ -158,6 +158,13 @@ class QMatrix {
     backward_tiled(tile_decoder(), N_, K_, dy, M, dx, acc, M <= 16 ? tile::kSmallTileRows : tile::kTileRows);
   }
 
+  // The fp32 weight (N, K) itself, for full-parameter training, where the optimizer updates it in
+  // place (the products read it directly, so an update takes effect at the next call).
+  float* f32_data() {
+    QLORA_CHECK(kind_ == Kind::F32, "QMatrix::f32_data: the matrix is ", format(), ", expected f32");
+    return f32_.data();
+  }
+
   // out: (N, K), the weight as the products see it (equal to quant::dequantize of the source).
   void dequantize(float* out) const {
     const auto deq = tile_decoder();

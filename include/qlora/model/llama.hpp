@@ -123,12 +123,20 @@ class LlamaModel {
       targets.target_modules = peft::ModuleSet::pattern(opt.target_modules[0]);
     else
       targets.target_modules = peft::ModuleSet::list(opt.target_modules);
-    return load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+    LlamaModel m = load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
       if (!peft::targets(targets, module)) return std::nullopt;
       LoraConfig c = opt.lora;
       c.seed = opt.lora.seed + std::uint64_t(index);
       return c;
     });
+    // what adapter() writes: PEFT's config for these targets and hyper-parameters
+    targets.r = opt.lora.r;
+    targets.lora_alpha = opt.lora.alpha;
+    targets.lora_dropout = opt.lora.dropout;
+    targets.use_rslora = opt.lora.rslora;
+    targets.task_type = "CAUSAL_LM";
+    m.adapter_config_ = targets;
+    return m;
   }
 
   // A checkpoint folder with a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
@@ -158,6 +166,8 @@ class LlamaModel {
                   kv.first, "', which is not a targeted projection of the model");
     QLORA_CHECK(used == adapter.modules.size(), where, ": ", adapter.modules.size(), " modules, ", used,
                 " of them loaded");
+    m.adapter_config_ = adapter.config;
+    m.adapter_config_.inference_mode = false;
     return m;
   }
 
@@ -176,6 +186,42 @@ class LlamaModel {
   void set_act_quant(cpu::ActQuant aq) {
     for (Layer& L : layers_)
       for (Linear& lin : L.proj) lin.set_act_quant(aq);
+  }
+
+  // The LoRA paths as a PEFT adapter (peft::save_adapter writes it): the config the model was loaded
+  // with (targets, r, alpha, dropout; an attached adapter's own config) and every LoRA layer's A, B.
+  peft::Adapter adapter(const std::string& base_model_name_or_path = {}) const {
+    peft::Adapter a;
+    a.config = adapter_config_;
+    if (!base_model_name_or_path.empty()) a.config.base_model_name_or_path = base_model_name_or_path;
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      for (int p = 0; p < kNumProj; ++p) {
+        const Linear& lin = layers_[std::size_t(l)].proj[std::size_t(p)];
+        if (lin.has_lora()) a.modules[llama_module(l, p)] = weights_of(lin.lora_layer(), llama_module(l, p));
+      }
+    QLORA_CHECK(!a.modules.empty(), "LlamaModel::adapter: the model has no LoRA layers");
+    return a;
+  }
+
+  // The dropout call counters of the LoRA layers (the masks of the next forward depend on them), in
+  // module order: a checkpoint saves them so that a resumed run draws the masks the run would have.
+  std::vector<std::uint64_t> dropout_calls() const {
+    std::vector<std::uint64_t> out;
+    for (const Layer& L : layers_)
+      for (const Linear& lin : L.proj)
+        if (lin.has_lora()) out.push_back(lin.lora_layer().dropout_calls());
+    return out;
+  }
+  void set_dropout_calls(const std::vector<std::uint64_t>& c) {
+    std::size_t k = 0;
+    for (Layer& L : layers_)
+      for (Linear& lin : L.proj)
+        if (lin.has_lora()) {
+          QLORA_CHECK(k < c.size(), "LlamaModel::set_dropout_calls: ", c.size(), " counters for more LoRA layers");
+          lin.lora_layer().set_dropout_calls(c[k++]);
+        }
+    QLORA_CHECK(k == c.size(), "LlamaModel::set_dropout_calls: ", c.size(), " counters, the model has ", k,
+                " LoRA layers");
   }
 
   // Makes every weight trainable (the checkpoint's names; see the top of this file). Only for
@@ -564,6 +610,7 @@ class LlamaModel {
   LlamaConfig cfg_;
   std::string source_dir_;               // the folder loaded, for save()
   nlohmann::json source_config_;         // its config.json
+  peft::LoraConfig adapter_config_;      // what adapter() writes
   std::vector<std::string> source_files_;  // its files other than weights and config (tokenizer...)
   bool full_ = false;                    // enable_full_training()
   std::vector<float> d_embed_, d_final_norm_, d_lm_head_;  // their gradients in full training

@@ -13,7 +13,11 @@ void usage(std::FILE* to) {
                "usage: qlora <command> [args]\n\n"
                "commands:\n"
                "  quantize IN OUT [options]   quantize a .safetensors file or Hugging Face folder to\n"
-               "                              bitsandbytes NF4 / FP4 / int8 (qlora quantize --help)\n");
+               "                              bitsandbytes NF4 / FP4 / int8 (qlora quantize --help)\n"
+               "  eval --model DIR [options]  mean next-token loss of token ids or a text file, and the\n"
+               "                              logits (qlora eval --help)\n"
+               "  generate --model DIR [opts] continue a --prompt, greedy or sampled\n"
+               "                              (qlora generate --help)\n");
 }
 }  // namespace
 
@@ -26,6 +30,8 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "quantize") return cmd_quantize(argc, argv);
+    if (cmd == "eval") return cmd_eval(argc, argv);
+    if (cmd == "generate") return cmd_generate(argc, argv);
     std::fprintf(stderr, "qlora: unknown command '%s'\n", cmd.c_str());
     usage(stderr);
     return 2;

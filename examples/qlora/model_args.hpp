@@ -1,0 +1,160 @@
+#pragma once
+// What the qlora commands that run a model (eval, generate, finetune, merge, ...) share:
+//
+//   with_quant(name, f)        the one place a --quant string becomes a format:: tag type:
+//                              "none" -> f(format::F32{}), "bf16", "nf4", "fp4", "int8" -> the others;
+//                              f is a generic lambda, instantiated once per format.
+//   AnyTokenizer::open(dir, V) a model folder's tokenizer: tokenizer.json (byte-level BPE, BOS / EOS
+//                              from tokenizer_config.json) if present, else raw bytes when the
+//                              model's vocabulary V has room for them.
+//   read_token_ids(path, V)    a safetensors file with tensor `ids` (I64 or I32, [batch, seq]).
+//   load_model<Quant>(dir, adapter)   a LlamaModel for inference, with a PEFT adapter if given.
+//   get_float / get_u64(args, name, default)   typed option values.
+//
+// Every bad input is a qlora::Error naming the option, file or tensor, so a command only catches
+// in main().
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cli.hpp"
+#include "qlora/core/error.hpp"
+#include "qlora/io/hf_model.hpp"
+#include "qlora/io/safetensors.hpp"
+#include "qlora/lora/base_weight.hpp"
+#include "qlora/model/llama.hpp"
+#include "qlora/text/tokenizer.hpp"
+
+namespace cli {
+
+inline constexpr const char* kQuantChoices = "none, nf4, fp4, int8 or bf16";
+
+// Calls f(tag) with the format tag named by quant; returns what f returns.
+template <class F>
+auto with_quant(const std::string& quant, F&& f) {
+  namespace fmt = qlora::format;
+  if (quant == "none") return f(fmt::F32{});
+  if (quant == "nf4") return f(fmt::NF4{});
+  if (quant == "fp4") return f(fmt::FP4{});
+  if (quant == "int8") return f(fmt::Int8{});
+  if (quant == "bf16") return f(fmt::BF16{});
+  qlora::throw_error("--quant must be ", kQuantChoices, ", got '", quant, "'");
+}
+
+// A checkpoint folder's model, its projections in Quant, with the PEFT adapter in adapter_dir
+// attached unless adapter_dir is empty.
+template <class Quant>
+qlora::LlamaModel<Quant> load_model(const std::string& dir, const std::string& adapter_dir) {
+  return adapter_dir.empty() ? qlora::LlamaModel<Quant>::load(dir)
+                             : qlora::LlamaModel<Quant>::load_with_adapter(dir, adapter_dir);
+}
+
+// --name VALUE as a finite number (def when absent).
+inline double get_float(const Args& a, const std::string& name, double def) {
+  if (!a.has(name)) return def;
+  const std::string v = a.get(name, "");
+  char* end = nullptr;
+  const double r = v.empty() ? 0.0 : std::strtod(v.c_str(), &end);
+  QLORA_CHECK(!v.empty() && end == v.c_str() + v.size() && std::isfinite(r), "--", name,
+              " expects a number, got '", v, "'");
+  return r;
+}
+
+// --name VALUE as an unsigned 64-bit integer (def when absent).
+inline std::uint64_t get_u64(const Args& a, const std::string& name, std::uint64_t def) {
+  if (!a.has(name)) return def;
+  const std::string v = a.get(name, "");
+  char* end = nullptr;
+  const bool digits = !v.empty() && v.find_first_not_of("0123456789") == std::string::npos;
+  errno = 0;
+  const unsigned long long r = digits ? std::strtoull(v.c_str(), &end, 10) : 0;
+  QLORA_CHECK(digits && errno == 0, "--", name, " expects an unsigned integer, got '", v, "'");
+  return std::uint64_t(r);
+}
+
+// The tokenizer of a model folder, whichever kind it has.
+class AnyTokenizer {
+ public:
+  // model_vocab: the model's config vocab_size; every id encode() returns is below it.
+  static AnyTokenizer open(const std::string& dir, std::int64_t model_vocab) {
+    AnyTokenizer t;
+    const std::string path = qlora::hf::join(dir, "tokenizer.json");
+    if (qlora::hf::file_exists(path)) {
+      t.bpe_ = qlora::text::BpeTokenizer::from_file(path);
+      QLORA_CHECK(t.bpe_->vocab_size() <= model_vocab, "tokenizer '", path, "' has ", t.bpe_->vocab_size(),
+                  " token ids, more than the model's vocab_size ", model_vocab);
+      return t;
+    }
+    QLORA_CHECK(model_vocab >= qlora::text::ByteTokenizer::kVocabSize, "model folder '", dir,
+                "' has no tokenizer.json, and its vocab_size ", model_vocab,
+                " is too small for raw bytes (256 needed)");
+    return t;
+  }
+
+  std::vector<std::int64_t> encode(const std::string& text) const {
+    const std::vector<std::int32_t> ids = bpe_ ? bpe_->encode(text) : bytes_.encode(text);
+    return std::vector<std::int64_t>(ids.begin(), ids.end());
+  }
+
+  std::string decode(const std::vector<std::int64_t>& ids) const {
+    std::vector<std::int32_t> narrow(ids.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      QLORA_CHECK(ids[i] >= 0 && ids[i] <= INT32_MAX, "decode: token id ", ids[i], " at position ", i,
+                  " is not a token id");
+      narrow[i] = std::int32_t(ids[i]);
+    }
+    return bpe_ ? bpe_->decode(narrow) : bytes_.decode(narrow);
+  }
+
+  const char* name() const { return bpe_ ? "bpe (tokenizer.json)" : "bytes"; }
+  // Raw bytes have no special tokens: every id is a byte of the text.
+  std::optional<std::int64_t> bos_id() const { return bpe_ ? widen(bpe_->bos_id()) : std::nullopt; }
+  std::optional<std::int64_t> eos_id() const { return bpe_ ? widen(bpe_->eos_id()) : std::nullopt; }
+
+ private:
+  static std::optional<std::int64_t> widen(std::optional<std::int32_t> v) {
+    return v ? std::optional<std::int64_t>(*v) : std::nullopt;
+  }
+  std::optional<qlora::text::BpeTokenizer> bpe_;
+  qlora::text::ByteTokenizer bytes_;
+};
+
+// Token ids (batch, seq) row-major.
+struct TokenIds {
+  std::int64_t batch = 0, seq = 0;
+  std::vector<std::int64_t> ids;
+};
+
+// Tensor `ids` of a safetensors file: I64 or I32, shape [batch, seq], every id in [0, vocab).
+inline TokenIds read_token_ids(const std::string& path, std::int64_t vocab) {
+  using qlora::DType;
+  const auto f = qlora::safetensors::File::open(path);
+  const std::string where = "ids file '" + path + "'";
+  QLORA_CHECK(f.contains("ids"), where, ": no tensor 'ids' (it has ", f.names().size(), " tensors",
+              f.names().empty() ? std::string() : ", e.g. '" + f.names()[0] + "'", ")");
+  const auto t = f.get("ids");
+  QLORA_CHECK(t.dtype == DType::I64 || t.dtype == DType::I32, where, ": tensor 'ids' is ",
+              qlora::dtype_name(t.dtype), ", expected I64 or I32");
+  QLORA_CHECK(t.shape.size() == 2, where, ": tensor 'ids' has ", t.shape.size(),
+              " dimensions, expected 2 [batch, seq]");
+  QLORA_CHECK(t.shape[0] > 0 && t.shape[1] > 0, where, ": tensor 'ids' has shape [", t.shape[0], ", ",
+              t.shape[1], "], expected at least one token per row and one row");
+  TokenIds r{t.shape[0], t.shape[1], {}};
+  if (t.dtype == DType::I64) {
+    r.ids = t.copy_as<std::int64_t>();
+  } else {
+    const auto narrow = t.copy_as<std::int32_t>();
+    r.ids.assign(narrow.begin(), narrow.end());
+  }
+  for (std::size_t i = 0; i < r.ids.size(); ++i)
+    QLORA_CHECK(r.ids[i] >= 0 && r.ids[i] < vocab, where, ": ids[", std::int64_t(i) / r.seq, ", ",
+                std::int64_t(i) % r.seq, "] = ", r.ids[i], " is outside the vocabulary [0, ", vocab, ")");
+  return r;
+}
+
+}  // namespace cli

@@ -403,11 +403,13 @@ TEST_CASE("LlamaModel full-parameter training: every weight's gradient matches f
       worst = std::max(worst, rel);
       CHECK(rel <= 1e-2);
     }
-    std::printf("%-42s full-training gradients vs central differences: max relative diff %.3g\n", name, worst);
+    std::printf("%-42s full-training gradients vs central differences: max relative diff %.3g\n", name,
+                worst);
     // Accumulate adds a second copy of the same gradient
     std::vector<float> g0(params[0].grad, params[0].grad + params[0].size);
     m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Accumulate);
-    for (std::size_t i = 0; i < g0.size(); i += 97) CHECK(params[0].grad[i] == Approx(2 * g0[i]).margin(1e-7));
+    for (std::size_t i = 0; i < g0.size(); i += 97)
+      CHECK(params[0].grad[i] == Approx(2 * g0[i]).margin(1e-7));
   }
 }
 

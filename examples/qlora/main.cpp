@@ -17,7 +17,13 @@ void usage(std::FILE* to) {
                "  eval --model DIR [options]  mean next-token loss of token ids or a text file, and the\n"
                "                              logits (qlora eval --help)\n"
                "  generate --model DIR [opts] continue a --prompt, greedy or sampled\n"
-               "                              (qlora generate --help)\n");
+               "                              (qlora generate --help)\n"
+               "  finetune --model DIR --data FILE [opts]   LoRA / QLoRA fine-tuning, saves a PEFT adapter\n"
+               "                              (qlora finetune --help)\n"
+               "  merge --model DIR --adapter DIR --out DIR  fold an adapter into the weights\n"
+               "                              (qlora merge --help)\n"
+               "  pretrain --model DIR --data FILE --out DIR  train every weight of a small model\n"
+               "                              (qlora pretrain --help)\n");
 }
 }  // namespace
 
@@ -32,6 +38,9 @@ int main(int argc, char** argv) {
     if (cmd == "quantize") return cmd_quantize(argc, argv);
     if (cmd == "eval") return cmd_eval(argc, argv);
     if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd == "finetune") return cmd_finetune(argc, argv);
+    if (cmd == "merge") return cmd_merge(argc, argv);
+    if (cmd == "pretrain") return cmd_pretrain(argc, argv);
     std::fprintf(stderr, "qlora: unknown command '%s'\n", cmd.c_str());
     usage(stderr);
     return 2;

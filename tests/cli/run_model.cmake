@@ -1,36 +1,8 @@
 # cmake -P script behind the cli_eval* / cli_generate* tests (see cli_model.cmake). Fails with a
 # message on any mismatch. DATA is tests/data/llama (README.md there says what each file holds).
+include(${CMAKE_CURRENT_LIST_DIR}/common.cmake)
 file(REMOVE_RECURSE ${WORK_DIR})
 file(MAKE_DIRECTORY ${WORK_DIR})
-
-# Runs the command; stdout in <prefix>_out, stderr in <prefix>_err, both in <prefix>_all.
-function(run expect_rc prefix)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(NOT rc STREQUAL "${expect_rc}")
-    message(FATAL_ERROR "${ARGN}\nexit ${rc}, expected ${expect_rc}\nstdout:\n${out}\nstderr:\n${err}")
-  endif()
-  set(${prefix}_out "${out}" PARENT_SCOPE)
-  set(${prefix}_err "${err}" PARENT_SCOPE)
-  set(${prefix}_all "${out}${err}" PARENT_SCOPE)
-endfunction()
-
-function(expect text pattern)
-  if(NOT text MATCHES "${pattern}")
-    message(FATAL_ERROR "expected output matching '${pattern}', got:\n${text}")
-  endif()
-endfunction()
-
-# A decimal string as an integer count of 1e-7 (CMake's math is integer only).
-function(to_units value out_var)
-  if(NOT value MATCHES "^([0-9]+)\\.([0-9]*)")
-    message(FATAL_ERROR "'${value}' is not a decimal number")
-  endif()
-  set(int ${CMAKE_MATCH_1})
-  string(SUBSTRING "${CMAKE_MATCH_2}0000000" 0 7 frac)
-  string(REGEX REPLACE "^0+([0-9])" "\\1" frac "${frac}")
-  math(EXPR u "${int} * 10000000 + ${frac}")
-  set(${out_var} ${u} PARENT_SCOPE)
-endfunction()
 
 # stdout must be exactly "loss: X\n" with X within 1e-5 relative of info.json's <model>.checks.loss
 # (transformers' model(ids, labels=ids).loss, float32).

@@ -23,6 +23,7 @@
 // attention-residual h, gate and up pre-activations, two rstd values, the LoRA contexts (their
 // inputs), and the attention probabilities (B, H, T, T) per layer: quadratic in T, fine for the
 // sequence lengths this CPU path is for.
+#include <Eigen/Core>
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -33,14 +34,12 @@
 #include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "qlora/backend/cpu/qmatrix.hpp"
 #include "qlora/backend/cpu/thread_pool.hpp"
+#include "qlora/core/error.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/io/atomic_dir.hpp"
 #include "qlora/io/atomic_file.hpp"
-#include "qlora/core/error.hpp"
 #include "qlora/io/hf_model.hpp"
 #include "qlora/io/peft_adapter.hpp"
 #include "qlora/lora/adapter.hpp"
@@ -87,8 +86,8 @@ class LlamaModel {
     std::vector<float> input_norm, post_norm;  // (D) RMSNorm weights
     std::vector<Linear> proj;                  // kNumProj, indexed by LlamaProj
     // Full-parameter training: gradients of the above (empty otherwise)
-    std::vector<float> d_input_norm, d_post_norm;        // (D)
-    std::array<std::vector<float>, kNumProj> dW;         // (out, in) per projection
+    std::vector<float> d_input_norm, d_post_norm;  // (D)
+    std::array<std::vector<float>, kNumProj> dW;   // (out, in) per projection
   };
 
   // What a forward keeps for backward, and the hidden states for inspection.
@@ -123,12 +122,13 @@ class LlamaModel {
       targets.target_modules = peft::ModuleSet::pattern(opt.target_modules[0]);
     else
       targets.target_modules = peft::ModuleSet::list(opt.target_modules);
-    LlamaModel m = load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
-      if (!peft::targets(targets, module)) return std::nullopt;
-      LoraConfig c = opt.lora;
-      c.seed = opt.lora.seed + std::uint64_t(index);
-      return c;
-    });
+    LlamaModel m =
+        load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+          if (!peft::targets(targets, module)) return std::nullopt;
+          LoraConfig c = opt.lora;
+          c.seed = opt.lora.seed + std::uint64_t(index);
+          return c;
+        });
     // what adapter() writes: PEFT's config for these targets and hyper-parameters
     targets.r = opt.lora.r;
     targets.lora_alpha = opt.lora.alpha;
@@ -140,16 +140,22 @@ class LlamaModel {
   }
 
   // A checkpoint folder with a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
-  // attached: the modules the adapter targets get its rank, alpha and weights.
-  static LlamaModel load_with_adapter(const std::string& dir, const std::string& adapter_dir) {
+  // attached: the modules the adapter targets get its rank, alpha, dropout and weights. seed: the
+  // dropout masks' (seed + module index, as load()), so a run resumed from a saved adapter draws
+  // the masks of the run that saved it.
+  static LlamaModel load_with_adapter(const std::string& dir, const std::string& adapter_dir,
+                                      std::uint64_t seed = 0) {
     const peft::Adapter adapter = peft::load_adapter(adapter_dir);
     const std::string where = "PEFT adapter '" + adapter_dir + "'";
     QLORA_CHECK(adapter.biases.empty(), where, ": bias \"", adapter.config.bias,
                 "\" (trained biases) is not supported by LlamaModel, expected \"none\"");
-    LlamaModel m = load_impl(dir, [&](const std::string& module, std::int64_t) -> std::optional<LoraConfig> {
-      if (!peft::targets(adapter.config, module)) return std::nullopt;
-      return config_for(adapter.config, module);
-    });
+    LlamaModel m =
+        load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+          if (!peft::targets(adapter.config, module)) return std::nullopt;
+          LoraConfig c = config_for(adapter.config, module);
+          c.seed = seed + std::uint64_t(index);
+          return c;
+        });
     std::size_t used = 0;
     for (std::int64_t l = 0; l < m.cfg_.num_hidden_layers; ++l)
       for (int p = 0; p < kNumProj; ++p) {
@@ -217,7 +223,8 @@ class LlamaModel {
     for (Layer& L : layers_)
       for (Linear& lin : L.proj)
         if (lin.has_lora()) {
-          QLORA_CHECK(k < c.size(), "LlamaModel::set_dropout_calls: ", c.size(), " counters for more LoRA layers");
+          QLORA_CHECK(k < c.size(), "LlamaModel::set_dropout_calls: ", c.size(),
+                      " counters for more LoRA layers");
           lin.lora_layer().set_dropout_calls(c[k++]);
         }
     QLORA_CHECK(k == c.size(), "LlamaModel::set_dropout_calls: ", c.size(), " counters, the model has ", k,
@@ -365,8 +372,8 @@ class LlamaModel {
   // model computes with it: a LoRA path is merged in (W0 + s·B·A; a 4-bit base dequantized first),
   // so this is also what `qlora merge` writes. dtype: F32, BF16 or F16.
   void save(const std::string& dir, DType dtype = DType::F32) const {
-    QLORA_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16, "LlamaModel::save: dtype ",
-                dtype_name(dtype), ", expected F32, BF16 or F16");
+    QLORA_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16,
+                "LlamaModel::save: dtype ", dtype_name(dtype), ", expected F32, BF16 or F16");
     const std::int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
     safetensors::Writer w;
     w.set_metadata("format", "pt");  // transformers refuses safetensors files without it
@@ -375,7 +382,8 @@ class LlamaModel {
       for (std::int64_t d : shape) n *= std::size_t(d);
       if (dtype == DType::F32) return w.add_copy(name, dtype, shape, v, n * 4);
       std::vector<std::uint16_t> h(n);
-      for (std::size_t i = 0; i < n; ++i) h[i] = dtype == DType::BF16 ? to_bf16(v[i]).bits : to_fp16(v[i]).bits;
+      for (std::size_t i = 0; i < n; ++i)
+        h[i] = dtype == DType::BF16 ? to_bf16(v[i]).bits : to_fp16(v[i]).bits;
       w.add_copy(name, dtype, shape, h.data(), n * 2);
     };
     put("model.embed_tokens.weight", embed_.data(), {V, D});
@@ -536,8 +544,8 @@ class LlamaModel {
     const std::int64_t M = B * T, D = cfg_.hidden_size, I = cfg_.intermediate_size;
     const std::int64_t H = cfg_.num_attention_heads, KV = cfg_.num_key_value_heads;
     const std::int64_t qw = cfg_.q_size(), kw = cfg_.kv_size();
-    const std::array<const float*, kNumProj> inputs = {a.n1.data(),  a.n1.data(), a.n1.data(), a.att.data(),
-                                                       a.n2.data(),  a.n2.data(), a.act.data()};
+    const std::array<const float*, kNumProj> inputs = {a.n1.data(), a.n1.data(), a.n1.data(), a.att.data(),
+                                                       a.n2.data(), a.n2.data(), a.act.data()};
     auto bwd = [&](int p, const float* dy, float* dx) {
       Linear& lin = L.proj[std::size_t(p)];
       if (full_)
@@ -592,31 +600,33 @@ class LlamaModel {
     using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     Eigen::Map<const RowMat> DY(dy, M, N), X(x, M, K);
     Eigen::Map<RowMat> G(g.data(), N, K);
-    cpu::pool_for(std::size_t(N), 8, std::size_t(std::max<std::int64_t>(8, 32768 / std::max<std::int64_t>(K, 1))),
-                  [&](std::size_t b, std::size_t e) {
-                    const auto n = std::int64_t(e - b);
-                    G.middleRows(std::int64_t(b), n).noalias() += DY.middleCols(std::int64_t(b), n).transpose() * X;
-                  });
+    cpu::pool_for(
+        std::size_t(N), 8, std::size_t(std::max<std::int64_t>(8, 32768 / std::max<std::int64_t>(K, 1))),
+        [&](std::size_t b, std::size_t e) {
+          const auto n = std::int64_t(e - b);
+          G.middleRows(std::int64_t(b), n).noalias() += DY.middleCols(std::int64_t(b), n).transpose() * X;
+        });
   }
   // g (D) += Σ_rows dy ⊙ x · r: the gradient of an RMSNorm weight (y = w ⊙ x · r).
   static void add_norm_grad(std::vector<float>& g, const float* dy, const float* x, const float* rstd,
                             std::int64_t M, std::int64_t D) {
     std::vector<double> acc(std::size_t(D), 0.0);
     for (std::int64_t t = 0; t < M; ++t)
-      for (std::int64_t i = 0; i < D; ++i) acc[std::size_t(i)] += double(dy[t * D + i]) * x[t * D + i] * rstd[t];
+      for (std::int64_t i = 0; i < D; ++i)
+        acc[std::size_t(i)] += double(dy[t * D + i]) * x[t * D + i] * rstd[t];
     for (std::int64_t i = 0; i < D; ++i) g[std::size_t(i)] += float(acc[std::size_t(i)]);
   }
 
   LlamaConfig cfg_;
-  std::string source_dir_;               // the folder loaded, for save()
-  nlohmann::json source_config_;         // its config.json
-  peft::LoraConfig adapter_config_;      // what adapter() writes
+  std::string source_dir_;                 // the folder loaded, for save()
+  nlohmann::json source_config_;           // its config.json
+  peft::LoraConfig adapter_config_;        // what adapter() writes
   std::vector<std::string> source_files_;  // its files other than weights and config (tokenizer...)
-  bool full_ = false;                    // enable_full_training()
+  bool full_ = false;                      // enable_full_training()
   std::vector<float> d_embed_, d_final_norm_, d_lm_head_;  // their gradients in full training
-  std::vector<float> embed_;             // (V, D)
-  std::vector<float> final_norm_;        // (D)
-  std::optional<cpu::QMatrix> lm_head_;  // (V, D), fp32; a copy of embed_ when tied
+  std::vector<float> embed_;                               // (V, D)
+  std::vector<float> final_norm_;                          // (D)
+  std::optional<cpu::QMatrix> lm_head_;                    // (V, D), fp32; a copy of embed_ when tied
   std::vector<Layer> layers_;
   RopeTable rope_;
 };

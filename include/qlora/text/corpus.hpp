@@ -105,15 +105,17 @@ class Corpus {
 
   // Token ids of a training batch: B windows of T tokens, (B, T) row-major, for optimizer step
   // `step` and micro-batch `micro` (see the top of the file).
-  static std::vector<std::int64_t> batch(const std::vector<std::int64_t>& stream, std::int64_t B, std::int64_t T,
-                                         std::uint64_t seed, std::int64_t step, std::int64_t micro) {
+  static std::vector<std::int64_t> batch(const std::vector<std::int64_t>& stream, std::int64_t B,
+                                         std::int64_t T, std::uint64_t seed, std::int64_t step,
+                                         std::int64_t micro) {
     QLORA_CHECK(std::int64_t(stream.size()) > T, "Corpus: the training text has ", stream.size(),
                 " tokens, fewer than one window of --seq ", T, " + 1");
     std::vector<std::int64_t> ids(std::size_t(B * T));
     const std::uint64_t span = std::uint64_t(std::int64_t(stream.size()) - T + 1);
     for (std::int64_t b = 0; b < B; ++b) {
       const std::uint64_t h =
-          mix64(seed ^ mix64(std::uint64_t(step) ^ mix64(std::uint64_t(micro) * 0x100000001b3ull + std::uint64_t(b))));
+          mix64(seed ^ mix64(std::uint64_t(step) ^
+                             mix64(std::uint64_t(micro) * 0x100000001b3ull + std::uint64_t(b))));
       const std::size_t start = std::size_t(h % span);
       std::copy_n(stream.begin() + std::ptrdiff_t(start), T, ids.begin() + b * T);
     }

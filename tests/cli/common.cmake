@@ -1,0 +1,45 @@
+# Helpers shared by the cmake -P scripts behind the CLI tests.
+
+# Runs the command; stdout in <prefix>_out, stderr in <prefix>_err, both in <prefix>_all.
+function(run expect_rc prefix)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc STREQUAL "${expect_rc}")
+    message(FATAL_ERROR "${ARGN}\nexit ${rc}, expected ${expect_rc}\nstdout:\n${out}\nstderr:\n${err}")
+  endif()
+  set(${prefix}_out "${out}" PARENT_SCOPE)
+  set(${prefix}_err "${err}" PARENT_SCOPE)
+  set(${prefix}_all "${out}${err}" PARENT_SCOPE)
+endfunction()
+
+function(expect text pattern)
+  if(NOT text MATCHES "${pattern}")
+    message(FATAL_ERROR "expected output matching '${pattern}', got:\n${text}")
+  endif()
+endfunction()
+
+# A decimal string as an integer count of 1e-7 (CMake's math is integer only).
+function(to_units value out_var)
+  if(NOT value MATCHES "^([0-9]+)\\.([0-9]*)")
+    message(FATAL_ERROR "'${value}' is not a decimal number")
+  endif()
+  set(int ${CMAKE_MATCH_1})
+  string(SUBSTRING "${CMAKE_MATCH_2}0000000" 0 7 frac)
+  string(REGEX REPLACE "^0+([0-9])" "\\1" frac "${frac}")
+  math(EXPR u "${int} * 10000000 + ${frac}")
+  set(${out_var} ${u} PARENT_SCOPE)
+endfunction()
+
+# Fails unless decimal strings a and b differ by at most a / rel_den (relative tolerance 1/rel_den).
+function(expect_close what a b rel_den)
+  to_units(${a} ua)
+  to_units(${b} ub)
+  math(EXPR diff "${ua} - ${ub}")
+  if(diff LESS 0)
+    math(EXPR diff "-${diff}")
+  endif()
+  math(EXPR tol "${ua} / ${rel_den}")
+  if(diff GREATER tol)
+    message(FATAL_ERROR "${what}: ${a} and ${b} differ by more than 1/${rel_den} relative")
+  endif()
+  message(STATUS "${what}: ${a} vs ${b}")
+endfunction()

@@ -27,7 +27,8 @@ _qlora_dep_found_without_dpkg() {
     libbenchmark-dev) for f in /usr/include/benchmark/benchmark.h /usr/local/include/benchmark/benchmark.h; do
                         [ -e "$f" ] && return 0; done; return 1 ;;
     libclang-rt-*-dev) compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-*.a" >/dev/null ;;
-    gnuplot) command -v gnuplot >/dev/null 2>&1 ;;
+    gnuplot|gnuplot-nox) command -v gnuplot >/dev/null 2>&1 ;;
+    fortunes) [ -e /usr/share/games/fortunes/startrek ] ;;
     *) return 1 ;;
   esac
 }

@@ -22,7 +22,8 @@ const char* eval_usage =
     "                  (--ids FILE [--logits OUT] | --text FILE [--seq N])\n"
     "  --model    Hugging Face model folder (config.json + safetensors)\n"
     "  --adapter  PEFT LoRA adapter folder to apply\n"
-    "  --quant    base format of the linear layers, quantized on load (default none: as stored)\n"
+    "  --quant    base format of the linear layers, quantized on load (default: as stored, i.e.\n"
+    "             none for a floating checkpoint, a bitsandbytes folder's own nf4 / fp4 / int8)\n"
     "  --ids      safetensors file with tensor 'ids', I64 or I32 [batch, seq]\n"
     "  --logits   write the logits there as tensor 'logits', F32 [batch, seq, vocab]\n"
     "  --text     a text file, tokenized with the model folder's tokenizer (BOS first if it has one)\n"
@@ -91,7 +92,8 @@ int cmd_eval(int argc, char** argv) {
               a.has("ids") ? ", not both" : "");
   QLORA_CHECK(!a.has("logits") || a.has("ids"), "--logits needs --ids (--text windows differ in length)");
   QLORA_CHECK(!a.has("seq") || a.has("text"), "--seq applies to --text only");
-  const std::string dir = a.get("model", ""), adapter = a.get("adapter", ""), quant = a.get("quant", "none");
+  const std::string dir = a.get("model", ""), adapter = a.get("adapter", ""),
+                    quant = a.get("quant", cli::default_quant(dir, "none"));
 
   return cli::with_quant(quant, [&](auto tag) {
     using Quant = decltype(tag);

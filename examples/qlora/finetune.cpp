@@ -175,7 +175,7 @@ int cmd_finetune(int argc, char** argv) {
   const std::string model_dir = a.get("model", "");
   const cli::TrainOptions o = loop_options(a, "adapter");
   if (a.has("resume")) cli::TrainLoop::check_resumable(o.out);
-  return cli::with_quant(a.get("quant", "nf4"), [&](auto tag) {
+  return cli::with_quant(a.get("quant", cli::default_quant(model_dir, "nf4")), [&](auto tag) {
     using Q = decltype(tag);
     qlora::LlamaLoraOptions lo;
     std::string target = a.get("target", "q_proj,v_proj");
@@ -186,8 +186,8 @@ int cmd_finetune(int argc, char** argv) {
     lo.lora.seed = o.seed;
     lo.lora.validate();
     const bool resume = a.has("resume");
-    std::fprintf(stderr, "loading %s (base weights %s)%s\n", model_dir.c_str(), a.get("quant", "nf4").c_str(),
-                 resume ? ", resuming" : "");
+    std::fprintf(stderr, "loading %s (base weights %s)%s\n", model_dir.c_str(),
+                 a.get("quant", cli::default_quant(model_dir, "nf4")).c_str(), resume ? ", resuming" : "");
     auto m = resume ? qlora::LlamaModel<Q>::load_with_adapter(
                           model_dir, cli::TrainLoop::checkpoint_weights(o.out), o.seed)
                     : qlora::LlamaModel<Q>::load(model_dir, lo);

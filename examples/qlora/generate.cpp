@@ -20,7 +20,8 @@ const char* generate_usage =
     "  --model           Hugging Face model folder (config.json + safetensors; tokenizer.json, or\n"
     "                    raw bytes when it has none)\n"
     "  --adapter         PEFT LoRA adapter folder to apply\n"
-    "  --quant           base format of the linear layers, quantized on load (default none)\n"
+    "  --quant           base format of the linear layers, quantized on load (default: as stored,\n"
+    "                    none, or a bitsandbytes folder's own nf4 / fp4 / int8)\n"
     "  --prompt          the text to continue (BOS first when the tokenizer has one)\n"
     "  --max-new-tokens  default 200\n"
     "  --temperature     0 (default): greedy; > 0: sample from softmax(logits / T)\n"
@@ -72,7 +73,8 @@ int cmd_generate(int argc, char** argv) {
   QLORA_CHECK(opt.sampling.top_p > 0 && opt.sampling.top_p <= 1, "--top-p must be in (0, 1] (1 = off), got ",
               a.get("top-p", ""));
   qlora::check_sampling(opt.sampling);
-  const std::string dir = a.get("model", ""), adapter = a.get("adapter", ""), quant = a.get("quant", "none");
+  const std::string dir = a.get("model", ""), adapter = a.get("adapter", ""),
+                    quant = a.get("quant", cli::default_quant(dir, "none"));
   const std::string prompt = a.get("prompt", "");
 
   return cli::with_quant(quant, [&](auto tag) {

@@ -15,8 +15,9 @@
 
 const char* merge_usage =
     "usage: qlora merge --model DIR --adapter DIR --out DIR [options]\n"
-    "  --quant none        the base the adapter was trained on: none (fp32, default), nf4, fp4, int8,\n"
-    "                      bf16; a quantized base is dequantized before B·A is added\n"
+    "  --quant none        the base the adapter was trained on: none (fp32), nf4, fp4, int8, bf16;\n"
+    "                      default none, or a bitsandbytes folder's own format; a quantized base is\n"
+    "                      dequantized before B·A is added\n"
     "  --dtype f32         dtype of the merged weights: f32 (default), bf16 or f16\n"
     "  --requantize nf4    also write the merged model quantized (nf4, fp4 or int8, blocksize 64 with\n"
     "                      double quantization for 4-bit) to --requantized-out, with its error report\n";
@@ -36,7 +37,7 @@ int cmd_merge(int argc, char** argv) {
   QLORA_CHECK(dtype == "f32" || dtype == "bf16" || dtype == "f16", "--dtype must be f32, bf16 or f16, got '",
               dtype, "'");
   const std::string model = a.get("model", ""), adapter = a.get("adapter", ""), out = a.get("out", "");
-  const std::string quant = a.get("quant", "none");
+  const std::string quant = a.get("quant", cli::default_quant(model, "none"));
   cli::with_quant(quant, [&](auto tag) {
     using Q = decltype(tag);
     auto m = qlora::LlamaModel<Q>::load_with_adapter(model, adapter);

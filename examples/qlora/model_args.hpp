@@ -8,6 +8,7 @@
 //                              from tokenizer_config.json) if present, else raw bytes when the
 //                              model's vocabulary V has room for them.
 //   read_token_ids(path, V)    a safetensors file with tensor `ids` (I64 or I32, [batch, seq]).
+//   default_quant(dir, fallback)      --quant's default: a bitsandbytes folder's own format.
 //   load_model<Quant>(dir, adapter)   a LlamaModel for inference, with a PEFT adapter if given.
 //   get_float / get_u64(args, name, default)   typed option values.
 //
@@ -44,6 +45,30 @@ auto with_quant(const std::string& quant, F&& f) {
   if (quant == "int8") return f(fmt::Int8{});
   if (quant == "bf16") return f(fmt::BF16{});
   qlora::throw_error("--quant must be ", kQuantChoices, ", got '", quant, "'");
+}
+
+// The --quant a model folder loads in by default: a bitsandbytes folder's own format ("nf4", "fp4"
+// or "int8", from config.json's quantization_config), so its weights are used as stored; otherwise
+// (a floating checkpoint, or no readable config.json: loading reports that) `fallback`.
+inline std::string default_quant(const std::string& model_dir, const std::string& fallback) {
+  const std::string path = qlora::hf::join(model_dir, "config.json");
+  if (model_dir.empty() || !qlora::hf::file_exists(path)) return fallback;
+  const nlohmann::json cfg = qlora::hf::read_json(path);
+  if (!cfg.is_object() || !cfg.contains("quantization_config")) return fallback;
+  const nlohmann::json& q = cfg["quantization_config"];
+  auto flag = [&](const char* k) {
+    return q.is_object() && q.contains(k) && q[k].is_boolean() && q[k].get<bool>();
+  };
+  if (!q.is_object() || q.value("quant_method", std::string("bitsandbytes")) != "bitsandbytes")
+    return fallback;
+  if (flag("load_in_4bit") || flag("_load_in_4bit")) {
+    const std::string t = q.contains("bnb_4bit_quant_type") && q["bnb_4bit_quant_type"].is_string()
+                              ? q["bnb_4bit_quant_type"].get<std::string>()
+                              : "fp4";  // bitsandbytes' default
+    return t == "nf4" ? "nf4" : t == "fp4" ? "fp4" : fallback;
+  }
+  if (flag("load_in_8bit") || flag("_load_in_8bit")) return "int8";
+  return fallback;
 }
 
 // A checkpoint folder's model, its projections in Quant, with the PEFT adapter in adapter_dir

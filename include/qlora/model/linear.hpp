@@ -35,6 +35,54 @@ BaseWeight<Quant> make_base(std::vector<float> w, std::int64_t out, std::int64_t
   }
 }
 
+namespace detail {
+template <class Quant>
+constexpr bool is_dense_format() {
+  return std::is_same<Quant, format::F32>::value || std::is_same<Quant, format::BF16>::value;
+}
+[[noreturn]] inline void refuse_requantize(const std::string& what, const char* stored, const char* asked) {
+  throw_error(what, ": stored as bitsandbytes ", stored, ", requested as ", asked, "; load it as ", stored,
+              " (as stored) or as f32 / bf16 (dequantized): requantizing quantized weights is not "
+              "supported, quantize the original checkpoint instead");
+}
+}  // namespace detail
+
+// A bitsandbytes 4-bit weight read from a checkpoint (bnb::read_4bit) in the base format Quant: taken
+// as stored when Quant is its own format (packed codes, absmax, code tables unchanged: no
+// dequantize / requantize round trip), dequantized to fp32 for F32 (BF16: then rounded), refused
+// for another quantized format. `what` names the weight for the error.
+template <class Quant>
+BaseWeight<Quant> make_base(quant::Quantized4bit q, const std::string& what) {
+  QLORA_CHECK(q.shape.size() == 2, what, ": 4-bit weight has ", q.shape.size(),
+              " dimensions, expected 2 (out, in)");
+  if constexpr (detail::is_dense_format<Quant>()) {
+    std::vector<float> w(std::size_t(q.numel()));
+    quant::dequantize(q, w.data());
+    return make_base<Quant>(std::move(w), q.shape[0], q.shape[1]);
+  } else if constexpr (std::is_same<Quant, format::NF4>::value || std::is_same<Quant, format::FP4>::value) {
+    const char* stored = quant::quant4_name(q.type);
+    if (std::string(stored) != Quant::name) detail::refuse_requantize(what, stored, Quant::name);
+    return BaseWeight<Quant>(std::move(q));
+  } else {
+    detail::refuse_requantize(what, quant::quant4_name(q.type), Quant::name);
+  }
+}
+
+// A bitsandbytes LLM.int8 weight (bnb::read_int8: int8 rows and their SCB) in the base format Quant:
+// as stored for Int8, dequantized for F32 / BF16, refused for the 4-bit formats.
+template <class Quant>
+BaseWeight<Quant> make_base(quant::RowwiseInt8 q, const std::string& what) {
+  if constexpr (detail::is_dense_format<Quant>()) {
+    std::vector<float> w(q.q.size());
+    quant::dequantize(q, w.data());
+    return make_base<Quant>(std::move(w), q.rows, q.cols);
+  } else if constexpr (std::is_same<Quant, format::Int8>::value) {
+    return BaseWeight<format::Int8>(std::move(q));
+  } else {
+    detail::refuse_requantize(what, "int8", Quant::name);
+  }
+}
+
 template <class Quant>
 class ModelLinear {
  public:

@@ -40,6 +40,7 @@
 #include "qlora/core/half.hpp"
 #include "qlora/io/atomic_dir.hpp"
 #include "qlora/io/atomic_file.hpp"
+#include "qlora/io/bnb_checkpoint.hpp"
 #include "qlora/io/hf_model.hpp"
 #include "qlora/io/peft_adapter.hpp"
 #include "qlora/lora/adapter.hpp"
@@ -445,6 +446,34 @@ class LlamaModel {
  private:
   LlamaModel() = default;
 
+  // One projection's base weight. A bitsandbytes-quantized tensor (4-bit packed with its quant
+  // state, or LLM.int8 with SCB) goes to make_base as read: kept as stored when Quant is its format,
+  // dequantized for F32 / BF16, refused for another quantized format. A floating tensor (the
+  // original checkpoint, or a module the bitsandbytes folder left unquantized) is read as fp32 and
+  // quantized on load when Quant asks for it.
+  template <class Tensor>
+  static BaseWeight<Quant> load_base(const hf::ModelFolder& f, const std::string& dir,
+                                     const std::string& module, std::int64_t out, std::int64_t in,
+                                     const Tensor& tensor) {
+    const std::string weight = module + ".weight";
+    const std::string what = "model folder '" + dir + "': tensor '" + weight + "'";
+    const std::vector<std::int64_t> shape = {out, in};
+    if (bnb::is_4bit(f, weight)) {
+      quant::Quantized4bit q = with_context(what, [&] { return bnb::read_4bit(f, weight); });
+      QLORA_CHECK(q.shape == shape, what, ": bitsandbytes quant_state has shape ",
+                  safetensors::detail::shape_str(q.shape), ", expected ",
+                  safetensors::detail::shape_str(shape));
+      return make_base<Quant>(std::move(q), what);
+    }
+    if (bnb::is_int8(f, weight)) {
+      quant::RowwiseInt8 q = with_context(what, [&] { return bnb::read_int8(f, weight); });
+      QLORA_CHECK(q.rows == out && q.cols == in, what, ": int8 weight has shape [", q.rows, ", ", q.cols,
+                  "], expected ", safetensors::detail::shape_str(shape));
+      return make_base<Quant>(std::move(q), what);
+    }
+    return make_base<Quant>(tensor(weight, shape), out, in);
+  }
+
   template <class LoraFor>
   static LlamaModel load_impl(const std::string& dir, LoraFor&& lora_for) {
     const hf::ModelFolder f = hf::ModelFolder::open(dir);
@@ -480,9 +509,7 @@ class LlamaModel {
       for (int p = 0; p < kNumProj; ++p) {
         const std::string name = llama_module(l, p);
         const std::int64_t out = shapes[std::size_t(p)][0], in = shapes[std::size_t(p)][1];
-        BaseWeight<Quant> base = with_context(name, [&] {
-          return make_base<Quant>(tensor(name + ".weight", {out, in}), out, in);
-        });
+        BaseWeight<Quant> base = with_context(name, [&] { return load_base(f, dir, name, out, in, tensor); });
         const std::optional<LoraConfig> lc = lora_for(name, l * kNumProj + p);
         L.proj.push_back(lc ? Linear::lora(std::move(base), *lc) : Linear::frozen(std::move(base)));
       }

@@ -18,6 +18,8 @@
 // continues with the batches, masks and updates of the uninterrupted one.
 #include <unistd.h>
 
+#include <csignal>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -35,6 +37,14 @@
 #include "qlora/text/corpus.hpp"
 
 namespace cli {
+
+// Ctrl-C (SIGINT) or SIGTERM during training: the step in progress finishes, a checkpoint is
+// written and the command exits; a second signal kills the process as usual.
+inline volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" inline void on_interrupt(int sig) {
+  g_interrupted = 1;
+  std::signal(sig, SIG_DFL);
+}
 
 struct TrainOptions {
   std::int64_t steps = 200;            // optimizer steps
@@ -164,6 +174,9 @@ class TrainLoop {
     const std::int64_t tokens_per_step = o_.batch * o_.accum * o_.seq;
     const bool tty = ::isatty(2);
     const auto t0 = clock::now();
+    g_interrupted = 0;
+    std::signal(SIGINT, on_interrupt);
+    std::signal(SIGTERM, on_interrupt);
     double recent_tokens = 0, recent_secs = 0;
     for (std::int64_t step = start_ + 1; step <= o_.steps; ++step) {
       const auto ts = clock::now();
@@ -208,16 +221,20 @@ class TrainLoop {
         std::fprintf(stderr, "\r\033[K%s", full.c_str());
       }
       std::fflush(stderr);
-      if (step == o_.stop_after && step < o_.steps) {
+      if ((step == o_.stop_after || g_interrupted) && step < o_.steps) {
         checkpoint(m, opt, step, save);
         stopped_ = true;
-        std::fprintf(stderr, "stopped after step %lld (--stop-after); continue with --resume %s\n",
-                     (long long)step, o_.out.c_str());
+        std::fprintf(stderr, "%s after step %lld: checkpoint written; continue with --resume %s\n",
+                     g_interrupted ? "interrupted" : "stopped (--stop-after)", (long long)step, o_.out.c_str());
+        std::signal(SIGINT, SIG_DFL);
+        std::signal(SIGTERM, SIG_DFL);
         return;
       }
       if (o_.checkpoint_every > 0 && step % o_.checkpoint_every == 0 && step < o_.steps)
         checkpoint(m, opt, step, save);
     }
+    std::signal(SIGINT, SIG_DFL);
+    std::signal(SIGTERM, SIG_DFL);
     write_curve();
   }
 

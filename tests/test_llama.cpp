@@ -447,3 +447,109 @@ TEST_CASE("LlamaModel full training refuses LoRA and quantized models; save roun
   CHECK(max_abs_diff(zm.data(), zl) <= 1e-5 * max_abs(zl));
   CHECK_THROWS_WITH(withlora.save(out + "/bad", DType::I8), Catch::Contains("I8"));
 }
+
+namespace {
+// Every trainable parameter's gradient, copied.
+template <class Model>
+std::vector<std::vector<float>> grads_of(Model& m) {
+  std::vector<std::vector<float>> g;
+  for (const auto& p : m.params()) g.emplace_back(p.grad, p.grad + p.size);
+  return g;
+}
+}  // namespace
+
+TEST_CASE("gradient checkpointing gives bit-identical losses and gradients", "[llama][checkpointing]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  SECTION("LoRA with dropout, all-linear and partial targets, fp32 and NF4 bases") {
+    for (const std::vector<std::string>& targets :
+         {std::vector<std::string>{"all-linear"}, std::vector<std::string>{"q_proj", "down_proj"}}) {
+      LlamaLoraOptions opt;
+      opt.target_modules = targets;
+      opt.lora.r = 2;
+      opt.lora.alpha = 4;
+      opt.lora.dropout = 0.25f;
+      opt.lora.init = LoraInit::NonZero;
+      opt.lora.seed = 5;
+      auto run = [&](auto& m) {
+        INFO(targets[0]);
+        const std::vector<std::uint64_t> start = m.dropout_calls();
+        const float l0 = m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+        const auto g0 = grads_of(m);
+        const std::vector<std::uint64_t> after = m.dropout_calls();
+        m.set_dropout_calls(start);
+        m.set_gradient_checkpointing(true);
+        const float l1 = m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+        m.set_gradient_checkpointing(false);
+        CHECK(l1 == l0);
+        CHECK(grads_of(m) == g0);
+        CHECK(m.dropout_calls() == after);  // the recompute leaves the counters as one forward does
+        CHECK(after != start);
+      };
+      auto f32 = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+      run(f32);
+      auto nf4 = LlamaModel<format::NF4>::load(data("tiny_untied"), opt);
+      run(nf4);
+    }
+  }
+  SECTION("full-parameter training") {
+    for (const char* name : {"tiny_untied", "tiny_tied"}) {
+      INFO(name);
+      auto m = LlamaModel<format::F32>::load(data(name));
+      m.enable_full_training();
+      const float l0 = m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+      const auto g0 = grads_of(m);
+      m.set_gradient_checkpointing(true);
+      const float l1 = m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+      CHECK(l1 == l0);
+      CHECK(grads_of(m) == g0);
+    }
+  }
+}
+
+TEST_CASE("gradient checkpointing keeps less than half the activations", "[llama][checkpointing]") {
+  LlamaLoraOptions opt;
+  opt.target_modules = {"all-linear"};
+  opt.lora.dropout = 0.1f;
+  using Model = LlamaModel<format::NF4>;
+  auto m = Model::load(data("tiny_untied"), opt);
+  const std::int64_t B = 2, T = 64, V = m.config().vocab_size;
+  std::vector<std::int64_t> ids(std::size_t(B * T));
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int64_t((i * 37 + 11) % std::size_t(V));
+  std::vector<float> z(std::size_t(B * T * V));
+  Model::Activations full, ckpt;
+  m.forward(ids.data(), B, T, z.data(), &full);
+  m.set_gradient_checkpointing(true);
+  m.forward(ids.data(), B, T, z.data(), &ckpt);
+  CHECK(ckpt.checkpointed);
+  CHECK_FALSE(full.checkpointed);
+  const std::size_t a = activation_bytes(full), c = activation_bytes(ckpt);
+  std::printf("%-42s activations B=%lld T=%lld: %zu bytes, checkpointed %zu (%.1f%%)\n", "tiny_untied nf4",
+              (long long)B, (long long)T, a, c, 100.0 * double(c) / double(a));
+  CHECK(c < a / 2);
+  // at least every layer input and the final norm's input and output
+  const std::size_t D = std::size_t(m.config().hidden_size), L = std::size_t(m.config().num_hidden_layers);
+  CHECK(c >= (L + 2) * std::size_t(B * T) * D * sizeof(float));
+}
+
+TEST_CASE("phase timing is opt-in and splits a training step", "[llama][profile]") {
+  const Ids ids = read_ids(safetensors::File::open(data("ids.safetensors")), "ids");
+  LlamaLoraOptions opt;
+  opt.target_modules = {"q_proj", "v_proj"};
+  auto m = LlamaModel<format::NF4>::load(data("tiny_untied"), opt);
+  m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+  CHECK(m.phase_times().total() == 0.0);  // off by default: nothing timed
+  m.set_profiling(true);
+  m.forward_backward(ids.v.data(), ids.v.data(), ids.B, ids.T, GradMode::Overwrite);
+  const auto t = m.phase_times();
+  std::printf("%-42s phases (s): base %.2e lora %.2e attention %.2e lm_head %.2e rest %.2e\n",
+              "tiny_untied nf4", t.base_matmul, t.lora, t.attention, t.lm_head, t.rest);
+  CHECK(t.base_matmul > 0);
+  CHECK(t.lora > 0);
+  CHECK(t.attention > 0);
+  CHECK(t.lm_head > 0);
+  CHECK(t.rest >= 0);
+  // inference (evaluation) is not a step's time
+  m.reset_phase_times();
+  m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+  CHECK(m.phase_times().total() == 0.0);
+}

@@ -32,13 +32,17 @@ const char* finetune_usage =
     "                       loss.png; checkpoint/ while training (default: adapter)\n"
     "  --resume DIR         continue the interrupted run whose --out was DIR\n"
     "  --stop-after N       stop after step N with a checkpoint, as an interrupted run would\n"
-    "  --device cpu         cpu (cuda: when the CUDA backend lands)\n";
+    "  --device cpu         cpu (cuda: when the CUDA backend lands)\n"
+    "  --gradient-checkpointing   keep only each layer's input, recompute the layer in backward\n"
+    "                       (far less memory, about one more forward per step)\n"
+    "  --profile            print where a step's time goes (base matmul, LoRA, attention, ...)\n";
 
 const char* pretrain_usage =
     "usage: qlora pretrain --model INIT_DIR --data FILE[,FILE...] --out DIR [options]\n"
     "  trains every weight of an fp32 Llama-architecture folder (e.g. from qlora_make_toy) on text\n"
     "  and writes the result as a Hugging Face folder. Options as finetune (no LoRA options), plus\n"
-    "  --dtype f32|bf16 (default bf16) for the saved weights; defaults --lr 1e-3 --warmup 50.\n";
+    "  --dtype f32|bf16 (default bf16) for the saved weights; defaults --lr 1e-3 --warmup 50;\n"
+    "  --gradient-checkpointing as finetune.\n";
 
 namespace {
 
@@ -158,12 +162,26 @@ void print_losses(const char* when, Model& m, const std::vector<cli::EvalSet>& e
   std::fflush(stdout);
 }
 
+// --profile: the model's phase times over the steps this run made, per step and in percent.
+template <class Model>
+void print_phase_times(const Model& m, const cli::TrainOptions& o, std::int64_t steps) {
+  const auto t = m.phase_times();
+  const double total = t.total(), per = total / double(std::max<std::int64_t>(steps, 1));
+  const double tokens = double(steps) * double(o.batch * o.accum * o.seq);
+  auto pct = [&](double x) { return total > 0 ? 100.0 * x / total : 0.0; };
+  std::printf(
+      "profile: %lld steps, %.3f s/step (forward + loss + backward), %.0f tok/s; base matmul %.1f%%, "
+      "LoRA %.1f%%, attention %.1f%%, lm_head %.1f%%, rest %.1f%%\n",
+      (long long)steps, per, total > 0 ? tokens / total : 0.0, pct(t.base_matmul), pct(t.lora),
+      pct(t.attention), pct(t.lm_head), pct(t.rest));
+}
+
 }  // namespace
 
 int cmd_finetune(int argc, char** argv) {
   std::vector<std::string> flags = kLoopFlags;
   for (const char* f : {"target", "r", "alpha", "dropout", "quant"}) flags.push_back(f);
-  const cli::Args a(argc, argv, 2, flags, {"help"});
+  const cli::Args a(argc, argv, 2, flags, {"help", "gradient-checkpointing", "profile"});
   if (a.has("help")) {
     std::printf("%s", finetune_usage);
     return 0;
@@ -192,6 +210,8 @@ int cmd_finetune(int argc, char** argv) {
                           model_dir, cli::TrainLoop::checkpoint_weights(o.out), o.seed)
                     : qlora::LlamaModel<Q>::load(model_dir, lo);
     QLORA_CHECK(!m.params().empty(), "--target '", target, "' matches no projection of the model");
+    m.set_gradient_checkpointing(a.has("gradient-checkpointing"));
+    m.set_profiling(a.has("profile"));
     const cli::AnyTokenizer tok = cli::AnyTokenizer::open(model_dir, m.config().vocab_size);
     Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
     cli::TrainLoop run(o, d.evals);
@@ -215,6 +235,7 @@ int cmd_finetune(int argc, char** argv) {
     const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
     run.run(m, opt, d.train, save);
     if (run.stopped()) return 0;
+    if (a.has("profile")) print_phase_times(m, o, o.steps - run.start_step());
     print_losses("after", m, d.evals, o.seq);
     qlora::peft::save_adapter(o.out, m.adapter(model_dir));
     run.write_curve();  // the adapter folder replaced the run's folder: the curve goes back in
@@ -226,7 +247,7 @@ int cmd_finetune(int argc, char** argv) {
 int cmd_pretrain(int argc, char** argv) {
   std::vector<std::string> flags = kLoopFlags;
   flags.push_back("dtype");
-  const cli::Args a(argc, argv, 2, flags, {"help"});
+  const cli::Args a(argc, argv, 2, flags, {"help", "gradient-checkpointing"});
   if (a.has("help")) {
     std::printf("%s", pretrain_usage);
     return 0;
@@ -243,6 +264,7 @@ int cmd_pretrain(int argc, char** argv) {
   auto m = qlora::LlamaModel<qlora::format::F32>::load(resume ? cli::TrainLoop::checkpoint_weights(o.out)
                                                               : model_dir);
   m.enable_full_training();
+  m.set_gradient_checkpointing(a.has("gradient-checkpointing"));
   const cli::AnyTokenizer tok = cli::AnyTokenizer::open(model_dir, m.config().vocab_size);
   Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
   cli::TrainLoop run(o, d.evals);

@@ -22,10 +22,12 @@
 // What a training forward keeps (Activations), per layer and token: the layer input, q, k, v, the
 // attention-residual h, gate and up pre-activations, two rstd values, the LoRA contexts (their
 // inputs), and the attention probabilities (B, H, T, T) per layer: quadratic in T, fine for the
-// sequence lengths this CPU path is for.
+// sequence lengths this CPU path is for. With gradient checkpointing (set_gradient_checkpointing)
+// only the layer inputs are kept and backward recomputes each layer's forward, bit-identically.
 #include <Eigen/Core>
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -106,14 +108,47 @@ class LlamaModel {
     std::vector<float> att;  // (M, H·d)  attention output: o_proj input
     std::vector<float> n2;   // (M, D)    post_attention_layernorm(h): gate/up input
     std::vector<float> act;  // (M, I)    silu(gate) ⊙ up: down_proj input
+    // Gradient checkpointing: the LoRA layers' dropout counters before this layer's forward (the
+    // recompute rewinds to them and so draws the same masks); only x and these are kept then.
+    std::array<std::uint64_t, kNumProj> dropout_calls{};
+    // Bytes held: the capacities of the vectors and the LoRA contexts.
+    std::size_t bytes() const {
+      std::size_t n = 0;
+      for (const std::vector<float>* f :
+           {&x, &rstd1, &rstd2, &q, &k, &v, &P, &h, &gate, &up, &n1, &att, &n2, &act})
+        n += f->capacity() * sizeof(float);
+      for (const auto& c : ctx) n += c.bytes();
+      return n + sizeof(dropout_calls);
+    }
   };
   struct Activations {
     std::int64_t batch = 0, seq = 0;
+    bool checkpointed = false;      // from a forward with gradient checkpointing: layers hold only x
     std::vector<std::int64_t> ids;  // (B, T), kept in full-parameter training (embedding gradient)
     std::vector<LayerActs> layers;
     std::vector<float> final_in;    // (M, D) output of the last layer, input of model.norm
     std::vector<float> final_out;   // (M, D) output of model.norm (transformers' last hidden state)
     std::vector<float> rstd_final;  // (M)
+    std::size_t bytes() const {
+      std::size_t n = ids.capacity() * sizeof(std::int64_t);
+      for (const LayerActs& l : layers) n += l.bytes();
+      for (const std::vector<float>* f : {&final_in, &final_out, &rstd_final})
+        n += f->capacity() * sizeof(float);
+      return n;
+    }
+  };
+  // What a training forward keeps for backward, in bytes (Activations::bytes()).
+  friend std::size_t activation_bytes(const Activations& a) { return a.bytes(); }
+
+  // Where a training step's time goes (set_profiling): wall seconds summed over forwards and
+  // backwards. base_matmul: the projections' base products (frozen ones whole, a LoRA layer's
+  // x·W0ᵀ and dy·W0) and full training's projection dW; lora: the rest of a LoRA layer (rank-r
+  // products, dropout, its context copy); attention: attention::forward / backward (scores,
+  // softmax, P·V); lm_head: its product, dx (and dW); rest: norms, RoPE, SwiGLU, residuals, the
+  // embedding, the loss of forward_backward, and checkpointing's copies.
+  struct PhaseTimes {
+    double base_matmul = 0, lora = 0, attention = 0, lm_head = 0, rest = 0;
+    double total() const { return base_matmul + lora + attention + lm_head + rest; }
   };
 
   // A checkpoint folder (config.json + safetensors), with fresh LoRA paths on the targeted modules.
@@ -260,6 +295,31 @@ class LlamaModel {
   }
   bool full_training() const { return full_; }
 
+  // Gradient checkpointing (transformers' gradient_checkpointing_enable, torch.utils.checkpoint per
+  // decoder layer): a training forward keeps only each layer's input x and its LoRA layers' dropout
+  // counters, and backward recomputes the layer's forward right before the layer's backward, with
+  // the counters rewound so dropout draws the same masks. Same operations in the same order: the
+  // loss and gradients are bit-identical, for about one more forward of the layers per step.
+  void set_gradient_checkpointing(bool on) { checkpointing_ = on; }
+  bool gradient_checkpointing() const { return checkpointing_; }
+
+  // Opt-in phase timing (PhaseTimes); off, nothing is timed. Accumulates until reset_phase_times().
+  void set_profiling(bool on) {
+    profiling_ = on;
+    for (Layer& L : layers_)
+      for (Linear& lin : L.proj)
+        if (lin.has_lora()) lin.lora_layer().set_profiling(on);
+  }
+  PhaseTimes phase_times() const {
+    PhaseTimes t = times_;
+    t.rest = total_s_ - (t.base_matmul + t.lora + t.attention + t.lm_head);
+    return t;
+  }
+  void reset_phase_times() {
+    times_ = {};
+    total_s_ = 0;
+  }
+
   // The trainable parameters for an optimizer: every LoRA A and B (PEFT's names without the
   // "base_model.model." prefix), or in full-parameter training every weight (the checkpoint's names).
   std::vector<optim::Param> params() {
@@ -298,10 +358,13 @@ class LlamaModel {
     QLORA_CHECK(T <= cfg_.max_position_embeddings, "LlamaModel::forward: sequence of ", T,
                 " tokens, longer than max_position_embeddings ", cfg_.max_position_embeddings);
     const std::int64_t M = B * T, D = cfg_.hidden_size;
+    timing_ = profiling_ && acts;  // training forwards only: evaluations are not a step's time
+    const auto t_start = Clock::now();
     Activations scratch;
     Activations& a = acts ? *acts : scratch;
     a.batch = B;
     a.seq = T;
+    a.checkpointed = acts && checkpointing_;
     // Full training updates embed_ in place; a tied lm_head reads its own copy, refreshed here.
     if (full_ && cfg_.tie_word_embeddings) std::copy(embed_.begin(), embed_.end(), lm_head_->f32_data());
     if (full_ && acts) a.ids.assign(ids, ids + M);
@@ -313,14 +376,28 @@ class LlamaModel {
                   t % T, "] is outside the vocabulary [0, ", cfg_.vocab_size, ")");
       std::copy_n(embed_.data() + id * D, D, x.data() + t * D);
     }
-    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
-      layer_forward(layers_[std::size_t(l)], a.layers[acts ? std::size_t(l) : 0], x, B, T, acts != nullptr);
+    LayerActs work;  // checkpointing: the full activations of one layer, dropped after it
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+      Layer& L = layers_[std::size_t(l)];
+      if (!a.checkpointed) {
+        layer_forward(L, a.layers[acts ? std::size_t(l) : 0], x, B, T, acts != nullptr);
+        continue;
+      }
+      LayerActs& kept = a.layers[std::size_t(l)];
+      kept = LayerActs{};
+      kept.dropout_calls = dropout_calls_of(L);
+      layer_forward(L, work, x, B, T, /*train=*/true);
+      kept.x = std::move(work.x);
+    }
     a.final_in = x;
     a.final_out.resize(std::size_t(M * D));
     a.rstd_final.resize(std::size_t(M));
     rmsnorm::forward(x.data(), final_norm_.data(), M, D, float(cfg_.rms_norm_eps), a.final_out.data(),
                      a.rstd_final.data());
-    lm_head_->forward(a.final_out.data(), M, logits, cpu::Accumulate::No);  // (M, V)
+    timed(&PhaseTimes::lm_head,
+          [&] { lm_head_->forward(a.final_out.data(), M, logits, cpu::Accumulate::No); });  // (M, V)
+    if (timing_) total_s_ += since(t_start);
+    timing_ = false;
   }
 
   std::vector<float> logits(const std::int64_t* ids, std::int64_t B, std::int64_t T) {
@@ -343,29 +420,48 @@ class LlamaModel {
     QLORA_CHECK(
         a.layers.size() == std::size_t(cfg_.num_hidden_layers) && std::int64_t(a.final_in.size()) == M * D,
         "LlamaModel::backward: activations are not from a training forward of this model");
+    timing_ = profiling_;
+    const auto t_start = Clock::now();
     std::vector<float> dn(std::size_t(M * D)), dres(std::size_t(M * D));  // (M, D)
     if (full_) {
-      QLORA_CHECK(std::int64_t(a.ids.size()) == M && !a.layers.empty() && !a.layers[0].n1.empty(),
-                  "LlamaModel::backward: activations are from a forward before enable_full_training()");
+      QLORA_CHECK(
+          std::int64_t(a.ids.size()) == M && !a.layers.empty() && (a.checkpointed || !a.layers[0].n1.empty()),
+          "LlamaModel::backward: activations are from a forward before enable_full_training()");
       if (mode == GradMode::Overwrite) zero_grad();
       // lm_head (V, D): dW += dlogitsᵀ · norm(x); tied, it is the embedding's gradient too
-      add_weight_grad(cfg_.tie_word_embeddings ? d_embed_ : d_lm_head_, dlogits, a.final_out.data(), M,
-                      cfg_.vocab_size, D);
+      timed(&PhaseTimes::lm_head, [&] {
+        add_weight_grad(cfg_.tie_word_embeddings ? d_embed_ : d_lm_head_, dlogits, a.final_out.data(), M,
+                        cfg_.vocab_size, D);
+      });
     }
     // lm_head and the final norm are frozen unless full_: only their dx
-    lm_head_->backward(dlogits, M, dn.data(), cpu::Accumulate::No);
+    timed(&PhaseTimes::lm_head, [&] { lm_head_->backward(dlogits, M, dn.data(), cpu::Accumulate::No); });
     if (full_) add_norm_grad(d_final_norm_, dn.data(), a.final_in.data(), a.rstd_final.data(), M, D);
     rmsnorm::backward(dn.data(), a.final_in.data(), final_norm_.data(), a.rstd_final.data(), M, D,
                       dres.data());
-    for (std::int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l)
+    LayerActs work;  // checkpointing: the recomputed activations of the current layer
+    for (std::int64_t l = cfg_.num_hidden_layers - 1; l >= 0; --l) {
+      Layer& L = layers_[std::size_t(l)];
+      const LayerActs* la = &a.layers[std::size_t(l)];
+      if (a.checkpointed) {  // the layer's training forward again, with the masks it drew the first time
+        const std::array<std::uint64_t, kNumProj> after = dropout_calls_of(L);
+        set_dropout_calls_of(L, la->dropout_calls);
+        std::vector<float> x = la->x;
+        layer_forward(L, work, x, B, T, /*train=*/true);
+        set_dropout_calls_of(L, after);
+        la = &work;
+      }
       // a frozen embedding needs no gradient: then the first layer skips the gradient of its input
-      layer_backward(layers_[std::size_t(l)], a.layers[std::size_t(l)], dres, B, T, mode, l > 0 || full_);
+      layer_backward(L, *la, dres, B, T, mode, l > 0 || full_);
+    }
     if (full_)  // embedding rows: the gradient of the first layer's input, by token
       for (std::int64_t t = 0; t < M; ++t) {
         float* g = d_embed_.data() + a.ids[std::size_t(t)] * D;
         const float* d = dres.data() + t * D;
         for (std::int64_t i = 0; i < D; ++i) g[i] += d[i];
       }
+    if (timing_) total_s_ += since(t_start);
+    timing_ = false;
   }
 
   // Writes the model as a Hugging Face folder (config.json + model.safetensors, the source folder's
@@ -438,7 +534,9 @@ class LlamaModel {
     Activations a;
     std::vector<float> z(std::size_t(B * T * cfg_.vocab_size)), dz(z.size());  // (M, V)
     forward(ids, B, T, z.data(), &a);
+    const auto t0 = Clock::now();
     const float L = causal_lm_loss(z.data(), labels, B, T, cfg_.vocab_size, dz.data());
+    if (profiling_) total_s_ += since(t0);
     backward(a, dz.data(), mode);
     return L;
   }
@@ -519,6 +617,50 @@ class LlamaModel {
     return m;
   }
 
+  using Clock = std::chrono::steady_clock;
+  static double since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+  // f(), its wall time added to `phase` while timing_.
+  template <class F>
+  void timed(double PhaseTimes::*phase, F&& f) {
+    if (!timing_) return f();
+    const auto t0 = Clock::now();
+    f();
+    times_.*phase += since(t0);
+  }
+  // A projection's forward or backward f(), its time split into base_matmul (a frozen product, or
+  // the LoRA layer's own base-product timer) and lora (the rest of the LoRA layer).
+  template <class F>
+  void timed_proj(Linear& lin, F&& f) {
+    if (!timing_) return f();
+    const double base0 = lin.has_lora() ? lin.lora_layer().base_seconds() : 0.0;
+    const auto t0 = Clock::now();
+    f();
+    const double dt = since(t0);
+    const double base = lin.has_lora() ? lin.lora_layer().base_seconds() - base0 : dt;
+    times_.base_matmul += base;
+    times_.lora += dt - base;
+  }
+  void proj_forward(Layer& L, int p, const float* x, std::int64_t M, float* y,
+                    typename Linear::Context* ctx) {
+    Linear& lin = L.proj[std::size_t(p)];
+    timed_proj(lin, [&] { lin.forward(x, M, y, ctx); });
+  }
+  // The LoRA layers' dropout counters of a decoder layer (0 for frozen projections).
+  static std::array<std::uint64_t, kNumProj> dropout_calls_of(const Layer& L) {
+    std::array<std::uint64_t, kNumProj> c{};
+    for (int p = 0; p < kNumProj; ++p)
+      if (L.proj[std::size_t(p)].has_lora())
+        c[std::size_t(p)] = L.proj[std::size_t(p)].lora_layer().dropout_calls();
+    return c;
+  }
+  static void set_dropout_calls_of(Layer& L, const std::array<std::uint64_t, kNumProj>& c) {
+    for (int p = 0; p < kNumProj; ++p)
+      if (L.proj[std::size_t(p)].has_lora())
+        L.proj[std::size_t(p)].lora_layer().set_dropout_calls(c[std::size_t(p)]);
+  }
+
   attention::Shape attn_shape(std::int64_t B, std::int64_t T) const {
     return {B, T, cfg_.num_attention_heads, cfg_.num_key_value_heads, cfg_.head_dim};
   }
@@ -539,29 +681,30 @@ class LlamaModel {
     rmsnorm::forward(x.data(), L.input_norm.data(), M, D, eps, n.data(), sized(a.rstd1, M));
     const bool keep_inputs = train && full_;  // the frozen products' inputs, for dW
     if (keep_inputs) a.n1 = n;
-    L.proj[kQ].forward(n.data(), M, sized(a.q, M * cfg_.q_size()), ctx(kQ));   // (M, H·d)
-    L.proj[kK].forward(n.data(), M, sized(a.k, M * cfg_.kv_size()), ctx(kK));  // (M, KV·d)
-    L.proj[kV].forward(n.data(), M, sized(a.v, M * cfg_.kv_size()), ctx(kV));  // (M, KV·d)
+    proj_forward(L, kQ, n.data(), M, sized(a.q, M * cfg_.q_size()), ctx(kQ));   // (M, H·d)
+    proj_forward(L, kK, n.data(), M, sized(a.k, M * cfg_.kv_size()), ctx(kK));  // (M, KV·d)
+    proj_forward(L, kV, n.data(), M, sized(a.v, M * cfg_.kv_size()), ctx(kV));  // (M, KV·d)
     rope_.apply(a.q.data(), B, T, H);
     rope_.apply(a.k.data(), B, T, KV);
     std::vector<float> att(std::size_t(M * cfg_.q_size()));  // (M, H·d)
-    attention::forward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), att.data(),
-                       sized(a.P, B * H * T * T));
+    float* P = sized(a.P, B * H * T * T);
+    timed(&PhaseTimes::attention,
+          [&] { attention::forward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), att.data(), P); });
     if (keep_inputs) a.att = att;
-    L.proj[kO].forward(att.data(), M, n.data(), ctx(kO));  // (M, D)
+    proj_forward(L, kO, att.data(), M, n.data(), ctx(kO));  // (M, D)
     a.h.resize(std::size_t(M * D));
     for (std::int64_t i = 0; i < M * D; ++i) a.h[std::size_t(i)] = x[std::size_t(i)] + n[std::size_t(i)];
     rmsnorm::forward(a.h.data(), L.post_norm.data(), M, D, eps, n.data(), sized(a.rstd2, M));
     if (keep_inputs) a.n2 = n;
-    L.proj[kGate].forward(n.data(), M, sized(a.gate, M * I), ctx(kGate));  // (M, I)
-    L.proj[kUp].forward(n.data(), M, sized(a.up, M * I), ctx(kUp));        // (M, I)
-    std::vector<float> act(std::size_t(M * I));                            // (M, I)
+    proj_forward(L, kGate, n.data(), M, sized(a.gate, M * I), ctx(kGate));  // (M, I)
+    proj_forward(L, kUp, n.data(), M, sized(a.up, M * I), ctx(kUp));        // (M, I)
+    std::vector<float> act(std::size_t(M * I));                             // (M, I)
     for (std::int64_t i = 0; i < M * I; ++i) {
       const float g = a.gate[std::size_t(i)];
       act[std::size_t(i)] = g / (1.0f + std::exp(-g)) * a.up[std::size_t(i)];  // silu(g) · u
     }
     if (keep_inputs) a.act = act;
-    L.proj[kDown].forward(act.data(), M, n.data(), ctx(kDown));  // (M, D)
+    proj_forward(L, kDown, act.data(), M, n.data(), ctx(kDown));  // (M, D)
     for (std::int64_t i = 0; i < M * D; ++i) x[std::size_t(i)] = a.h[std::size_t(i)] + n[std::size_t(i)];
   }
 
@@ -576,10 +719,12 @@ class LlamaModel {
     auto bwd = [&](int p, const float* dy, float* dx) {
       Linear& lin = L.proj[std::size_t(p)];
       if (full_)
-        add_weight_grad(L.dW[std::size_t(p)], dy, inputs[std::size_t(p)], M, lin.out_features(),
-                        lin.in_features());
+        timed(&PhaseTimes::base_matmul, [&] {
+          add_weight_grad(L.dW[std::size_t(p)], dy, inputs[std::size_t(p)], M, lin.out_features(),
+                          lin.in_features());
+        });
       if (!dx && !lin.has_lora()) return;  // nothing to compute for a frozen layer
-      lin.backward(a.ctx[std::size_t(p)], dy, M, dx, mode);
+      timed_proj(lin, [&] { lin.backward(a.ctx[std::size_t(p)], dy, M, dx, mode); });
     };
     // MLP: x' = h + down(silu(g) ⊙ u)
     std::vector<float> dact(std::size_t(M * I)), dg(std::size_t(M * I)), du(std::size_t(M * I));  // (M, I)
@@ -601,8 +746,10 @@ class LlamaModel {
     std::vector<float> datt(std::size_t(M * qw)), dq(std::size_t(M * qw));  // (M, H·d)
     std::vector<float> dk(std::size_t(M * kw)), dv(std::size_t(M * kw));    // (M, KV·d)
     bwd(kO, dres.data(), datt.data());
-    attention::backward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(),
-                        dq.data(), dk.data(), dv.data());
+    timed(&PhaseTimes::attention, [&] {
+      attention::backward(attn_shape(B, T), a.q.data(), a.k.data(), a.v.data(), a.P.data(), datt.data(),
+                          dq.data(), dk.data(), dv.data());
+    });
     rope_.apply(dq.data(), B, T, H, /*inverse=*/true);
     rope_.apply(dk.data(), B, T, KV, /*inverse=*/true);
     if (!need_dx) {
@@ -650,6 +797,11 @@ class LlamaModel {
   peft::LoraConfig adapter_config_;        // what adapter() writes
   std::vector<std::string> source_files_;  // its files other than weights and config (tokenizer...)
   bool full_ = false;                      // enable_full_training()
+  bool checkpointing_ = false;             // set_gradient_checkpointing()
+  bool profiling_ = false;                 // set_profiling()
+  bool timing_ = false;                    // profiling_, inside a training forward or a backward
+  PhaseTimes times_;                       // rest unused: total_s_ less the others
+  double total_s_ = 0;                     // training forwards, backwards and forward_backward's loss
   std::vector<float> d_embed_, d_final_norm_, d_lm_head_;  // their gradients in full training
   std::vector<float> embed_;                               // (V, D)
   std::vector<float> final_norm_;                          // (D)

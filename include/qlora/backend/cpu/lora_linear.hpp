@@ -7,6 +7,7 @@
 // (in / 8 bytes). For in = 4096, r = 16: 16.4 KiB per token, 16.9 KiB with dropout.
 #include <Eigen/Core>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -144,6 +145,15 @@ class LoraLinear<Quant, Rank, Cpu> {
   std::uint64_t dropout_calls() const { return calls_; }
   void set_dropout_calls(std::uint64_t c) { calls_ = c; }
 
+  // Opt-in timing of the base product (x·W0ᵀ in forward, dy·W0 in backward), so a profiler can
+  // split a layer's time into base and LoRA: wall seconds summed since profiling was turned on.
+  // Off (the default), nothing is timed.
+  void set_profiling(bool on) {
+    profiling_ = on;
+    base_seconds_ = 0;
+  }
+  double base_seconds() const { return base_seconds_; }
+
   // Inference: y (M, out) = x (M, in) · W0ᵀ + bias + s·x·Aᵀ·Bᵀ, no dropout, nothing kept.
   void forward(const float* x, std::int64_t M, float* y) const { forward_impl(x, M, y, nullptr); }
 
@@ -196,7 +206,7 @@ class LoraLinear<Quant, Rank, Cpu> {
     });
     if (!dx) return;
     // dx (M, in) = dy · W0 + (dh · A) ⊙ mask
-    qm_.backward(dy, M, dx, cpu::Accumulate::No);
+    timed_base([&] { qm_.backward(dy, M, dx, cpu::Accumulate::No); });
     Eigen::Map<RowMat> DX(dx, M, in_);
     detail::split_rows(M, 16, [&](std::int64_t t0, std::int64_t t1) {
       RowMat lora = dh.middleRows(t0, t1 - t0) * A_;  // (rows, in)
@@ -271,6 +281,14 @@ class LoraLinear<Quant, Rank, Cpu> {
     return (keep[std::size_t(idx) / 64] >> (idx % 64)) & 1u;
   }
 
+  template <class F>
+  void timed_base(F&& f) const {
+    if (!profiling_) return f();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    base_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+
   RowMat apply_mask(const RowMat& x, const std::vector<std::uint64_t>& keep) const {
     return apply_mask_rows(x, keep, 0);
   }
@@ -289,7 +307,7 @@ class LoraLinear<Quant, Rank, Cpu> {
     Eigen::Map<const RowMat> X(x, M, in_);  // (M, in)
     Eigen::Map<RowMat> Y(y, M, out_);       // (M, out)
     // y = x · W0ᵀ (+ bias)
-    qm_.forward(x, M, y, cpu::Accumulate::No);
+    timed_base([&] { qm_.forward(x, M, y, cpu::Accumulate::No); });
     if (!bias_.empty())
       for (std::int64_t t = 0; t < M; ++t)
         for (std::int64_t o = 0; o < out_; ++o) y[t * out_ + o] += bias_[std::size_t(o)];
@@ -342,6 +360,8 @@ class LoraLinear<Quant, Rank, Cpu> {
   MatB B_, dB_;
   std::uint64_t calls_ = 0;
   bool merged_ = false;
+  bool profiling_ = false;           // set_profiling()
+  mutable double base_seconds_ = 0;  // the base products' time while profiling
   // set_act_quant()'s choice, re-applied to the QMatrix rebuilt by a merge; unset: the format's default
   std::optional<cpu::ActQuant> act_quant_;
 };

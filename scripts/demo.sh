@@ -44,7 +44,7 @@ start=$(date +%s)
 "$qlora" finetune --model "$base" --quant nf4 --data "$new" --eval-data "$old" \
   --target all-linear --r 8 --alpha 16 --dropout 0.05 --lr 2e-3 --warmup 10 \
   --steps 120 --batch 8 --seq 128 --eval-every 40 --eval-windows 16 --log-every 20 \
-  --out "$out/adapter"
+  --out "$out/adapter" | tee "$out/finetune.log"
 echo "(fine-tuning took $(( $(date +%s) - start )) s; loss curve: $out/adapter/loss.csv, $out/adapter/loss.png)"
 
 echo
@@ -53,12 +53,17 @@ sample --adapter "$out/adapter"
 
 echo
 echo "== reload the saved adapter and merge it"
-loss_adapter=$("$qlora" eval --model "$base" --quant nf4 --adapter "$out/adapter" --text "$new" --seq 128)
+loss_adapter=$("$qlora" eval --model "$base" --quant nf4 --adapter "$out/adapter" --text "$new" --seq 128 2>/dev/null)
 "$qlora" merge --model "$base" --quant nf4 --adapter "$out/adapter" --out "$out/merged" \
   --requantize nf4 --requantized-out "$out/merged-nf4"
-loss_merged=$("$qlora" eval --model "$out/merged" --text "$new" --seq 128)
-loss_requant=$("$qlora" eval --model "$out/merged-nf4" --quant nf4 --text "$new" --seq 128)
-echo "loss on $(basename "$new"): NF4 base + reloaded adapter ${loss_adapter#loss: }," \
-     "merged (dense) ${loss_merged#loss: }, merged and requantized to NF4 ${loss_requant#loss: }"
+loss_merged=$("$qlora" eval --model "$out/merged" --text "$new" --seq 128 2>/dev/null)
+loss_requant=$("$qlora" eval --model "$out/merged-nf4" --text "$new" --seq 128 2>/dev/null)
+echo "loss on all of $(basename "$new") (its training and held-out entries):"
+echo "  NF4 base + the reloaded adapter      ${loss_adapter#loss: }"
+echo "  merged into dense fp32 weights       ${loss_merged#loss: }"
+echo "  merged, then requantized to NF4      ${loss_requant#loss: }"
+
 echo
-echo "demo done: adapter in $out/adapter, merged model in $out/merged"
+echo "== summary"
+grep -E '^(before|after):' "$out/finetune.log" | sed 's/^/  /'
+echo "adapter: $out/adapter (PEFT), loss curve: $out/adapter/loss.csv, merged model: $out/merged"

@@ -234,7 +234,7 @@ int cmd_finetune(int argc, char** argv) {
     if (!resume) print_losses("before", m, d.evals, o.seq);
     const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
     run.run(m, opt, d.train, save);
-    if (run.stopped()) return 0;
+    if (run.stopped()) return cli::g_interrupted ? 130 : 0;
     if (a.has("profile")) print_phase_times(m, o, o.steps - run.start_step());
     print_losses("after", m, d.evals, o.seq);
     qlora::peft::save_adapter(o.out, m.adapter(model_dir));
@@ -281,7 +281,7 @@ int cmd_pretrain(int argc, char** argv) {
                model_dir.c_str(), n, (long long)o.steps, (long long)o.batch, (long long)o.seq);
   if (!resume) print_losses("before", m, d.evals, o.seq);
   run.run(m, opt, d.train, [&](const std::string& dir) { m.save(dir); });
-  if (run.stopped()) return 0;
+  if (run.stopped()) return cli::g_interrupted ? 130 : 0;
   print_losses("after", m, d.evals, o.seq);
   m.save(o.out, dtype == "f32" ? qlora::DType::F32 : qlora::DType::BF16);
   run.write_curve();

@@ -1,0 +1,172 @@
+#pragma once
+// 4-bit NF4 / FP4 -> bf16 / fp16 / float on the GPU, bit for bit what quant::dequantize computes on the
+// CPU: out = code[q] * absmax in float32, rounded once to the output type; with double quantization
+// absmax = (map[qabsmax] * absmax2) + offset, two float32 roundings (no FMA).
+//
+// Memory-bound: a thread turns 4 packed bytes (8 values, all in one block since blocks hold at least
+// 32 values) into one 16-byte store; the 16-entry code table (and the 256-entry nested map) sit in
+// shared memory, where the 16 code values occupy 16 distinct banks, so the lookups never conflict.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "qlora/cuda/codes4bit.cuh"
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+namespace detail {
+
+// The absmax of block b: stored, or decoded from the double quantization (two roundings, as the CPU).
+struct AbsmaxView {
+  const float* absmax;         // (blocks) or nullptr when double-quantized
+  const std::uint8_t* qabsmax;  // (blocks)
+  const float* absmax2;        // (blocks / nested_blocksize)
+  float offset;
+  int nested_shift;  // log2(nested_blocksize)
+};
+
+__device__ __forceinline__ float block_absmax(const AbsmaxView& a, const float* s_map, std::size_t b) {
+  if (a.absmax) return __ldg(a.absmax + b);
+  return __fadd_rn(__fmul_rn(s_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift))), a.offset);
+}
+
+__device__ __forceinline__ void store1(__nv_bfloat16* out, float v) { *out = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store1(__half* out, float v) { *out = __float2half_rn(v); }
+__device__ __forceinline__ void store1(float* out, float v) { *out = v; }
+
+// A grid-stride loop over groups of 8 values (4 packed bytes in, one 16-byte bf16 store out, so a
+// warp's loads and stores are both contiguous), 4 groups per thread per step with their loads issued
+// first; blockDim 256. The tables reach shared memory through reads with a warp-uniform index (a
+// divergent index into the kernel parameters would serialize).
+template <class Out>
+__device__ __forceinline__ void store8(Out* out, const float v[8]);
+template <>
+__device__ __forceinline__ void store8(__nv_bfloat16* out, const float v[8]) {
+  uint4 w;
+  std::uint32_t* u = reinterpret_cast<std::uint32_t*>(&w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+    u[j] = *reinterpret_cast<const std::uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint4*>(out) = w;
+}
+template <>
+__device__ __forceinline__ void store8(__half* out, const float v[8]) {
+  uint4 w;
+  std::uint32_t* u = reinterpret_cast<std::uint32_t*>(&w);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+    u[j] = *reinterpret_cast<const std::uint32_t*>(&h);
+  }
+  *reinterpret_cast<uint4*>(out) = w;
+}
+template <>
+__device__ __forceinline__ void store8(float* out, const float v[8]) {
+  reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+template <class Out>
+__global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __restrict__ packed, std::size_t n,
+                                                          int block_shift, AbsmaxView am, Code16Param code,
+                                                          Code256Param map, Out* __restrict__ out) {
+  __shared__ float s_code[16];
+  __shared__ float s_map[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = warp; i < 16; i += 8)
+    if (lane == 0) s_code[i] = code.v[i];
+  if (!am.absmax)
+    for (int i = warp; i < 256; i += 8)
+      if (lane == 0) s_map[i] = map.v[i];
+  __syncthreads();
+  constexpr int kUnroll = 4;
+  const std::size_t groups = n / 8;  // whole groups of 8; the rest is the tail below
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  const bool aligned = (reinterpret_cast<std::uintptr_t>(out) & 15) == 0;
+  if (aligned) {
+    for (std::size_t g0 = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; g0 < groups; g0 += kUnroll * stride) {
+      std::uint32_t w[kUnroll];
+      float amax[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const std::size_t gi = g0 + u * stride;
+        w[u] = gi < groups ? __ldcs(reinterpret_cast<const unsigned int*>(packed) + gi) : 0u;
+        amax[u] = gi < groups ? block_absmax(am, s_map, (gi * 8) >> block_shift) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const std::size_t gi = g0 + u * stride;
+        if (gi >= groups) break;
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const std::uint32_t byte = (w[u] >> (8 * j)) & 0xffu;
+          v[2 * j] = __fmul_rn(s_code[byte >> 4], amax[u]);
+          v[2 * j + 1] = __fmul_rn(s_code[byte & 0xfu], amax[u]);
+        }
+        store8(out + gi * 8, v);
+      }
+    }
+  }
+  // the tail (and everything, for an unaligned output), one value per thread
+  const std::size_t first = aligned ? groups * 8 : 0;
+  for (std::size_t i = first + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::uint32_t byte = packed[i / 2];
+    store1(out + i, __fmul_rn(s_code[(i % 2 == 0) ? (byte >> 4) : (byte & 0xfu)], block_absmax(am, s_map, i >> block_shift)));
+  }
+}
+
+inline int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+// The table dequantization multiplies by (FP4 code 8 -> -0.0, as quant::decode_table).
+inline Code16Param decode_table(const DeviceQuantized4bit& q) {
+  Code16Param t;
+  for (int i = 0; i < 16; ++i) t.v[i] = q.code[i];
+  if (q.type == quant::Quant4Type::FP4 && t.v[codebook::kFP4SignBit] == 0.0f) t.v[codebook::kFP4SignBit] = -0.0f;
+  return t;
+}
+
+inline AbsmaxView absmax_view(const DeviceQuantized4bit& q) {
+  if (!q.double_quant) return AbsmaxView{q.absmax.data(), nullptr, nullptr, 0.0f, 0};
+  return AbsmaxView{nullptr, q.qabsmax.data(), q.absmax2.data(), q.offset, log2_exact(q.nested_blocksize)};
+}
+
+inline Code256Param map_param(const DeviceQuantized4bit& q) {
+  Code256Param m;
+  for (int i = 0; i < 256; ++i) m.v[i] = q.nested_code[i];
+  return m;
+}
+
+}  // namespace detail
+
+// out: device pointer, (numel) values of __nv_bfloat16, __half or float. Asynchronous on ctx's stream.
+template <class Out>
+void dequantize_4bit(const Context& ctx, const DeviceQuantized4bit& q, Out* out) {
+  const std::size_t n = std::size_t(q.numel());
+  QLORA_CHECK(q.packed.size() == (n + 1) / 2, "cuda::dequantize_4bit: packed has ", q.packed.size(),
+              " bytes, expected ", (n + 1) / 2);
+  QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit: nested blocksize ",
+              q.nested_blocksize, ", expected 256");
+  quant::check_blocksize4(q.blocksize);
+  if (n == 0) return;
+  ctx.activate();
+  const std::size_t blocks = (n / 8 + 255) / 256 + 1;
+  const unsigned grid = unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * 16));
+  detail::dequantize4_kernel<Out><<<grid, 256, 0, ctx.stream()>>>(
+      q.packed.data(), n, detail::log2_exact(q.blocksize), detail::absmax_view(q), detail::decode_table(q),
+      detail::map_param(q), out);
+  QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
+}
+
+}  // namespace cuda
+}  // namespace qlora

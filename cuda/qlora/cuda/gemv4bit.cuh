@@ -1,0 +1,325 @@
+#pragma once
+// y = x · Wᵀ for a 4-bit W (N×K, NF4 / FP4, plain or double-quantized absmax) and few tokens
+// (M ≤ 64), on the tensor cores, reading the packed weights and the absmax bytes once.
+//
+// Layout of the work
+// - mma.m16n8k16 (bf16 in, fp32 accumulate) with W as the A operand (16 rows) and x as the B
+//   operand (8 tokens per mma; M ≤ 8 is one mma column tile, M ≤ 64 up to 8 of them, NT).
+// - A "unit" is 16 rows × 64 values of K (32 bytes per row, always inside one absmax block since
+//   blocks hold ≥ 64 values). Lane (g = lane / 4, t = lane % 4) loads 8 bytes of row g and 8 of row
+//   g + 8 at byte 8t of the unit: a warp's load covers 16 rows × 32 bytes, every sector used in full.
+// - The mma's k index is a permutation of the real k (a dot product does not care): lane t's byte
+//   2s feeds fragment register a0 and byte 2s + 1 feeds a2 of mma s (s = 0..3), so the matching x
+//   values are 4 consecutive bf16 at k = 16t + 4s: a lane reads its x for the unit as two 16-byte
+//   loads, in memory order.
+// - Codes -> bf16 pairs through a 256-entry table indexed by the packed byte (two values per
+//   lookup), replicated once per lane (entry e of lane l at byte 256e + 4l) so that a warp's 32
+//   lookups always fall in 32 different banks; the byte offset is one byte-permute of the packed
+//   word and the lane's offset. The 16 code values are therefore rounded to bf16
+//   (an NF4 value moves by ≤ 2⁻⁹ relative); absmax is applied in fp32 to each unit's four mma
+//   results, so it is never rounded: accuracy is that of dequantizing to bf16 and a bf16 GEMM
+//   (tests/cuda/test_cuda_matmul.cu checks the bound).
+// - Streaming: a warp issues the loads of U units (weights, absmax codes, nested absmax, its x
+//   slices) before it computes the first of them; its position advances by pointer increments.
+//   (A cp.async ring through shared memory measured slower here: more instructions per unit.)
+// - Work split: one persistent block per SM (occupancy permitting); block b owns a contiguous range
+//   of 16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp, so
+//   a warp touches at most two tiles. Each warp leaves its partial sums in shared memory; they are
+//   added in warp order (deterministic) and written as bf16.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+namespace detail {
+
+constexpr int kGemvWarps = 16;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kLutBytes = 256 * 256;  // 256 entries × 256 bytes (the lanes use the first 128)
+
+struct GemvArgs {
+  const std::uint8_t* packed;  // (N, K / 2)
+  AbsmaxView am;
+  const __nv_bfloat16* x;  // (M, K)
+  __nv_bfloat16* y;        // (M, N)
+  int M, N, K;
+  int block_shift;  // log2(blocksize)
+  int tiles;        // N / 16
+  bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
+  Code16Param code;
+  Code256Param map;
+};
+
+__device__ __forceinline__ std::uint32_t bf16_pair(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const std::uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint2 load_stream(const std::uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// bf16 pair of packed byte J of `word`, from this lane's copy of the table.
+template <int J>
+__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word, std::uint32_t lane4) {
+  const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
+  return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+inline std::size_t gemv_smem_bytes(int nt) {
+  return std::size_t(kLutBytes) + 256 * sizeof(float) + std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
+}
+
+// NT: token tiles of 8 (M ≤ 8·NT); U: units whose loads are issued before the first is used;
+// MINB: blocks per SM the register budget is set for.
+template <int NT, int U, int MINB, bool DQ>
+__global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* s_lut = smem;
+  float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
+  float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
+  constexpr int kCols = 8 * NT;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i < 256 * 32; i += kGemvThreads) {
+    const int e = i >> 5, l = i & 31;  // e is uniform over a warp: no divergent parameter reads
+    reinterpret_cast<std::uint32_t*>(s_lut)[e * 64 + l] = bf16_pair(a.code.v[e >> 4], a.code.v[e & 15]);
+  }
+  if (DQ)
+    for (int i = warp; i < 256; i += kGemvWarps)
+      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  __syncthreads();
+
+  const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
+  const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const int KC = a.K / 64;  // units per tile
+  const int units = (tile_end - tile_begin) * KC;
+  const int ub = int(std::int64_t(warp) * units / kGemvWarps);
+  const int ue = int(std::int64_t(warp + 1) * units / kGemvWarps);
+  const int g = lane >> 2, t = lane & 3;
+  const std::uint32_t lane4 = std::uint32_t(lane) * 4;
+  const std::size_t row_bytes = std::size_t(a.K) / 2, K = std::size_t(a.K);
+  const int shift = a.block_shift;
+
+  // The warp's position: unit (tile, kc), as pointers advanced unit by unit.
+  int tile = KC > 0 ? ub / KC : 0, kc = KC > 0 ? ub % KC : 0;
+  const std::uint8_t* pw = nullptr;  // row g of the tile, this unit, lane's 8 bytes
+  std::size_t e0 = 0;                // element index of (row g, first k of the unit)
+  const __nv_bfloat16* px = a.x + std::size_t(g) * K + 16 * t;  // token g, this unit, lane's 16 values
+  auto seek = [&]() {
+    const std::size_t r0 = std::size_t(tile_begin + tile) * 16 + g;
+    pw = a.packed + r0 * row_bytes + std::size_t(kc) * 32 + t * 8;
+    e0 = r0 * K + std::size_t(kc) * 64;
+    px = a.x + std::size_t(g) * K + std::size_t(kc) * 64 + 16 * t;
+  };
+  seek();
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  int cur_tile = tile, seg = 0;
+
+  auto write_slot = [&](int sg) {
+    float* s = s_slot + std::size_t(warp * 2 + sg) * 16 * kCols;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[g * kCols + 8 * j + 2 * t] = acc[j][0];
+      s[g * kCols + 8 * j + 2 * t + 1] = acc[j][1];
+      s[(g + 8) * kCols + 8 * j + 2 * t] = acc[j][2];
+      s[(g + 8) * kCols + 8 * j + 2 * t + 1] = acc[j][3];
+      acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    }
+  };
+
+  for (int u0 = ub; u0 < ue; u0 += U) {
+    uint2 wa[U], wb[U];
+    std::uint32_t c0[U], c1[U];  // 8-bit absmax codes (DQ) or float absmax bits
+    float n0[U], n1[U];          // nested absmax (DQ)
+    uint4 xa[U][NT], xb[U][NT];
+    int tl[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      tl[i] = tile;
+      if (u0 + i < ue) {
+        wa[i] = load_stream(pw);
+        wb[i] = load_stream(pw + 8 * row_bytes);
+        const std::size_t b0 = e0 >> shift, b1 = (e0 + 8 * K) >> shift;
+        if (DQ) {
+          c0[i] = __ldg(a.am.qabsmax + b0);
+          c1[i] = __ldg(a.am.qabsmax + b1);
+          n0[i] = __ldg(a.am.absmax2 + (b0 >> a.am.nested_shift));
+          n1[i] = __ldg(a.am.absmax2 + (b1 >> a.am.nested_shift));
+        } else {
+          c0[i] = __float_as_uint(__ldg(a.am.absmax + b0));
+          c1[i] = __float_as_uint(__ldg(a.am.absmax + b1));
+          n0[i] = n1[i] = 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          xa[i][j] = xb[i][j] = make_uint4(0, 0, 0, 0);
+          if (8 * j + g < a.M) {
+            const uint4* p = reinterpret_cast<const uint4*>(px + std::size_t(8 * j) * K);
+            xa[i][j] = __ldg(p);
+            xb[i][j] = __ldg(p + 1);
+          }
+        }
+        if (++kc == KC) {
+          kc = 0;
+          ++tile;
+          seek();
+        } else {
+          pw += 32;
+          e0 += 64;
+          px += 64;
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (u0 + i >= ue) break;  // uniform over the warp
+      if (tl[i] != cur_tile) {
+        write_slot(0);
+        cur_tile = tl[i];
+        seg = 1;
+      }
+      float am0, am1;
+      if (DQ) {
+        am0 = __fadd_rn(__fmul_rn(s_map[c0[i]], n0[i]), a.am.offset);
+        am1 = __fadd_rn(__fmul_rn(s_map[c1[i]], n1[i]), a.am.offset);
+      } else {
+        am0 = __uint_as_float(c0[i]);
+        am1 = __uint_as_float(c1[i]);
+      }
+      float tmp[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const std::uint32_t wA = q < 2 ? wa[i].x : wa[i].y, wB = q < 2 ? wb[i].x : wb[i].y;
+        std::uint32_t a0, a1, a2, a3;
+        if (q % 2 == 0) {
+          a0 = lut<0>(s_lut, wA, lane4), a2 = lut<1>(s_lut, wA, lane4);
+          a1 = lut<0>(s_lut, wB, lane4), a3 = lut<1>(s_lut, wB, lane4);
+        } else {
+          a0 = lut<2>(s_lut, wA, lane4), a2 = lut<3>(s_lut, wA, lane4);
+          a1 = lut<2>(s_lut, wB, lane4), a3 = lut<3>(s_lut, wB, lane4);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4& xv = q < 2 ? xa[i][j] : xb[i][j];
+          const std::uint32_t b0 = q % 2 == 0 ? xv.x : xv.z, b1 = q % 2 == 0 ? xv.y : xv.w;
+          mma_bf16(tmp[j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j][0] = fmaf(am0, tmp[j][0], acc[j][0]);
+        acc[j][1] = fmaf(am0, tmp[j][1], acc[j][1]);
+        acc[j][2] = fmaf(am1, tmp[j][2], acc[j][2]);
+        acc[j][3] = fmaf(am1, tmp[j][3], acc[j][3]);
+      }
+    }
+  }
+  if (ub < ue) write_slot(seg);
+  __syncthreads();
+
+  // Sum the warps' partials of each (token, row) in warp order and store.
+  const int rows_b = (tile_end - tile_begin) * 16;
+  for (int idx = tid; idx < rows_b * a.M; idx += kGemvThreads) {
+    const int tok = idx / rows_b, rl = idx % rows_b, t_l = rl / 16, r = rl % 16;
+    float sum = 0.0f;
+    for (int w = 0; w < kGemvWarps; ++w) {
+      const int wb0 = int(std::int64_t(w) * units / kGemvWarps), we0 = int(std::int64_t(w + 1) * units / kGemvWarps);
+      if (wb0 >= we0 || wb0 >= (t_l + 1) * KC || we0 <= t_l * KC) continue;
+      const int sg = wb0 / KC == t_l ? 0 : 1;
+      sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
+    }
+    const std::size_t o = std::size_t(tok) * a.N + std::size_t(tile_begin) * 16 + rl;
+    a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
+  }
+}
+
+template <int NT, int U, int MINB, bool DQ>
+void launch_gemv4(const Context& ctx, const GemvArgs& args) {
+  const auto kernel = gemv4_kernel<NT, U, MINB, DQ>;
+  const std::size_t smem = gemv_smem_bytes(NT);
+  QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
+  QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem, " bytes of shared memory)");
+  const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
+  kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
+  QLORA_CUDA_CHECK_LAUNCH("gemv4_kernel");
+}
+
+template <int NT, int U, int MINB>
+void dispatch_gemv4_dq(const Context& ctx, const GemvArgs& args, bool dq) {
+  if (dq)
+    launch_gemv4<NT, U, MINB, true>(ctx, args);
+  else
+    launch_gemv4<NT, U, MINB, false>(ctx, args);
+}
+
+}  // namespace detail
+
+// Whether gemv_4bit takes this weight and token count: W is (N, K) with N % 16 == 0, K % 64 == 0,
+// blocksize ≥ 64 and dividing K, and 1 ≤ M ≤ 64.
+inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
+  if (w.shape.size() != 2 || M < 1 || M > 64) return false;
+  const std::int64_t N = w.shape[0], K = w.shape[1];
+  return N > 0 && K > 0 && N % 16 == 0 && K % 64 == 0 && w.blocksize >= 64 && K % w.blocksize == 0 && N * K < (std::int64_t(1) << 40) &&
+         (!w.double_quant || w.nested_blocksize == 256) && N / 16 < (std::int64_t(1) << 30);
+}
+
+// y (M, N) = x (M, K) · Wᵀ (or y += when accumulate), bf16 in and out, fp32 accumulation.
+// x and y are device pointers with 16-byte aligned rows. Asynchronous on ctx's stream.
+// U, MINB (M ≤ 8 only): loads in flight per warp and blocks per SM, for the benchmarks' kernel lab.
+template <int U = 4, int MINB = 1>
+void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
+               bool accumulate = false) {
+  QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
+              "), blocksize ", w.blocksize, ", M = ", M, " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
+  QLORA_CHECK((reinterpret_cast<std::uintptr_t>(x) & 15) == 0, "cuda::gemv_4bit: x is not 16-byte aligned");
+  ctx.activate();
+  detail::GemvArgs args;
+  args.packed = w.packed.data();
+  args.am = detail::absmax_view(w);
+  args.x = x;
+  args.y = y;
+  args.M = M;
+  args.N = int(w.shape[0]);
+  args.K = int(w.shape[1]);
+  args.block_shift = detail::log2_exact(w.blocksize);
+  args.tiles = args.N / 16;
+  args.accumulate = accumulate;
+  args.code = detail::decode_table(w);
+  args.map = detail::map_param(w);
+  const bool dq = w.double_quant;
+  if (M <= 8)
+    detail::dispatch_gemv4_dq<1, U, MINB>(ctx, args, dq);
+  else if (M <= 16)
+    detail::dispatch_gemv4_dq<2, 2, 1>(ctx, args, dq);
+  else if (M <= 32)
+    detail::dispatch_gemv4_dq<4, 1, 1>(ctx, args, dq);
+  else
+    detail::dispatch_gemv4_dq<8, 1, 1>(ctx, args, dq);
+}
+
+}  // namespace cuda
+}  // namespace qlora

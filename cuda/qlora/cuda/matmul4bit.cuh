@@ -1,0 +1,34 @@
+#pragma once
+// y = x · Wᵀ for a 4-bit W on the GPU, choosing the path by the number of tokens M:
+//   M ≤ kGemvMaxTokens (and a shape gemv_4bit takes): the tensor-core GEMV, reading W once;
+//   otherwise: dequantize W into the caller's reused bf16 scratch, then cuBLAS bf16 GEMM.
+// The scratch is grown on first use and kept (N·K bf16: the price of a large-M product is one
+// dequantized copy of the largest weight, shared by all layers that use the same scratch).
+#include <cuda_bf16.h>
+
+#include "qlora/cuda/buffer.cuh"
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemm_bf16.cuh"
+#include "qlora/cuda/gemv4bit.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+
+constexpr int kGemvMaxTokens = 64;
+
+// x: (M, K), y: (M, N) device pointers; W: (N, K).
+inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
+                        __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch, bool accumulate = false) {
+  QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(), " dimensions, expected 2");
+  const int N = int(w.shape[0]), K = int(w.shape[1]);
+  if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return gemv_4bit(ctx, w, x, M, y, accumulate);
+  const std::size_t need = std::size_t(N) * std::size_t(K);
+  if (scratch.size() < need) scratch = DeviceBuffer<__nv_bfloat16>(need);
+  dequantize_4bit(ctx, w, scratch.data());
+  gemm_bf16(ctx, x, M, K, scratch.data(), N, y, accumulate ? 1.0f : 0.0f);
+}
+
+}  // namespace cuda
+}  // namespace qlora

@@ -1,0 +1,126 @@
+// [cuda] y = x · Wᵀ with a 4-bit W on the GPU (tensor-core GEMV for M ≤ 64, dequantize + cuBLAS
+// above) against a double-precision reference on the same inputs: x rounded to bf16 and W
+// dequantized exactly (code · absmax in fp32, as the CPU computes it).
+//
+// Error measure, per output: |y − ref| / Σ_k |x_k · w_k|. The GPU paths round each weight to bf16
+// (the GEMV: its code value; the large-M path: code · absmax) and round y to bf16, each a relative
+// error ≤ 2⁻⁹, so the measure is at most 2⁻⁸ plus fp32 accumulation error; that is the bound.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "cuda_test_util.cuh"
+#include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/quant/blockwise4bit.hpp"
+
+using namespace qlora;
+
+namespace {
+
+struct Case {
+  int N, K, M, blocksize;
+  quant::Quant4Type type;
+  bool dq;
+};
+
+struct Errors {
+  double max_scaled = 0, rel_norm = 0;
+};
+
+Errors check_matmul(const Case& c, bool accumulate, bool force_cublas) {
+  auto& ctx = cudatest::context();
+  const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 11 + c.N + c.K + c.M, 0.02f);
+  const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
+  std::vector<float> w(wf.size());
+  quant::dequantize(q, w.data());
+  const auto xb = cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.K, 5 + c.M, 1.0f));
+  const auto y0 = cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.N, 9, 0.5f));
+
+  const auto dw = cuda::to_device(q, ctx);
+  auto dx = cudatest::upload_bf16(xb);
+  auto dy = cudatest::upload_bf16(accumulate ? y0 : std::vector<bf16>(y0.size(), bf16{0xffff}));  // NaN poison
+  cuda::DeviceBuffer<__nv_bfloat16> scratch;
+  if (force_cublas) {
+    scratch = cuda::DeviceBuffer<__nv_bfloat16>(std::size_t(c.N) * c.K);
+    cuda::dequantize_4bit(ctx, dw, scratch.data());
+    cuda::gemm_bf16(ctx, dx.data(), c.M, c.K, scratch.data(), c.N, dy.data(), accumulate ? 1.0f : 0.0f);
+  } else {
+    cuda::matmul_4bit(ctx, dw, dx.data(), c.M, dy.data(), scratch, accumulate);
+  }
+  ctx.synchronize();
+  const auto y = cudatest::download_bf16(dy);
+
+  Errors e;
+  double num = 0, den = 0;
+  for (int m = 0; m < c.M; ++m)
+    for (int n = 0; n < c.N; ++n) {
+      double ref = accumulate ? double(to_float(y0[std::size_t(m) * c.N + n])) : 0.0, scale = std::fabs(ref);
+      for (int k = 0; k < c.K; ++k) {
+        const double p = double(to_float(xb[std::size_t(m) * c.K + k])) * double(w[std::size_t(n) * c.K + k]);
+        ref += p;
+        scale += std::fabs(p);
+      }
+      const double got = to_float(y[std::size_t(m) * c.N + n]);
+      const double err = std::fabs(got - ref);
+      e.max_scaled = std::max(e.max_scaled, std::isfinite(got) ? err / scale : INFINITY);
+      num += err * err;
+      den += ref * ref;
+    }
+  e.rel_norm = std::sqrt(num / den);
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
+  const std::vector<Case> cases = {
+      {256, 1024, 1, 64, NF4, true},     {256, 1024, 1, 64, NF4, false},   {256, 1024, 1, 64, FP4, true},
+      {2128, 512, 1, 64, NF4, true},     {16, 64, 1, 64, NF4, true},       {48, 4096, 3, 128, NF4, true},
+      {1024, 768, 8, 64, FP4, false},    {1024, 768, 5, 256, NF4, true},   {512, 1024, 9, 64, NF4, true},
+      {512, 1024, 16, 64, FP4, true},    {512, 1024, 17, 4096 / 4, NF4, true}, {512, 1024, 32, 64, NF4, false},
+      {512, 1024, 33, 64, NF4, true},    {512, 1024, 64, 64, NF4, true},   {512, 1024, 65, 64, NF4, true},
+      {512, 1024, 200, 64, FP4, true},   {250, 1000, 4, 64, NF4, true},    {256, 1024, 2, 32, NF4, true},
+      {4096, 4096, 8, 64, NF4, true},    {1024, 11008, 1, 64, NF4, true},  {512, 4096, 12, 4096, FP4, false},
+      {2048, 2048, 24, 128, NF4, true},
+  };
+  for (const auto& c : cases)
+    for (bool acc : {false, true}) {
+      INFO("N " << c.N << " K " << c.K << " M " << c.M << " bs " << c.blocksize << " "
+                << quant::quant4_name(c.type) << " dq " << c.dq << " accumulate " << acc << " gemv "
+                << (c.M <= cuda::kGemvMaxTokens));
+      const auto e = check_matmul(c, acc, false);
+      std::printf("matmul N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g (bound %.3g), rel norm %.3g\n",
+                  c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type), int(c.dq), int(acc), e.max_scaled,
+                  std::ldexp(1.0, -8), e.rel_norm);
+      REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
+      REQUIRE(e.rel_norm < 5e-3);
+    }
+}
+
+TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  for (int M : {1, 8, 64, 300}) {
+    const auto e = check_matmul({1024, 1024, M, 64, quant::Quant4Type::NF4, true}, false, true);
+    INFO("M " << M);
+    REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
+  }
+}
+
+TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const int N = 4096, K = 4096, M = 4;
+  const auto wf = cudatest::gaussian(std::size_t(N) * K, 1);
+  const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
+  auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 2, 1.0f)));
+  cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N);
+  cuda::gemv_4bit(ctx, dw, dx.data(), M, y1.data());
+  cuda::gemv_4bit(ctx, dw, dx.data(), M, y2.data());
+  ctx.synchronize();
+  const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(a[i].bits == b[i].bits);
+}

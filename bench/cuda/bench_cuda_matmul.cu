@@ -1,0 +1,257 @@
+// CUDA benchmarks of the 4-bit kernels beside cuBLAS bf16, in one run (docs/performance.md, "CUDA").
+//
+// Every figure is the best of 5 replays of a CUDA graph of 30 calls, timed with CUDA events, divided
+// by 30 (the method of ../shared/ANCHORS.md). The 30 calls cycle through copies of the weight
+// totalling ≥ 512 MiB, so no call finds its weight in the 60 MB L2 left by the call before. Inputs
+// are random (never zeros). Printed as Google-Benchmark-like lines,
+//   name  time  [bytes or FLOP rate, fraction of the measured ceiling, baseline from this run]
+// with the names matmul/cuda/<type>/<N>x<K>/m<M>; the ceilings (device-to-device copy bandwidth,
+// read + write counted, and cuBLAS bf16 8192³) are measured first, in the same run.
+// Usage: bench_cuda_matmul [csv-output-path]
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemm_bf16.cuh"
+#include "qlora/cuda/gemv4bit.cuh"
+#include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/quantize4bit.cuh"
+
+using namespace qlora;
+using cuda::DeviceBuffer;
+
+namespace {
+
+__global__ void fill_uniform(__nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u ^ seed ^ std::uint32_t(i >> 32) * 0x85EBCA77u;
+    h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12, h *= 0x297A2D39u, h ^= h >> 15;
+    p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
+  }
+}
+
+__global__ void copy_kernel(const uint4* __restrict__ a, uint4* __restrict__ b, std::size_t n) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    b[i] = a[i];
+}
+// Reads everything, writes one word per thread (so the loads cannot be dropped).
+__global__ void read_kernel(const uint4* __restrict__ a, std::size_t n, unsigned* out) {
+  unsigned acc = 0;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcs(a + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+
+void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
+  fill_uniform<<<4096, 256, 0, ctx.stream()>>>(p, n, seed, scale);
+  QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
+}
+
+cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
+  cuda::DeviceQuantized4bit c;
+  c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
+  c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
+  c.nested_code = q.nested_code;
+  auto cp = [&](auto& dst, const auto& src) {
+    using T = std::remove_reference_t<decltype(*src.data())>;
+    dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
+    if (src.size())
+      QLORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
+  };
+  cp(c.packed, q.packed);
+  cp(c.absmax, q.absmax);
+  cp(c.qabsmax, q.qabsmax);
+  cp(c.absmax2, q.absmax2);
+  return c;
+}
+
+// Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
+double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30, int reps = 5) {
+  const cudaStream_t s = ctx.stream();
+  fn(0);  // warm-up outside the capture: module loading, cuBLAS heuristics, attributes
+  ctx.synchronize();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  QLORA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) fn(i);
+  QLORA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  QLORA_CUDA_CHECK(cudaEventCreate(&a));
+  QLORA_CUDA_CHECK(cudaEventCreate(&b));
+  QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));  // warm replay
+  float best = 1e30f;
+  for (int r = 0; r < reps; ++r) {
+    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
+    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
+    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    best = std::min(best, ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return double(best) * 1000.0 / calls;
+}
+
+FILE* csv = nullptr;
+void report(const std::string& name, double us, const std::string& extra) {
+  std::printf("%-44s %10.2f us   %s\n", name.c_str(), us, extra.c_str());
+  std::fflush(stdout);
+  if (csv) std::fprintf(csv, "%s,%.4f,\"%s\"\n", name.c_str(), us, extra.c_str());
+}
+
+std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 0) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, f, a, b, c, d);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (cuda::device_count() == 0) {
+    std::printf("no CUDA device: nothing to measure\n");
+    return 0;
+  }
+  if (argc > 1) csv = std::fopen(argv[1], "w");
+  if (csv) std::fprintf(csv, "name,us,notes\n");
+  cuda::Context ctx(0);
+  std::printf("device: %s, %d SMs, L2 %d MB, cuda runtime %d\n", ctx.name().c_str(), ctx.sm_count(),
+              ctx.props().l2CacheSize >> 20, CUDART_VERSION);
+
+  // --- ceilings ------------------------------------------------------------------------------
+  const std::size_t copy_bytes = std::size_t(2) << 30;
+  double copy_tbs = 0, read_tbs = 0, gemm_tflops = 0;
+  {
+    DeviceBuffer<unsigned char> a(copy_bytes), b(copy_bytes);
+    QLORA_CUDA_CHECK(cudaMemsetAsync(a.data(), 1, copy_bytes, ctx.stream()));
+    const double us = time_graph(ctx, [&](int) {
+      QLORA_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), copy_bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
+    }, 5, 5);
+    const double memcpy_tbs = 2.0 * copy_bytes / us * 1e-6;
+    report("copy/cuda/memcpy_d2d/2GiB", us, fmt("%.3f TB/s (read + write)", memcpy_tbs));
+    const double us_k = time_graph(ctx, [&](int) {
+      copy_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a.data()),
+                                                                 reinterpret_cast<uint4*>(b.data()), copy_bytes / 16);
+      QLORA_CUDA_CHECK_LAUNCH("copy_kernel");
+    }, 5, 5);
+    const double kernel_tbs = 2.0 * copy_bytes / us_k * 1e-6;
+    report("copy/cuda/kernel/2GiB", us_k, fmt("%.3f TB/s (read + write, 16-byte loads and stores)", kernel_tbs));
+    const double us_r = time_graph(ctx, [&](int) {
+      read_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a.data()),
+                                                                 copy_bytes / 16, reinterpret_cast<unsigned*>(b.data()));
+      QLORA_CUDA_CHECK_LAUNCH("read_kernel");
+    }, 5, 5);
+    read_tbs = double(copy_bytes) / us_r * 1e-6;
+    report("read/cuda/kernel/2GiB", us_r, fmt("%.3f TB/s (read only)", read_tbs));
+    copy_tbs = std::max(memcpy_tbs, kernel_tbs);
+  }
+  {
+    const int n = 8192;
+    DeviceBuffer<__nv_bfloat16> a(std::size_t(n) * n), b(std::size_t(n) * n), c(std::size_t(n) * n);
+    fill(ctx, a.data(), a.size(), 1, 2.0f);
+    fill(ctx, b.data(), b.size(), 2, 2.0f);
+    const double us = time_graph(ctx, [&](int) { cuda::gemm_bf16(ctx, a.data(), n, n, b.data(), n, c.data()); }, 10, 5);
+    gemm_tflops = 2.0 * n * n * double(n) / us * 1e-6;
+    report("gemm/cuda/bf16/8192x8192/m8192", us, fmt("%.1f TFLOP/s", gemm_tflops));
+  }
+
+  const std::vector<std::pair<int, int>> shapes = {{4096, 4096}, {11008, 4096}, {14336, 4096}};
+  const std::vector<int> Ms = {1, 8, 16, 32, 64, 128, 512, 4096};
+  const std::size_t rotate_bytes = std::size_t(512) << 20;
+  for (const auto& nk_pair : shapes) {
+    const int N = nk_pair.first, K = nk_pair.second;
+    const std::string shape = std::to_string(N) + "x" + std::to_string(K);
+    const std::size_t nk = std::size_t(N) * K;
+    // bf16 weights (the baseline) and their NF4 + double-quant copies
+    const int nbf = int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
+    std::vector<DeviceBuffer<__nv_bfloat16>> wb;
+    for (int i = 0; i < nbf; ++i) {
+      wb.emplace_back(nk);
+      fill(ctx, wb.back().data(), nk, 100 + i, 0.05f);
+    }
+    std::vector<cuda::DeviceQuantized4bit> wq;
+    {
+      const quant::Quant4Config cfg{quant::Quant4Type::NF4, 64, true};
+      // quantize_4bit synchronizes (it reads the offset and the NaN check back), so no graph here
+      cudaEvent_t a, b;
+      QLORA_CUDA_CHECK(cudaEventCreate(&a));
+      QLORA_CUDA_CHECK(cudaEventCreate(&b));
+      float best = 1e30f;
+      for (int r = 0; r < 5; ++r) {
+        QLORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+        auto q = cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg);
+        QLORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+        QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+        if (r > 0) best = std::min(best, ms);  // r = 0 loads the modules
+        if (r == 0) wq.push_back(std::move(q));
+      }
+      report("quantize/cuda/nf4dq/" + shape + "/bf16", best * 1000.0,
+             "bf16 in, NF4 + double quant out; includes the offset read-back and the NaN check");
+      cudaEventDestroy(a);
+      cudaEventDestroy(b);
+    }
+    const std::size_t qbytes = wq[0].weight_bytes();
+    const int nq = int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));
+    for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
+    ctx.synchronize();
+
+    DeviceBuffer<__nv_bfloat16> scratch(nk);
+    {
+      const double us = time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
+      const double bytes = double(qbytes) + 2.0 * nk;
+      report("dequantize/cuda/nf4dq/" + shape + "/bf16", us,
+             fmt("%.3f TB/s = %.0f%% of copy", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
+    }
+    for (int M : Ms) {
+      DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N);
+      fill(ctx, x.data(), x.size(), 7 + M, 2.0f);
+      const std::string suffix = shape + "/m" + std::to_string(M);
+      const double t_bf16 = time_graph(ctx, [&](int i) {
+        cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data());
+      });
+      const double flops = 2.0 * M * double(nk);
+      const double bytes_bf16 = 2.0 * nk + 2.0 * M * (K + N);
+      auto rate = [&](double us, double bytes) {
+        if (M >= 512) return fmt("%.0f TFLOP/s = %.0f%% of bf16 8192^3", flops / us * 1e-6, 100.0 * flops / us * 1e-6 / gemm_tflops);
+        return fmt("%.3f TB/s = %.0f%% of read", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / read_tbs);
+      };
+      report("matmul/cuda/bf16/" + suffix, t_bf16, "cuBLAS; " + rate(t_bf16, bytes_bf16));
+      const double t_q = time_graph(ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
+      const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
+      report("matmul/cuda/nf4dq/" + suffix, t_q,
+             rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
+                 (M <= cuda::kGemvMaxTokens ? "; tensor-core GEMV" : "; dequantize + cuBLAS"));
+      if (M == 1 || M == 8) {  // kernel lab: loads in flight per warp (U), blocks per SM (MINB)
+        auto lab = [&](auto u_tag, auto b_tag, const char* name) {
+          constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
+          const double us = time_graph(ctx, [&](int i) { cuda::gemv_4bit<U, B>(ctx, wq[i % nq], x.data(), M, y.data()); });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/" + name, us, rate(us, bytes_q));
+        };
+        using I1 = std::integral_constant<int, 1>;
+        using I2 = std::integral_constant<int, 2>;
+        lab(I2{}, I1{}, "u2_b1");
+        lab(std::integral_constant<int, 4>{}, I1{}, "u4_b1");
+        lab(std::integral_constant<int, 8>{}, I1{}, "u8_b1");
+        lab(I2{}, I2{}, "u2_b2");
+        lab(I1{}, I2{}, "u1_b2");
+      }
+    }
+  }
+  if (csv) std::fclose(csv);
+  return 0;
+}

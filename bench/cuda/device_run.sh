@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc (no CMake, no Eigen):
+#   bash bench/cuda/device_run.sh OUTDIR [steps]
+# steps: any of build test memcheck bench (default: all). Needs Catch2 v2's single header in
+# .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine). Logs go to OUTDIR.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+OUT=${1:?usage: device_run.sh OUTDIR [steps]}
+shift
+STEPS=${*:-build test memcheck bench}
+mkdir -p "$OUT" build-cuda
+ARCH="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90"
+FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+rc=0
+if has build; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1 | tee "$OUT/build.log"
+  nvcc --version | tail -1 | tee -a "$OUT/build.log"
+  (
+    g++ -std=c++17 -O2 -I.deps -c tests/catch_main.cpp -o build-cuda/catch_main.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
+    nvcc $FLAGS $ARCH -Xptxas -v bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_cuda_matmul -lcublas \
+      > build-cuda/ptxas.log 2>&1 &
+    nvcc -std=c++17 -Iinclude $ARCH tests/cuda/compile_check.cu -o build-cuda/cuda_compile_check &
+    wait
+  ) 2>&1 | tee -a "$OUT/build.log"
+  for t in test_cuda_quant test_cuda_matmul; do
+    nvcc $ARCH build-cuda/$t.o build-cuda/catch_main.o -o build-cuda/$t -lcublas 2>&1 | tee -a "$OUT/build.log"
+  done
+  grep -A2 "gemv4_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
+    | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
+  ls -la build-cuda | tee -a "$OUT/build.log"
+fi
+if has test; then
+  {
+    ./build-cuda/cuda_compile_check
+    timeout 120 ./build-cuda/test_cuda_quant "[cuda]" -d yes
+    timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
+  } > "$OUT/tests.log" 2>&1 || rc=1
+  tail -25 "$OUT/tests.log"
+fi
+if has memcheck; then
+  {
+    timeout 100 compute-sanitizer --tool memcheck --leak-check full ./build-cuda/test_cuda_quant \
+      "cuda dequantize_4bit equals*","*refuses NaN*"
+    echo "memcheck quant rc=$?"
+    timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
+    echo "memcheck gemv rc=$?"
+    timeout 60 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
+    echo "racecheck gemv rc=$?"
+  } > "$OUT/memcheck.log" 2>&1
+  grep -E "ERROR SUMMARY|rc=|passed|failed" "$OUT/memcheck.log"
+fi
+if has bench; then
+  timeout 200 ./build-cuda/bench_cuda_matmul "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.txt" || rc=1
+fi
+exit $rc

@@ -246,7 +246,7 @@ int main(int argc, char** argv) {
         using I2 = std::integral_constant<int, 2>;
         lab(I2{}, I1{}, "u2_b1");
         lab(std::integral_constant<int, 4>{}, I1{}, "u4_b1");
-        lab(std::integral_constant<int, 8>{}, I1{}, "u8_b1");
+        lab(std::integral_constant<int, 8>{}, I1{}, "u8_b1");  // spills: shown for the record
         lab(I2{}, I2{}, "u2_b2");
         lab(I1{}, I2{}, "u1_b2");
       }

@@ -85,7 +85,7 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
       {512, 1024, 33, 64, NF4, true},    {512, 1024, 64, 64, NF4, true},   {512, 1024, 65, 64, NF4, true},
       {512, 1024, 200, 64, FP4, true},   {250, 1000, 4, 64, NF4, true},    {256, 1024, 2, 32, NF4, true},
       {4096, 4096, 8, 64, NF4, true},    {1024, 11008, 1, 64, NF4, true},  {512, 4096, 12, 4096, FP4, false},
-      {2048, 2048, 24, 128, NF4, true},
+      {2048, 2048, 24, 128, NF4, true},  {256, 11008, 8, 64, NF4, true},   {256, 11008, 7, 64, FP4, false},
   };
   for (const auto& c : cases)
     for (bool acc : {false, true}) {

@@ -321,15 +321,27 @@ class LoraLinear<Quant, Rank, Cpu> {
     if (drop) {
       // the keep mask of training call `calls_`: a pure function of (seed, call, element), so the
       // CUDA backend draws the same one
-      keep.assign(std::size_t((M * in_ + 63) / 64), 0);
-      detail::split_rows(M, 8, [&](std::int64_t t0, std::int64_t t1) {
-        for (std::int64_t idx = t0 * in_; idx < t1 * in_; ++idx)
-          if (rng::dropout_keep(cfg_.seed, calls_, std::uint64_t(idx), cfg_.dropout))
-            __atomic_fetch_or(&keep[std::size_t(idx) / 64], std::uint64_t(1) << (idx % 64), __ATOMIC_RELAXED);
-      });
+      // CUDA backend draws the same one. Split by 64-bit words so each word has one writer (no
+      // atomics), and the input scaled while its word is in a register.
+      const std::int64_t n = M * in_, words = (n + 63) / 64;
+      keep.assign(std::size_t(words), 0);
       xd.resize(M, in_);
-      xd = X;
-      xd = apply_mask(xd, keep);
+      const float scale = 1.0f / (1.0f - cfg_.dropout);
+      const std::uint64_t seed = cfg_.seed, call = calls_;
+      const float p = cfg_.dropout;
+      detail::split_rows(words, 64, [&](std::int64_t w0, std::int64_t w1) {
+        float* xo = xd.data();
+        for (std::int64_t w = w0; w < w1; ++w) {
+          std::uint64_t word = 0;
+          const std::int64_t i0 = w * 64, i1 = std::min(n, i0 + 64);
+          for (std::int64_t idx = i0; idx < i1; ++idx) {
+            const bool k = rng::dropout_keep(seed, call, std::uint64_t(idx), p);
+            word |= std::uint64_t(k) << (idx - i0);
+            xo[idx] = k ? x[idx] * scale : 0.0f;
+          }
+          keep[std::size_t(w)] = word;
+        }
+      });
     }
     // h (M, r) = xd · Aᵀ; y += s · h · Bᵀ
     RowMat h(M, cfg_.r);

@@ -8,7 +8,8 @@
 //   logits = lm_head(norm(x))                                 (M, V)    lm_head = embed_tokens if tied
 //
 // Quant is the base format of the 7 projections of every layer (format::F32 keeps the checkpoint's
-// weights, format::NF4 quantizes them on load as bitsandbytes would); the embedding, the norms and
+// weights, format::NF4 quantizes them on load as bitsandbytes would, and a folder that is already
+// bitsandbytes 4-bit / int8 is taken as stored when Quant is its format); the embedding, the norms and
 // lm_head stay fp32. Projections that LoRA targets are LoraLinear; the others are frozen products
 // (model/linear.hpp says why). Everything but A and B of the LoRA layers is frozen: backward
 // produces dA, dB of every LoRA layer and no other parameter gradient.

@@ -1,0 +1,36 @@
+// A minimal driver for Nsight Compute: one 4-bit GEMV shape, launched a few times.
+//   prof_gemv N K M     (defaults 14336 4096 1)
+//   ncu --kernel-name regex:gemv4 --launch-skip 1 --launch-count 1 ./prof_gemv
+#include <cuda_bf16.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "qlora/cuda/gemv4bit.cuh"
+#include "qlora/cuda/quantize4bit.cuh"
+
+namespace {
+__global__ void fill(__nv_bfloat16* p, std::size_t n, float scale) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u;
+    h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12;
+    p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
+  }
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace qlora;
+  if (cuda::device_count() == 0) return 0;
+  const int N = argc > 1 ? std::atoi(argv[1]) : 14336, K = argc > 2 ? std::atoi(argv[2]) : 4096;
+  const int M = argc > 3 ? std::atoi(argv[3]) : 1;
+  cuda::Context ctx(0);
+  cuda::DeviceBuffer<__nv_bfloat16> w(std::size_t(N) * K), x(std::size_t(M) * K), y(std::size_t(M) * N);
+  fill<<<1024, 256, 0, ctx.stream()>>>(w.data(), w.size(), 0.05f);
+  fill<<<64, 256, 0, ctx.stream()>>>(x.data(), x.size(), 2.0f);
+  const auto q = cuda::quantize_4bit(ctx, w.data(), {N, K}, quant::Quant4Config{});
+  for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data());
+  ctx.synchronize();
+  std::printf("gemv %dx%d m%d done\n", N, K, M);
+  return 0;
+}

@@ -4,7 +4,9 @@
 //
 //   Quant    the base weight's format: format::F32, BF16, NF4, FP4, Int8 (lora/base_weight.hpp)
 //   Rank     the rank r as a compile-time constant (A and B get fixed-size rows), or Dynamic
-//   Backend  Cpu (backend/cpu/lora_linear.hpp); Cuda comes with the CUDA backend
+//   Backend  Cpu (backend/cpu/lora_linear.hpp) or Cuda (cuda/qlora/cuda/lora_linear.cuh, nvcc only:
+//            the tag is declared here so both backends name it alike; without the CUDA header the
+//            primary template below refuses it)
 //
 // The primary template only refuses: each backend is one specialization, selected by type.
 #include "qlora/lora/base_weight.hpp"
@@ -14,6 +16,7 @@ namespace qlora {
 
 // Backend policies.
 struct Cpu {};
+struct Cuda {};
 
 template <class Quant, int Rank, class Backend>
 class LoraLinear {

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc (no CMake, no Eigen):
+# Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc and g++ (no CMake):
 #   bash bench/cuda/device_run.sh OUTDIR [steps]
 # steps: any of build test memcheck bench (default: all). Needs Catch2 v2's single header in
-# .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine). Logs go to OUTDIR.
+# .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine), and for the LoRA
+# test's CPU reference Eigen and nlohmann-json in .deps/Eigen, .deps/nlohmann (copied from
+# /usr/include/eigen3/Eigen and /usr/include/nlohmann). Logs go to OUTDIR.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${1:?usage: device_run.sh OUTDIR [steps]}
@@ -18,6 +20,9 @@ if has build; then
   nvcc --version | tail -1 | tee -a "$OUT/build.log"
   (
     g++ -std=c++17 -O2 -I.deps -c tests/catch_main.cpp -o build-cuda/catch_main.o &
+    g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Iinclude -isystem .deps -c tests/cuda/cpu_lora_reference.cpp \
+      -o build-cuda/cpu_lora_reference.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_lora.cu -o build-cuda/test_cuda_lora.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
     nvcc $FLAGS $ARCH -Xptxas -v bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_cuda_matmul -lcublas \
@@ -28,6 +33,8 @@ if has build; then
   for t in test_cuda_quant test_cuda_matmul; do
     nvcc $ARCH build-cuda/$t.o build-cuda/catch_main.o -o build-cuda/$t -lcublas 2>&1 | tee -a "$OUT/build.log"
   done
+  nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
+    -o build-cuda/test_cuda_lora -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
   grep -A2 "gemv4_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
@@ -37,6 +44,7 @@ if has test; then
     ./build-cuda/cuda_compile_check
     timeout 120 ./build-cuda/test_cuda_quant "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
+    timeout 120 ./build-cuda/test_cuda_lora "[cuda]" -d yes
   } > "$OUT/tests.log" 2>&1 || rc=1
   tail -25 "$OUT/tests.log"
 fi
@@ -49,6 +57,8 @@ if has memcheck; then
     echo "memcheck gemv rc=$?"
     timeout 60 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "racecheck gemv rc=$?"
+    timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
+    echo "memcheck lora rc=$?"
   } > "$OUT/memcheck.log" 2>&1
   grep -E "ERROR SUMMARY|rc=|passed|failed" "$OUT/memcheck.log"
 fi

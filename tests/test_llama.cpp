@@ -76,6 +76,23 @@ void check_forward(Model& m, const std::string& expected, const Ids& ids, bool c
   std::printf("%-42s loss_masked %.7f, |diff| %.3g\n", expected.c_str(), double(lm), std::fabs(lm - want_m));
   CHECK(std::fabs(lm - want_m) <= 1e-5);
 }
+// The relative difference between p's largest-magnitude gradient element (where a central
+// difference is most accurate) and the central difference of the loss there, h = 1e-2.
+template <class Model>
+double fd_rel_diff(Model& m, const optim::Param& p, const Ids& ids) {
+  std::size_t at = 0;
+  for (std::size_t i = 1; i < p.size; ++i)
+    if (std::fabs(p.grad[i]) > std::fabs(p.grad[at])) at = i;
+  REQUIRE(p.grad[at] != 0.0f);
+  const float g = p.grad[at], v0 = p.value[at], h = 1e-2f;
+  p.value[at] = v0 + h;
+  const double lp = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+  p.value[at] = v0 - h;
+  const double lm = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
+  p.value[at] = v0;
+  const double fd = (lp - lm) / (2.0 * double(h));
+  return std::fabs(fd - double(g)) / std::fabs(double(g));
+}
 }  // namespace
 
 TEST_CASE("LlamaConfig reads both RoPE forms and the defaults", "[llama]") {
@@ -284,18 +301,7 @@ TEST_CASE("LlamaModel backward through frozen projections matches finite differe
   double worst = 0;
   for (const auto& p : params) {
     INFO(p.name);
-    // the element with the largest gradient, where a central difference is most accurate
-    std::size_t at = 0;
-    for (std::size_t i = 1; i < p.size; ++i)
-      if (std::fabs(p.grad[i]) > std::fabs(p.grad[at])) at = i;
-    const float g = p.grad[at], v0 = p.value[at], h = 1e-2f;
-    p.value[at] = v0 + h;
-    const double lp = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
-    p.value[at] = v0 - h;
-    const double lm = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
-    p.value[at] = v0;
-    const double fd = (lp - lm) / (2.0 * double(h));
-    const double rel = std::fabs(fd - double(g)) / std::fabs(double(g));
+    const double rel = fd_rel_diff(m, p, ids);
     worst = std::max(worst, rel);
     CHECK(rel <= 5e-3);  // measured 7e-4 (fp32 losses, h = 1e-2)
   }
@@ -388,18 +394,7 @@ TEST_CASE("LlamaModel full-parameter training: every weight's gradient matches f
     double worst = 0;
     for (const auto& p : params) {
       INFO(name << ": " << p.name);
-      std::size_t at = 0;
-      for (std::size_t i = 1; i < p.size; ++i)
-        if (std::fabs(p.grad[i]) > std::fabs(p.grad[at])) at = i;
-      REQUIRE(p.grad[at] != 0.0f);
-      const float g = p.grad[at], v0 = p.value[at], h = 1e-2f;
-      p.value[at] = v0 + h;
-      const double lp = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
-      p.value[at] = v0 - h;
-      const double lm = m.loss(ids.v.data(), ids.v.data(), ids.B, ids.T);
-      p.value[at] = v0;
-      const double fd = (lp - lm) / (2.0 * double(h));
-      const double rel = std::fabs(fd - double(g)) / std::fabs(double(g));
+      const double rel = fd_rel_diff(m, p, ids);
       worst = std::max(worst, rel);
       CHECK(rel <= 1e-2);
     }

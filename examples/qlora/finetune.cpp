@@ -216,8 +216,7 @@ int cmd_finetune(int argc, char** argv) {
     Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
     cli::TrainLoop run(o, d.evals);
     auto params = m.params();
-    std::size_t trainable = 0;
-    for (const auto& p : params) trainable += p.size;
+    const std::size_t trainable = cli::param_count(params);
     qlora::optim::AdamW opt(params, adam_options(a, o, 2e-4, 10));
     if (resume) {
       m.set_dropout_calls(run.resume(o.out));
@@ -269,8 +268,7 @@ int cmd_pretrain(int argc, char** argv) {
   Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
   cli::TrainLoop run(o, d.evals);
   auto params = m.params();
-  std::size_t n = 0;
-  for (const auto& p : params) n += p.size;
+  const std::size_t n = cli::param_count(params);
   qlora::optim::AdamW opt(params, adam_options(a, o, 1e-3, 50));
   if (resume) {
     run.resume(o.out);

@@ -41,8 +41,7 @@ int cmd_merge(int argc, char** argv) {
   cli::with_quant(quant, [&](auto tag) {
     using Q = decltype(tag);
     auto m = qlora::LlamaModel<Q>::load_with_adapter(model, adapter);
-    std::size_t n = 0;
-    for (const auto& p : m.params()) n += p.size;
+    const std::size_t n = cli::param_count(m.params());
     std::printf("merging %s (%zu LoRA parameters) into %s (base %s) -> %s (%s)\n", adapter.c_str(), n,
                 model.c_str(), quant.c_str(), out.c_str(), dtype.c_str());
     m.save(out, dtype == "f32"    ? qlora::DType::F32

@@ -29,6 +29,7 @@
 #include "qlora/io/safetensors.hpp"
 #include "qlora/lora/base_weight.hpp"
 #include "qlora/model/llama.hpp"
+#include "qlora/optim/param.hpp"
 #include "qlora/text/tokenizer.hpp"
 
 namespace cli {
@@ -77,6 +78,13 @@ template <class Quant>
 qlora::LlamaModel<Quant> load_model(const std::string& dir, const std::string& adapter_dir) {
   return adapter_dir.empty() ? qlora::LlamaModel<Quant>::load(dir)
                              : qlora::LlamaModel<Quant>::load_with_adapter(dir, adapter_dir);
+}
+
+// How many values the parameters hold (what "N trainable parameters" counts).
+inline std::size_t param_count(const std::vector<qlora::optim::Param>& params) {
+  std::size_t n = 0;
+  for (const auto& p : params) n += p.size;
+  return n;
 }
 
 // --name VALUE as a finite number (def when absent).

@@ -1,24 +1,25 @@
 #pragma once
 // Shared by the [cuda] tests: skipping without a device, one Context per test binary, random data,
 // and typed device copies of host vectors.
-#include <catch2/catch.hpp>
 #include <cuda_bf16.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "../test_util.hpp"
 #include "qlora/core/half.hpp"
 #include "qlora/cuda/buffer.cuh"
 #include "qlora/cuda/context.cuh"
 
 // Without a CUDA device (CI), a [cuda] test passes with a warning that says it was skipped.
-#define QLORA_REQUIRE_CUDA_OR_SKIP()                                      \
-  do {                                                                    \
-    if (::qlora::cuda::device_count() == 0) {                             \
+#define QLORA_REQUIRE_CUDA_OR_SKIP()                                         \
+  do {                                                                       \
+    if (::qlora::cuda::device_count() == 0) {                                \
       WARN("no CUDA device: test skipped (it ran only as a compile check)"); \
-      return;                                                             \
-    }                                                                     \
+      return;                                                                \
+    }                                                                        \
   } while (0)
 
 namespace cudatest {
@@ -28,13 +29,7 @@ inline qlora::cuda::Context& context() {
   return ctx;
 }
 
-inline std::vector<float> gaussian(std::size_t n, unsigned seed, float std = 0.02f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, std);
-  std::vector<float> x(n);
-  for (auto& v : x) v = d(rng);
-  return x;
-}
+using testutil::gaussian;  // the CPU tests' generator: same seeds, same data
 
 inline std::vector<qlora::bf16> to_bf16(const std::vector<float>& x) {
   std::vector<qlora::bf16> b(x.size());

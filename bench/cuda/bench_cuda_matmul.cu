@@ -22,19 +22,16 @@
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
+#include "bench_util.cuh"
 
 using namespace qlora;
 using cuda::DeviceBuffer;
+using benchutil::fill;
+using benchutil::fmt;
+using benchutil::report;
+using benchutil::time_graph;
 
 namespace {
-
-__global__ void fill_uniform(__nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
-    std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u ^ seed ^ std::uint32_t(i >> 32) * 0x85EBCA77u;
-    h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12, h *= 0x297A2D39u, h ^= h >> 15;
-    p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
-  }
-}
 
 __global__ void copy_kernel(const uint4* __restrict__ a, uint4* __restrict__ b, std::size_t n) {
   for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
@@ -48,11 +45,6 @@ __global__ void read_kernel(const uint4* __restrict__ a, std::size_t n, unsigned
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
-}
-
-void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
-  fill_uniform<<<4096, 256, 0, ctx.stream()>>>(p, n, seed, scale);
-  QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
 }
 
 cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
@@ -73,51 +65,6 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   return c;
 }
 
-// Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
-double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30, int reps = 5) {
-  const cudaStream_t s = ctx.stream();
-  fn(0);  // warm-up outside the capture: module loading, cuBLAS heuristics, attributes
-  ctx.synchronize();
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  QLORA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) fn(i);
-  QLORA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  QLORA_CUDA_CHECK(cudaEventCreate(&a));
-  QLORA_CUDA_CHECK(cudaEventCreate(&b));
-  QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));  // warm replay
-  float best = 1e30f;
-  for (int r = 0; r < reps; ++r) {
-    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
-    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
-    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  return double(best) * 1000.0 / calls;
-}
-
-FILE* csv = nullptr;
-void report(const std::string& name, double us, const std::string& extra) {
-  std::printf("%-44s %10.2f us   %s\n", name.c_str(), us, extra.c_str());
-  std::fflush(stdout);
-  if (csv) std::fprintf(csv, "%s,%.4f,\"%s\"\n", name.c_str(), us, extra.c_str());
-}
-
-std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 0) {
-  char buf[256];
-  std::snprintf(buf, sizeof buf, f, a, b, c, d);
-  return buf;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -125,8 +72,8 @@ int main(int argc, char** argv) {
     std::printf("no CUDA device: nothing to measure\n");
     return 0;
   }
-  if (argc > 1) csv = std::fopen(argv[1], "w");
-  if (csv) std::fprintf(csv, "name,us,notes\n");
+  if (argc > 1) benchutil::csv() = std::fopen(argv[1], "w");
+  if (benchutil::csv()) std::fprintf(benchutil::csv(), "name,us,notes\n");
   cuda::Context ctx(0);
   std::printf("device: %s, %d SMs, L2 %d MB, cuda runtime %d\n", ctx.name().c_str(), ctx.sm_count(),
               ctx.props().l2CacheSize >> 20, CUDART_VERSION);
@@ -235,23 +182,27 @@ int main(int argc, char** argv) {
       const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
       report("matmul/cuda/nf4dq/" + suffix, t_q,
              rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
-                 (M <= cuda::kGemvMaxTokens ? "; tensor-core GEMV" : "; dequantize + cuBLAS"));
-      if (M == 1 || M == 8) {  // kernel lab: loads in flight per warp (U), blocks per SM (MINB)
+                 (M > cuda::kGemvMaxTokens ? fmt("; dequantize + cuBLAS in %.0f slices", cuda::detail::auto_slices(M, N, K, 64)) : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) ? "; streaming tensor-core GEMV" : "; register tensor-core GEMV"));
+      if (M >= cuda::kSliceMinTokens) {  // kernel lab: the large-M path without the overlapped slices
+        const double us = time_graph(ctx, [&](int i) {
+          cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch, false, 1);
+        });
+        report("matmul_lab/cuda/nf4dq/" + suffix + "/slices1", us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+      }
+      if (M <= 32) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
-          const double us = time_graph(ctx, [&](int i) { cuda::gemv_4bit<U, B>(ctx, wq[i % nq], x.data(), M, y.data()); });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/" + name, us, rate(us, bytes_q));
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::gemv_4bit<U, B>(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Registers);
+          });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/registers_" + name, us,
+                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
-        using I1 = std::integral_constant<int, 1>;
-        using I2 = std::integral_constant<int, 2>;
-        lab(I2{}, I1{}, "u2_b1");
-        lab(std::integral_constant<int, 4>{}, I1{}, "u4_b1");
-        lab(std::integral_constant<int, 8>{}, I1{}, "u8_b1");  // spills: shown for the record
-        lab(I2{}, I2{}, "u2_b2");
-        lab(I1{}, I2{}, "u1_b2");
+        lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
+        if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
       }
     }
   }
-  if (csv) std::fclose(csv);
+  if (benchutil::csv()) std::fclose(benchutil::csv());
   return 0;
 }

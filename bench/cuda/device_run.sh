@@ -27,6 +27,7 @@ if has build; then
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
     nvcc $FLAGS $ARCH -Xptxas -v bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_cuda_matmul -lcublas \
       > build-cuda/ptxas.log 2>&1 &
+    nvcc $FLAGS $ARCH bench/cuda/bench_cuda_lora.cu -o build-cuda/bench_cuda_lora -lcublas &
     nvcc -std=c++17 -Iinclude $ARCH tests/cuda/compile_check.cu -o build-cuda/cuda_compile_check &
     wait
   ) 2>&1 | tee -a "$OUT/build.log"
@@ -35,7 +36,7 @@ if has build; then
   done
   nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
     -o build-cuda/test_cuda_lora -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
-  grep -A2 "gemv4_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
+  grep -A2 "gemv4_kernel\|gemv4_stream_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
 fi
@@ -64,5 +65,6 @@ if has memcheck; then
 fi
 if has bench; then
   timeout 200 ./build-cuda/bench_cuda_matmul "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.txt" || rc=1
+  timeout 120 ./build-cuda/bench_cuda_lora "$OUT/bench_lora.csv" 2>&1 | tee "$OUT/bench_lora.txt" || rc=1
 fi
 exit $rc

@@ -29,7 +29,8 @@ struct Errors {
   double max_scaled = 0, rel_norm = 0;
 };
 
-Errors check_matmul(const Case& c, bool accumulate, bool force_cublas) {
+Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
+                    cuda::GemvKernel kernel = cuda::GemvKernel::Auto, int slices = -1) {
   auto& ctx = cudatest::context();
   const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 11 + c.N + c.K + c.M, 0.02f);
   const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
@@ -46,6 +47,10 @@ Errors check_matmul(const Case& c, bool accumulate, bool force_cublas) {
     scratch = cuda::DeviceBuffer<__nv_bfloat16>(std::size_t(c.N) * c.K);
     cuda::dequantize_4bit(ctx, dw, scratch.data());
     cuda::gemm_bf16(ctx, dx.data(), c.M, c.K, scratch.data(), c.N, dy.data(), accumulate ? 1.0f : 0.0f);
+  } else if (slices >= 0) {
+    cuda::matmul_4bit_dequant(ctx, dw, dx.data(), c.M, dy.data(), scratch, accumulate, slices);
+  } else if (kernel != cuda::GemvKernel::Auto) {
+    cuda::gemv_4bit(ctx, dw, dx.data(), c.M, dy.data(), accumulate, kernel);
   } else {
     cuda::matmul_4bit(ctx, dw, dx.data(), c.M, dy.data(), scratch, accumulate);
   }
@@ -101,6 +106,43 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
     }
 }
 
+// The sm_90 streaming kernel (blocksize 64, K % 1024 == 0) and the register-fed kernel, each
+// forced, on shapes that exercise one and several stages per tile, fewer tiles than SMs and several
+// tiles per block, every token-tile width, and both absmax forms.
+TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
+  const std::vector<Case> cases = {
+      {16, 1024, 1, 64, NF4, true},  {4096, 1024, 1, 64, NF4, true}, {2064, 3072, 2, 64, NF4, false},
+      {4096, 4096, 8, 64, FP4, true}, {1040, 2048, 13, 64, NF4, true}, {528, 1024, 16, 64, FP4, false},
+      {3072, 2048, 27, 64, NF4, true}, {512, 4096, 40, 64, NF4, false}, {512, 2048, 64, 64, NF4, true},
+  };
+  const bool sm90 = ctx.props().major >= 9;
+  if (!sm90) std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major, ctx.props().minor);
+  for (const auto& c : cases)
+    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream}) {
+      if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
+      for (bool acc : {false, true}) {
+        INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq " << c.dq
+                  << " accumulate " << acc << " kernel " << (kernel == cuda::GemvKernel::Stream ? "stream" : "registers"));
+        const auto e = check_matmul(c, acc, false, kernel);
+        REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
+        REQUIRE(e.rel_norm < 5e-3);
+      }
+    }
+}
+
+TEST_CASE("cuda gemv_4bit refuses the streaming kernel where it does not apply", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const auto wf = cudatest::gaussian(std::size_t(64) * 1536, 3);
+  const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {64, 1536}, quant::Quant4Config{}), ctx);
+  cuda::DeviceBuffer<__nv_bfloat16> x(1536), y(64);
+  REQUIRE_THROWS_WITH(cuda::gemv_4bit(ctx, dw, x.data(), 1, y.data(), false, cuda::GemvKernel::Stream),
+                      Catch::Contains("K % 1024 == 0 (K = 1536)"));
+}
+
 TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   for (int M : {1, 8, 64, 300}) {
@@ -108,6 +150,27 @@ TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound
     INFO("M " << M);
     REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
   }
+}
+
+// The large-M path in row slices overlapped with the side stream, including the automatic choice
+// (M ≥ kSliceMinTokens) and more slices than scratch halves.
+TEST_CASE("cuda matmul_4bit in overlapped slices meets the same bound", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  const auto NF4 = quant::Quant4Type::NF4;
+  for (int slices : {0, 1, 2, 4})
+    for (bool acc : {false, true}) {
+      const Case c{2048, 512, slices == 0 ? 1100 : 130, 64, NF4, true};
+      INFO("slices " << slices << " M " << c.M << " accumulate " << acc);
+      const auto e = check_matmul(c, acc, false, cuda::GemvKernel::Auto, slices);
+      REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
+      REQUIRE(e.rel_norm < 5e-3);
+    }
+  auto& ctx = cudatest::context();
+  const auto wf = cudatest::gaussian(std::size_t(48) * 64, 3);
+  const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {48, 64}, quant::Quant4Config{}), ctx);
+  cuda::DeviceBuffer<__nv_bfloat16> x(64 * 100), y(48 * 100), scratch;
+  REQUIRE_THROWS_WITH(cuda::matmul_4bit_dequant(ctx, dw, x.data(), 100, y.data(), scratch, false, 5),
+                      Catch::Contains("5 slices of a (48, 64) weight"));
 }
 
 TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
@@ -118,7 +181,7 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
   auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 2, 1.0f)));
   cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N);
-  cuda::gemv_4bit(ctx, dw, dx.data(), M, y1.data());
+  cuda::gemv_4bit(ctx, dw, dx.data(), M, y1.data());  // the streaming kernel on sm_90
   cuda::gemv_4bit(ctx, dw, dx.data(), M, y2.data());
   ctx.synchronize();
   const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);

@@ -72,9 +72,10 @@ __device__ __forceinline__ void store8(float* out, const float v[8]) {
   reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// Values [first, first + n) of the tensor (first a multiple of 8) to out[0, n).
 template <class Out>
-__global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __restrict__ packed, std::size_t n,
-                                                          int block_shift, AbsmaxView am, Code16Param code,
+__global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __restrict__ packed, std::size_t first,
+                                                          std::size_t n, int block_shift, AbsmaxView am, Code16Param code,
                                                           Code256Param map, Out* __restrict__ out) {
   __shared__ float s_code[16];
   __shared__ float s_map[256];
@@ -96,8 +97,8 @@ __global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const std::size_t gi = g0 + u * stride;
-        w[u] = gi < groups ? __ldcs(reinterpret_cast<const unsigned int*>(packed) + gi) : 0u;
-        amax[u] = gi < groups ? block_absmax(am, s_map, (gi * 8) >> block_shift) : 0.0f;
+        w[u] = gi < groups ? __ldcs(reinterpret_cast<const unsigned int*>(packed) + first / 8 + gi) : 0u;
+        amax[u] = gi < groups ? block_absmax(am, s_map, (first + gi * 8) >> block_shift) : 0.0f;
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -115,10 +116,11 @@ __global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __
     }
   }
   // the tail (and everything, for an unaligned output), one value per thread
-  const std::size_t first = aligned ? groups * 8 : 0;
-  for (std::size_t i = first + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::uint32_t byte = packed[i / 2];
-    store1(out + i, __fmul_rn(s_code[(i % 2 == 0) ? (byte >> 4) : (byte & 0xfu)], block_absmax(am, s_map, i >> block_shift)));
+  const std::size_t tail = aligned ? groups * 8 : 0;
+  for (std::size_t i = tail + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::size_t e = first + i;
+    const std::uint32_t byte = packed[e / 2];
+    store1(out + i, __fmul_rn(s_code[(e % 2 == 0) ? (byte >> 4) : (byte & 0xfu)], block_absmax(am, s_map, e >> block_shift)));
   }
 }
 
@@ -149,23 +151,34 @@ inline Code256Param map_param(const DeviceQuantized4bit& q) {
 
 }  // namespace detail
 
-// out: device pointer, (numel) values of __nv_bfloat16, __half or float. Asynchronous on ctx's stream.
+// Values [first, first + count) of q (first a multiple of 8, e.g. whole rows of a matrix whose row
+// length is a multiple of 8) into out[0, count): device pointer to __nv_bfloat16, __half or float.
+// Asynchronous on `stream` (default: ctx's).
 template <class Out>
-void dequantize_4bit(const Context& ctx, const DeviceQuantized4bit& q, Out* out) {
+void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std::size_t first, std::size_t count,
+                           Out* out, cudaStream_t stream = nullptr) {
   const std::size_t n = std::size_t(q.numel());
   QLORA_CHECK(q.packed.size() == (n + 1) / 2, "cuda::dequantize_4bit: packed has ", q.packed.size(),
               " bytes, expected ", (n + 1) / 2);
   QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit: nested blocksize ",
               q.nested_blocksize, ", expected 256");
+  QLORA_CHECK(first % 8 == 0 && first <= n && count <= n - first, "cuda::dequantize_4bit: range [", first, ", ",
+              first + count, ") of ", n, " values (the start must be a multiple of 8)");
   quant::check_blocksize4(q.blocksize);
-  if (n == 0) return;
+  if (count == 0) return;
   ctx.activate();
-  const std::size_t blocks = (n / 8 + 255) / 256 + 1;
+  const std::size_t blocks = (count / 8 + 255) / 256 + 1;
   const unsigned grid = unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * 16));
-  detail::dequantize4_kernel<Out><<<grid, 256, 0, ctx.stream()>>>(
-      q.packed.data(), n, detail::log2_exact(q.blocksize), detail::absmax_view(q), detail::decode_table(q),
+  detail::dequantize4_kernel<Out><<<grid, 256, 0, stream ? stream : ctx.stream()>>>(
+      q.packed.data(), first, count, detail::log2_exact(q.blocksize), detail::absmax_view(q), detail::decode_table(q),
       detail::map_param(q), out);
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
+}
+
+// All of q: out holds numel() values.
+template <class Out>
+void dequantize_4bit(const Context& ctx, const DeviceQuantized4bit& q, Out* out) {
+  dequantize_4bit_range(ctx, q, 0, std::size_t(q.numel()), out);
 }
 
 }  // namespace cuda

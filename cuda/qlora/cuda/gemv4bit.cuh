@@ -32,6 +32,8 @@
 
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemv4bit_common.cuh"
+#include "qlora/cuda/gemv4bit_stream.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
 
 namespace qlora {
@@ -40,47 +42,6 @@ namespace detail {
 
 constexpr int kGemvWarps = 16;
 constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kLutBytes = 256 * 256;  // 256 entries × 256 bytes (the lanes use the first 128)
-
-struct GemvArgs {
-  const std::uint8_t* packed;  // (N, K / 2)
-  AbsmaxView am;
-  const __nv_bfloat16* x;  // (M, K)
-  __nv_bfloat16* y;        // (M, N)
-  int M, N, K;
-  int block_shift;  // log2(blocksize)
-  int tiles;        // N / 16
-  bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
-  Code16Param code;
-  Code256Param map;
-};
-
-__device__ __forceinline__ std::uint32_t bf16_pair(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const std::uint32_t*>(&h);
-}
-
-__device__ __forceinline__ uint2 load_stream(const std::uint8_t* p) {
-  uint2 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
-// bf16 pair of packed byte J of `word`, from this lane's copy of the table.
-template <int J>
-__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word, std::uint32_t lane4) {
-  const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
-  return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
-}
-
-__device__ __forceinline__ void mma_bf16(float c[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 inline std::size_t gemv_smem_bytes(int nt) {
   return std::size_t(kLutBytes) + 256 * sizeof(float) + std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
@@ -97,10 +58,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   constexpr int kCols = 8 * NT;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int i = tid; i < 256 * 32; i += kGemvThreads) {
-    const int e = i >> 5, l = i & 31;  // e is uniform over a warp: no divergent parameter reads
-    reinterpret_cast<std::uint32_t*>(s_lut)[e * 64 + l] = bf16_pair(a.code.v[e >> 4], a.code.v[e & 15]);
-  }
+  fill_pair_lut(s_lut, a.code, tid, kGemvThreads);
   if (DQ)
     for (int i = warp; i < 256; i += kGemvWarps)
       if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
@@ -170,15 +128,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
           c1[i] = __float_as_uint(__ldg(a.am.absmax + b1));
           n0[i] = n1[i] = 0.0f;
         }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          xa[i][j] = xb[i][j] = make_uint4(0, 0, 0, 0);
-          if (8 * j + g < a.M) {
-            const uint4* p = reinterpret_cast<const uint4*>(px + std::size_t(8 * j) * K);
-            xa[i][j] = __ldg(p);
-            xb[i][j] = __ldg(p + 1);
-          }
-        }
+        load_x<NT>(px, K, g, a.M, xa[i], xb[i]);
         if (++kc == KC) {
           kc = 0;
           ++tile;
@@ -209,31 +159,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
       float tmp[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const std::uint32_t wA = q < 2 ? wa[i].x : wa[i].y, wB = q < 2 ? wb[i].x : wb[i].y;
-        std::uint32_t a0, a1, a2, a3;
-        if (q % 2 == 0) {
-          a0 = lut<0>(s_lut, wA, lane4), a2 = lut<1>(s_lut, wA, lane4);
-          a1 = lut<0>(s_lut, wB, lane4), a3 = lut<1>(s_lut, wB, lane4);
-        } else {
-          a0 = lut<2>(s_lut, wA, lane4), a2 = lut<3>(s_lut, wA, lane4);
-          a1 = lut<2>(s_lut, wB, lane4), a3 = lut<3>(s_lut, wB, lane4);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint4& xv = q < 2 ? xa[i][j] : xb[i][j];
-          const std::uint32_t b0 = q % 2 == 0 ? xv.x : xv.z, b1 = q % 2 == 0 ? xv.y : xv.w;
-          mma_bf16(tmp[j], a0, a1, a2, a3, b0, b1);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        acc[j][0] = fmaf(am0, tmp[j][0], acc[j][0]);
-        acc[j][1] = fmaf(am0, tmp[j][1], acc[j][1]);
-        acc[j][2] = fmaf(am1, tmp[j][2], acc[j][2]);
-        acc[j][3] = fmaf(am1, tmp[j][3], acc[j][3]);
-      }
+      mma_unit<NT>(s_lut, lane4, wa[i], wb[i], xa[i], xb[i], tmp);
+      scale_add<NT>(acc, tmp, am0, am1);
     }
   }
   if (ub < ue) write_slot(seg);
@@ -287,15 +214,24 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
          (!w.double_quant || w.nested_blocksize == 256) && N / 16 < (std::int64_t(1) << 30);
 }
 
+// Which kernel gemv_4bit runs: Auto picks the streaming sm_90 kernel (gemv4bit_stream.cuh) where it
+// takes the shape, else the register-fed one of this header; the others force one (tests, the
+// benchmarks' kernel lab). Stream on a device or shape it does not take is an error.
+enum class GemvKernel { Auto, Registers, Stream };
+
 // y (M, N) = x (M, K) · Wᵀ (or y += when accumulate), bf16 in and out, fp32 accumulation.
 // x and y are device pointers with 16-byte aligned rows. Asynchronous on ctx's stream.
-// U, MINB (M ≤ 8 only): loads in flight per warp and blocks per SM, for the benchmarks' kernel lab.
+// U, MINB (register kernel, M ≤ 8 only): loads in flight per warp and blocks per SM.
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
-               bool accumulate = false) {
+               bool accumulate = false, GemvKernel kernel = GemvKernel::Auto) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
               "), blocksize ", w.blocksize, ", M = ", M, " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
   QLORA_CHECK((reinterpret_cast<std::uintptr_t>(x) & 15) == 0, "cuda::gemv_4bit: x is not 16-byte aligned");
+  const bool stream_ok = detail::gemv_stream_supported(ctx, w.blocksize, w.double_quant, w.nested_blocksize, w.cols());
+  QLORA_CHECK(kernel != GemvKernel::Stream || stream_ok, "cuda::gemv_4bit: the streaming kernel needs sm_90 (device has sm_",
+              ctx.props().major, ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % ",
+              detail::kStageK, " == 0 (K = ", w.cols(), ")");
   ctx.activate();
   detail::GemvArgs args;
   args.packed = w.packed.data();
@@ -311,6 +247,17 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;
+  if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_ok)) {
+    if (M <= 8)
+      detail::dispatch_gemv4_stream<1>(ctx, args, dq);
+    else if (M <= 16)
+      detail::dispatch_gemv4_stream<2>(ctx, args, dq);
+    else if (M <= 32)
+      detail::dispatch_gemv4_stream<4>(ctx, args, dq);
+    else
+      detail::dispatch_gemv4_stream<8>(ctx, args, dq);
+    return;
+  }
   if (M <= 8)
     detail::dispatch_gemv4_dq<1, U, MINB>(ctx, args, dq);
   else if (M <= 16)

@@ -1,0 +1,81 @@
+#pragma once
+// What the CUDA benchmarks share: random bf16 fills, the graph-replay timer and the report lines.
+//
+// time_graph: the best of `reps` replays of a CUDA graph of `calls` calls of fn(i), timed with CUDA
+// events and divided by `calls` (the method of ../shared/ANCHORS.md). Report lines look like Google
+// Benchmark's, `name  time  notes`, and go to the CSV given with set_csv too.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
+
+#include "qlora/cuda/context.cuh"
+
+namespace qlora {
+namespace benchutil {
+
+static __global__ void fill_uniform(__nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u ^ seed ^ std::uint32_t(i >> 32) * 0x85EBCA77u;
+    h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12, h *= 0x297A2D39u, h ^= h >> 15;
+    p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
+  }
+}
+
+inline void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
+  fill_uniform<<<4096, 256, 0, ctx.stream()>>>(p, n, seed, scale);
+  QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
+}
+
+// Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
+inline double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30, int reps = 5) {
+  const cudaStream_t s = ctx.stream();
+  fn(0);  // warm-up outside the capture: module loading, cuBLAS heuristics, attributes
+  ctx.synchronize();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  QLORA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) fn(i);
+  QLORA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t a, b;
+  QLORA_CUDA_CHECK(cudaEventCreate(&a));
+  QLORA_CUDA_CHECK(cudaEventCreate(&b));
+  QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));  // warm replay
+  float best = 1e30f;
+  for (int r = 0; r < reps; ++r) {
+    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
+    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
+    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    best = std::min(best, ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return double(best) * 1000.0 / calls;
+}
+
+inline FILE*& csv() {
+  static FILE* f = nullptr;
+  return f;
+}
+inline void report(const std::string& name, double us, const std::string& extra) {
+  std::printf("%-44s %10.2f us   %s\n", name.c_str(), us, extra.c_str());
+  std::fflush(stdout);
+  if (csv()) std::fprintf(csv(), "%s,%.4f,\"%s\"\n", name.c_str(), us, extra.c_str());
+}
+
+inline std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 0) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, f, a, b, c, d);
+  return buf;
+}
+
+}  // namespace benchutil
+}  // namespace qlora

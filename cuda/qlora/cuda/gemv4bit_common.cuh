@@ -1,0 +1,126 @@
+#pragma once
+// What the two 4-bit GEMV kernels share (gemv4bit.cuh: any sm_80+ GPU, loads straight into
+// registers; gemv4bit_stream.cuh: sm_90, weights streamed into shared memory by the copy engine):
+// their arguments, the byte -> bf16-pair table, and the tensor-core work on one "unit" of 16 rows ×
+// 64 values of K. gemv4bit.cuh's header comment describes the unit's layout and the k permutation.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "qlora/cuda/codes4bit.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+namespace detail {
+
+constexpr int kLutBytes = 256 * 256;  // 256 entries × 256 bytes (the lanes use the first 128)
+
+struct GemvArgs {
+  const std::uint8_t* packed;  // (N, K / 2)
+  AbsmaxView am;
+  const __nv_bfloat16* x;  // (M, K)
+  __nv_bfloat16* y;        // (M, N)
+  int M, N, K;
+  int block_shift;  // log2(blocksize)
+  int tiles;        // N / 16
+  bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
+  Code16Param code;
+  Code256Param map;
+};
+
+__device__ __forceinline__ std::uint32_t bf16_pair(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const std::uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint2 load_stream(const std::uint8_t* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// bf16 pair of packed byte J of `word`, from this lane's copy of the table.
+template <int J>
+__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word, std::uint32_t lane4) {
+  const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
+  return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
+}
+
+__device__ __forceinline__ void mma_bf16(float c[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                         std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+  asm(  // not volatile: a pure function of its operands, so the compiler may interleave it with loads
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Lane copies of the 256-entry table: entry e (packed byte e -> bf16 pair of its two codes) of lane
+// l at byte 256e + 4l, so a warp's 32 lookups fall in 32 different banks whatever the bytes.
+// `threads` is the block size, a multiple of 32: e is then uniform over a warp, so the parameter
+// reads are not divergent.
+__device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16Param& code, int tid, int threads) {
+  for (int i = tid; i < 256 * 32; i += threads) {
+    const int e = i >> 5, l = i & 31;
+    reinterpret_cast<std::uint32_t*>(s_lut)[e * 64 + l] = bf16_pair(code.v[e >> 4], code.v[e & 15]);
+  }
+}
+
+// tmp[j] (16 rows × 8 tokens of tile j, mma C layout) += unit · x. wa / wb: this lane's 8 packed
+// bytes of rows g and g + 8 (g = lane / 4) at byte 8·(lane % 4) of the unit; xa / xb: its 16 x
+// values of token 8j + g at k = 16·(lane % 4) (two 16-byte loads, zero past M).
+template <int NT>
+__device__ __forceinline__ void mma_unit(const unsigned char* s_lut, std::uint32_t lane4, uint2 wa, uint2 wb,
+                                         const uint4 (&xa)[NT], const uint4 (&xb)[NT], float (&tmp)[NT][4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const std::uint32_t wA = q < 2 ? wa.x : wa.y, wB = q < 2 ? wb.x : wb.y;
+    std::uint32_t a0, a1, a2, a3;
+    if (q % 2 == 0) {
+      a0 = lut<0>(s_lut, wA, lane4), a2 = lut<1>(s_lut, wA, lane4);
+      a1 = lut<0>(s_lut, wB, lane4), a3 = lut<1>(s_lut, wB, lane4);
+    } else {
+      a0 = lut<2>(s_lut, wA, lane4), a2 = lut<3>(s_lut, wA, lane4);
+      a1 = lut<2>(s_lut, wB, lane4), a3 = lut<3>(s_lut, wB, lane4);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint4& xv = q < 2 ? xa[j] : xb[j];
+      const std::uint32_t b0 = q % 2 == 0 ? xv.x : xv.z, b1 = q % 2 == 0 ? xv.y : xv.w;
+      mma_bf16(tmp[j], a0, a1, a2, a3, b0, b1);
+    }
+  }
+}
+
+// acc += absmax · tmp: rows g (am0) and g + 8 (am1) of the unit, in fp32.
+template <int NT>
+__device__ __forceinline__ void scale_add(float (&acc)[NT][4], const float (&tmp)[NT][4], float am0, float am1) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    acc[j][0] = fmaf(am0, tmp[j][0], acc[j][0]);
+    acc[j][1] = fmaf(am0, tmp[j][1], acc[j][1]);
+    acc[j][2] = fmaf(am1, tmp[j][2], acc[j][2]);
+    acc[j][3] = fmaf(am1, tmp[j][3], acc[j][3]);
+  }
+}
+
+// The 8 x values of token tile j that mma_unit wants, for the unit whose first k is at `px`
+// (token g's row; tokens at or past M read as zero).
+template <int NT>
+__device__ __forceinline__ void load_x(const __nv_bfloat16* px, std::size_t K, int g, int M, uint4 (&xa)[NT],
+                                       uint4 (&xb)[NT]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
+    if (8 * j + g < M) {
+      const uint4* p = reinterpret_cast<const uint4*>(px + std::size_t(8 * j) * K);
+      xa[j] = __ldg(p);
+      xb[j] = __ldg(p + 1);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace qlora

@@ -199,6 +199,13 @@ int main(int argc, char** argv) {
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
+        for (int sk : {1024, 2048}) {  // the streaming kernel with smaller stages (more, smaller copies)
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Stream, sk);
+          });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/stream_k" + std::to_string(sk), us,
+                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+        }
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
       }
     }

@@ -221,17 +221,17 @@ enum class GemvKernel { Auto, Registers, Stream };
 
 // y (M, N) = x (M, K) · Wᵀ (or y += when accumulate), bf16 in and out, fp32 accumulation.
 // x and y are device pointers with 16-byte aligned rows. Asynchronous on ctx's stream.
-// U, MINB (register kernel, M ≤ 8 only): loads in flight per warp and blocks per SM.
+// U, MINB (register kernel, M ≤ 8 only): loads in flight per warp and blocks per SM; stage_k
+// (streaming kernel): values of K per stage, 0 for stream_stage_k's choice (the benchmarks' lab).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
-               bool accumulate = false, GemvKernel kernel = GemvKernel::Auto) {
+               bool accumulate = false, GemvKernel kernel = GemvKernel::Auto, int stage_k = 0) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
               "), blocksize ", w.blocksize, ", M = ", M, " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
   QLORA_CHECK((reinterpret_cast<std::uintptr_t>(x) & 15) == 0, "cuda::gemv_4bit: x is not 16-byte aligned");
   const bool stream_ok = detail::gemv_stream_supported(ctx, w.blocksize, w.double_quant, w.nested_blocksize, w.cols());
   QLORA_CHECK(kernel != GemvKernel::Stream || stream_ok, "cuda::gemv_4bit: the streaming kernel needs sm_90 (device has sm_",
-              ctx.props().major, ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % ",
-              detail::kStageK, " == 0 (K = ", w.cols(), ")");
+              ctx.props().major, ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % 1024 == 0 (K = ", w.cols(), ")");
   ctx.activate();
   detail::GemvArgs args;
   args.packed = w.packed.data();
@@ -249,13 +249,13 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   const bool dq = w.double_quant;
   if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_ok)) {
     if (M <= 8)
-      detail::dispatch_gemv4_stream<1>(ctx, args, dq);
+      detail::dispatch_gemv4_stream<1>(ctx, args, dq, stage_k);
     else if (M <= 16)
-      detail::dispatch_gemv4_stream<2>(ctx, args, dq);
+      detail::dispatch_gemv4_stream<2>(ctx, args, dq, stage_k);
     else if (M <= 32)
-      detail::dispatch_gemv4_stream<4>(ctx, args, dq);
+      detail::dispatch_gemv4_stream<4>(ctx, args, dq, stage_k);
     else
-      detail::dispatch_gemv4_stream<8>(ctx, args, dq);
+      detail::dispatch_gemv4_stream<8>(ctx, args, dq, stage_k);
     return;
   }
   if (M <= 8)

@@ -24,6 +24,7 @@ struct GemvArgs {
   int M, N, K;
   int block_shift;  // log2(blocksize)
   int tiles;        // N / 16
+  int stage_k;      // values of K per stage (the streaming kernel)
   bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
   Code16Param code;
   Code256Param map;

@@ -7,27 +7,29 @@
 //
 // Why: the register-fed kernel can only have U units per warp in flight, and issues them in bursts
 // between compute phases; on an H200 it moved 1.2 TB/s at M = 1 (27% of the read ceiling), bound by
-// latency at low occupancy. Here an SM has S stages (≈ 10 KB each) in flight whatever the
-// consumers are doing.
+// latency at low occupancy. Here an SM has S stages (up to ~190 KB) in flight whatever the
+// consumers are doing. A first version with 1024-value stages (48 copies of 4–512 bytes per 10 KB
+// stage) ran at half the register kernel's speed: the copy engine wants few, large copies.
 //
 // Layout of the work
-// - A stage is 16 rows (one tile) × 1024 values of K: per row 512 packed bytes (one bulk copy each,
-//   to a row pitch of 544 bytes so the 4 rows a half-warp reads with 8-byte loads hit distinct
-//   banks), the row's 16 absmax (16 code bytes, or 16 floats without double quantization; pitch 80
-//   bytes, again distinct banks) and, with double quantization, the one nested absmax the row's 16
-//   blocks share (a 4-byte cp.async: the 16 blocks start at a multiple of 16, so they never straddle
-//   a nested block of 256).
+// - A stage is 16 rows (one tile) × stage_k values of K (all of K up to 4096; StageLayout): per row
+//   one bulk copy of stage_k / 2 packed bytes, to a row pitch padded by 32 bytes so the 4 rows a
+//   half-warp reads with 8-byte loads hit distinct banks; the absmax of the 16 rows (codes with
+//   double quantization, floats without) in one copy when a stage is whole rows, else one per row.
+// - The nested absmax (double quantization: one float per 16384 values) has no alignment a bulk
+//   copy could use; the consumers load it from global memory one stage ahead.
 // - One producer warp (warp 16): for stage s it waits until slot s % S is empty, posts the bytes to
-//   expect on the slot's full barrier, and lanes 0..15 start their row's copies.
-// - 16 consumer warps: warp u takes unit u (values 64u..64u+63 of the stage) of every stage, so a
-//   tile's 16·(K / 1024) units are spread over all of them. It loads its x slice (global, L1-resident
-//   for small M) before waiting on the slot, reads its fragments, releases the slot, and computes.
+//   expect on the slot's full barrier, and starts the copies.
+// - 16 consumer warps: warp w takes units w, w + 16, ... (64 values each) of every stage, so a
+//   tile's units are spread over all of them. Per unit it loads its x slice (global, L1-resident
+//   for small M), reads its fragments, and computes; after its last read it releases the slot.
 // - At the end of each tile the consumers leave their partial sums in shared memory, meet at a named
 //   barrier (the producer runs on), add the 16 partials in warp order (deterministic) and store y.
 // - Grid: one persistent block per SM, each owning a contiguous range of tiles.
 //
-// Takes: sm_90, blocksize 64, K % 1024 == 0, N % 16 == 0, M ≤ 64, nested blocksize 256 (the shapes
-// of Llama's projections but down_proj of a 11008-wide MLP, which gemv4bit.cuh's kernel serves).
+// Takes: sm_90, blocksize 64, K % 1024 == 0 (and K ≤ 4096 or a multiple of 1024 dividing by one of
+// 4096 / 2048 / 1024: every multiple of 1024), N % 16 == 0, M ≤ 64, nested blocksize 256: the shapes
+// of Llama's projections but down_proj of a 11008-wide MLP, which gemv4bit.cuh's kernel serves.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -40,46 +42,60 @@ namespace qlora {
 namespace cuda {
 namespace detail {
 
-constexpr int kStreamConsumers = 16;                         // warps; one unit of each stage each
+constexpr int kStreamConsumers = 16;                         // warps
 constexpr int kStreamThreads = (kStreamConsumers + 1) * 32;  // + the producer warp
-constexpr int kStageK = 1024;                                // values of K per stage (16 units)
-constexpr int kStageRowPitch = 512 + 32;
-constexpr int kStageAmPitch = 80;
-constexpr int kStageAmOff = 16 * kStageRowPitch;                   // 8704
-constexpr int kStageNestedOff = kStageAmOff + 16 * kStageAmPitch;  // 9984
-constexpr int kStageBytes = (kStageNestedOff + 16 * 4 + 127) / 128 * 128;
 constexpr int kStreamMaxStages = 16;
+constexpr int kStreamMaxUnits = 4;  // units per consumer warp per stage (stage_k ≤ 4096)
+constexpr int kStreamFixedBytes = kLutBytes + 256 * sizeof(float) + 2 * kStreamMaxStages * sizeof(std::uint64_t);
 
-// Stages in flight per SM by token tiles: the per-warp partials (16 warps × 16 rows × 8·NT floats)
-// grow with NT and share the 227 KB.
-template <int NT>
-struct StreamStages {
-  static constexpr int value = NT <= 2 ? 12 : NT == 4 ? 8 : 6;
+// A stage's layout for stage_k values of K per row: 16 rows of stage_k / 2 packed bytes at a pitch
+// of stage_k / 2 + 32 (so the 4 rows a half-warp reads with 8-byte loads hit distinct banks), then
+// 16 rows of absmax at a pitch of stage_k / 64 codes (double quantization) or floats.
+struct StageLayout {
+  int k, row_pitch, am_off, am_pitch, bytes;
+  __host__ __device__ StageLayout(int stage_k, bool dq)
+      : k(stage_k),
+        row_pitch(stage_k / 2 + 32),
+        am_off(16 * (stage_k / 2 + 32)),
+        am_pitch(dq ? stage_k / 64 : stage_k / 16),
+        bytes((16 * (stage_k / 2 + 32) + 16 * (dq ? stage_k / 64 : stage_k / 16) + 127) / 128 * 128) {}
 };
-inline int stream_stages(int nt) { return nt <= 2 ? 12 : nt == 4 ? 8 : 6; }
 
-inline std::size_t stream_smem_bytes(int nt) {
-  return std::size_t(kLutBytes) + 256 * sizeof(float) + 2 * kStreamMaxStages * sizeof(std::uint64_t) +
-         std::size_t(stream_stages(nt)) * kStageBytes + std::size_t(kStreamConsumers) * 16 * 8 * nt * sizeof(float);
+// Values of K per stage: all of K up to 4096 (the absmax of a stage then arrives in one copy), else
+// the largest of 4096, 2048, 1024 that divides it.
+inline int stream_stage_k(std::int64_t K) {
+  if (K <= 4096) return int(K);
+  for (int k : {4096, 2048, 1024})
+    if (K % k == 0) return k;
+  return 0;
+}
+
+inline std::size_t stream_slot_bytes(int nt) { return std::size_t(kStreamConsumers) * 16 * 8 * nt * sizeof(float); }
+
+// As many stages as fit in the opt-in shared memory beside the table and the partials.
+inline int stream_stages(const Context& ctx, int nt, const StageLayout& L) {
+  const long room = long(ctx.props().sharedMemPerBlockOptin) - kStreamFixedBytes - long(stream_slot_bytes(nt));
+  return int(std::min<long>(kStreamMaxStages, room / L.bytes));
 }
 
 template <int NT, bool DQ>
-__global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const GemvArgs a, const int S) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int S = StreamStages<NT>::value, kCols = 8 * NT, kConsumerThreads = kStreamConsumers * 32;
+  constexpr int kCols = 8 * NT, kConsumerThreads = kStreamConsumers * 32;
   extern __shared__ __align__(128) unsigned char stream_smem[];
   unsigned char* smem = stream_smem;
   unsigned char* s_lut = smem;
   float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
   std::uint64_t* s_full = reinterpret_cast<std::uint64_t*>(smem + kLutBytes + 1024);
   std::uint64_t* s_empty = s_full + kStreamMaxStages;
-  unsigned char* s_stage = smem + kLutBytes + 1024 + 2 * kStreamMaxStages * sizeof(std::uint64_t);
-  float* s_slot = reinterpret_cast<float*>(s_stage + std::size_t(S) * kStageBytes);  // (warp, row 16, token 8·NT)
+  unsigned char* s_stage = smem + kStreamFixedBytes;
+  const StageLayout L(a.stage_k, DQ);
+  float* s_slot = reinterpret_cast<float*>(s_stage + std::size_t(S) * L.bytes);  // (warp, row 16, token 8·NT)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid == 0) {
     for (int i = 0; i < S; ++i) {
-      mbar_init(&s_full[i], 1);  // the producer's arrive (+ its lanes' cp.async arrivals, + the bytes)
+      mbar_init(&s_full[i], 1);  // the producer's arrive, + the bytes
       mbar_init(&s_empty[i], kStreamConsumers);
     }
     mbar_fence_init();
@@ -92,66 +108,92 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
 
   const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
   const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
-  const int KS = a.K / kStageK;  // stages per tile
+  const int KS = a.K / L.k;  // stages per tile
   const int stages = (tile_end - tile_begin) * KS;
   const std::size_t K = std::size_t(a.K);
+  const int am_bytes = 16 * L.am_pitch;  // a stage's absmax bytes
 
   if (warp == kStreamConsumers) {  // the producer
     for (int s = 0; s < stages; ++s) {
       const int slot = s % S;
       if (lane == 0) mbar_wait(&s_empty[slot], ((s / S) & 1) ^ 1);
       __syncwarp();
-      unsigned char* st = s_stage + std::size_t(slot) * kStageBytes;
-      const std::size_t row = std::size_t(tile_begin + s / KS) * 16 + (lane & 15);
-      const std::size_t e = row * K + std::size_t(s % KS) * kStageK;  // first value of the row's piece
-      if (DQ && lane < 16) {
-        cp_async4(st + kStageNestedOff + 4 * lane, a.am.absmax2 + (e >> (6 + a.am.nested_shift)));
-        cp_async_arrive(&s_full[slot]);
-      }
+      unsigned char* st = s_stage + std::size_t(slot) * L.bytes;
+      const std::size_t row0 = std::size_t(tile_begin + s / KS) * 16;
+      const std::size_t e = (row0 + (lane & 15)) * K + std::size_t(s % KS) * L.k;  // lane's row piece
+      if (lane == 0) mbar_arrive_expect_tx(&s_full[slot], 16u * (L.k / 2) + am_bytes);
       __syncwarp();
-      if (lane == 0) mbar_arrive_expect_tx(&s_full[slot], 16u * (512u + (DQ ? 16u : 64u)));
-      __syncwarp();
-      if (lane < 16) {
-        bulk_copy_g2s(st + lane * kStageRowPitch, a.packed + e / 2, 512, &s_full[slot]);
-        if (DQ)
-          bulk_copy_g2s(st + kStageAmOff + lane * kStageAmPitch, a.am.qabsmax + (e >> 6), 16, &s_full[slot]);
-        else
-          bulk_copy_g2s(st + kStageAmOff + lane * kStageAmPitch, a.am.absmax + (e >> 6), 64, &s_full[slot]);
+      if (lane < 16) bulk_copy_g2s(st + lane * L.row_pitch, a.packed + e / 2, L.k / 2, &s_full[slot]);
+      const void* am = DQ ? static_cast<const void*>(a.am.qabsmax + (e >> 6))
+                          : static_cast<const void*>(a.am.absmax + (e >> 6));
+      if (KS == 1) {  // the 16 rows are whole: their absmax is contiguous
+        if (lane == 0) bulk_copy_g2s(st + L.am_off, am, am_bytes, &s_full[slot]);
+      } else if (lane < 16) {
+        bulk_copy_g2s(st + L.am_off + lane * L.am_pitch, am, L.am_pitch, &s_full[slot]);
       }
     }
     return;  // the consumers never meet the producer again (named barrier 1 is theirs)
   }
 
-  const int g = lane >> 2, t = lane & 3, u = warp;
+  const int g = lane >> 2, t = lane & 3;
+  const int units = L.k / 64;  // per stage; warp w takes w, w + 16, ...
   const std::uint32_t lane4 = std::uint32_t(lane) * 4;
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
+  // The nested absmax of rows g, g + 8 for each of this warp's units of stage s, loaded from global
+  // memory one stage ahead (tiny, and mostly L2 hits; no alignment a bulk copy could use).
+  float nest[kStreamMaxUnits][2], nest_next[kStreamMaxUnits][2];
+  auto load_nested = [&](int s, float (&n)[kStreamMaxUnits][2]) {
+    if (!DQ || s >= stages) return;
+    const std::size_t r0 = std::size_t(tile_begin + s / KS) * 16 + g;
+    const std::size_t k0 = std::size_t(s % KS) * L.k + 64 * warp;
+#pragma unroll
+    for (int i = 0; i < kStreamMaxUnits; ++i)
+      if (warp + 16 * i < units) {
+        n[i][0] = __ldg(a.am.absmax2 + ((r0 * K + k0 + 1024 * i) >> (6 + a.am.nested_shift)));
+        n[i][1] = __ldg(a.am.absmax2 + (((r0 + 8) * K + k0 + 1024 * i) >> (6 + a.am.nested_shift)));
+      }
+  };
+  load_nested(0, nest_next);
+
   for (int s = 0; s < stages; ++s) {
     const int slot = s % S, ks = s % KS;
-    uint4 xa[NT], xb[NT];
-    load_x<NT>(a.x + std::size_t(g) * K + std::size_t(ks) * kStageK + 64 * u + 16 * t, K, g, a.M, xa, xb);
-    mbar_wait(&s_full[slot], (s / S) & 1);
-    const unsigned char* st = s_stage + std::size_t(slot) * kStageBytes;
-    const uint2 wa = *reinterpret_cast<const uint2*>(st + g * kStageRowPitch + 32 * u + 8 * t);
-    const uint2 wb = *reinterpret_cast<const uint2*>(st + (g + 8) * kStageRowPitch + 32 * u + 8 * t);
-    float am0, am1;
     if (DQ) {
-      const float* nested = reinterpret_cast<const float*>(st + kStageNestedOff);
-      am0 = __fadd_rn(__fmul_rn(s_map[st[kStageAmOff + g * kStageAmPitch + u]], nested[g]), a.am.offset);
-      am1 = __fadd_rn(__fmul_rn(s_map[st[kStageAmOff + (g + 8) * kStageAmPitch + u]], nested[g + 8]), a.am.offset);
-    } else {
-      am0 = reinterpret_cast<const float*>(st + kStageAmOff + g * kStageAmPitch)[u];
-      am1 = reinterpret_cast<const float*>(st + kStageAmOff + (g + 8) * kStageAmPitch)[u];
-    }
-    __syncwarp();                            // every lane has its fragments ...
-    if (lane == 0) mbar_arrive(&s_empty[slot]);  // ... so the slot may be refilled
-    float tmp[NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-    mma_unit<NT>(s_lut, lane4, wa, wb, xa, xb, tmp);
-    scale_add<NT>(acc, tmp, am0, am1);
+      for (int i = 0; i < kStreamMaxUnits; ++i) nest[i][0] = nest_next[i][0], nest[i][1] = nest_next[i][1];
+      load_nested(s + 1, nest_next);
+    }
+    const unsigned char* st = s_stage + std::size_t(slot) * L.bytes;
+    mbar_wait(&s_full[slot], (s / S) & 1);
+#pragma unroll
+    for (int i = 0; i < kStreamMaxUnits; ++i) {
+      const int u = warp + 16 * i;
+      if (u >= units) break;  // uniform over the warp
+      uint4 xa[NT], xb[NT];
+      load_x<NT>(a.x + std::size_t(g) * K + std::size_t(ks) * L.k + 64 * u + 16 * t, K, g, a.M, xa, xb);
+      const uint2 wa = *reinterpret_cast<const uint2*>(st + g * L.row_pitch + 32 * u + 8 * t);
+      const uint2 wb = *reinterpret_cast<const uint2*>(st + (g + 8) * L.row_pitch + 32 * u + 8 * t);
+      float am0, am1;
+      if (DQ) {
+        const unsigned char* c = st + L.am_off;
+        am0 = __fadd_rn(__fmul_rn(s_map[c[g * L.am_pitch + u]], nest[i][0]), a.am.offset);
+        am1 = __fadd_rn(__fmul_rn(s_map[c[(g + 8) * L.am_pitch + u]], nest[i][1]), a.am.offset);
+      } else {
+        am0 = reinterpret_cast<const float*>(st + L.am_off + g * L.am_pitch)[u];
+        am1 = reinterpret_cast<const float*>(st + L.am_off + (g + 8) * L.am_pitch)[u];
+      }
+      if (u + 16 >= units) {                         // this warp's last read of the stage:
+        __syncwarp();                                // every lane has its fragments ...
+        if (lane == 0) mbar_arrive(&s_empty[slot]);  // ... so the slot may be refilled
+      }
+      float tmp[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
+      mma_unit<NT>(s_lut, lane4, wa, wb, xa, xb, tmp);
+      scale_add<NT>(acc, tmp, am0, am1);
+    }
 
     if (ks == KS - 1) {  // the tile is done: add the 16 warps' partials and store its 16 rows
       float* sl = s_slot + std::size_t(warp) * 16 * kCols;
@@ -178,6 +220,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
   }
 #else
   (void)a;
+  (void)S;
   __trap();  // launched only on sm_90 (gemv_4bit checks the device)
 #endif
 }
@@ -185,26 +228,33 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
 // Whether the streaming kernel takes this product (gemv_4bit_supported must hold too).
 inline bool gemv_stream_supported(const Context& ctx, int blocksize, bool double_quant, int nested_blocksize,
                                   std::int64_t K) {
-  return ctx.props().major >= 9 && blocksize == 64 && K % kStageK == 0 && (!double_quant || nested_blocksize == 256);
+  return ctx.props().major >= 9 && blocksize == 64 && K % 1024 == 0 && stream_stage_k(K) > 0 &&
+         (!double_quant || nested_blocksize == 256);
 }
 
 template <int NT, bool DQ>
-void launch_gemv4_stream(const Context& ctx, const GemvArgs& args) {
-  static_assert(StreamStages<NT>::value <= kStreamMaxStages, "too many stages for the barrier array");
+void launch_gemv4_stream(const Context& ctx, GemvArgs args, int stage_k) {
   const auto kernel = gemv4_stream_kernel<NT, DQ>;
-  const std::size_t smem = stream_smem_bytes(NT);
+  args.stage_k = stage_k > 0 ? stage_k : stream_stage_k(args.K);
+  QLORA_CHECK(args.stage_k % 1024 == 0 && args.stage_k <= kStreamMaxUnits * 1024 && args.K % args.stage_k == 0,
+              "cuda::gemv_4bit: stage of ", args.stage_k, " values for K = ", args.K,
+              " (expected a multiple of 1024, at most 4096, dividing K)");
+  const StageLayout L(args.stage_k, DQ);
+  const int S = stream_stages(ctx, NT, L);
+  QLORA_CHECK(S >= 2, "cuda::gemv_4bit: ", S, " stages of ", L.bytes, " bytes fit in shared memory, expected >= 2");
+  const std::size_t smem = kStreamFixedBytes + std::size_t(S) * L.bytes + stream_slot_bytes(NT);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int grid = std::min(args.tiles, ctx.sm_count());
-  kernel<<<grid, kStreamThreads, smem, ctx.stream()>>>(args);
+  kernel<<<grid, kStreamThreads, smem, ctx.stream()>>>(args, S);
   QLORA_CUDA_CHECK_LAUNCH("gemv4_stream_kernel");
 }
 
 template <int NT>
-void dispatch_gemv4_stream(const Context& ctx, const GemvArgs& args, bool dq) {
+void dispatch_gemv4_stream(const Context& ctx, const GemvArgs& args, bool dq, int stage_k) {
   if (dq)
-    launch_gemv4_stream<NT, true>(ctx, args);
+    launch_gemv4_stream<NT, true>(ctx, args, stage_k);
   else
-    launch_gemv4_stream<NT, false>(ctx, args);
+    launch_gemv4_stream<NT, false>(ctx, args, stage_k);
 }
 
 }  // namespace detail

@@ -46,7 +46,7 @@ inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w
   QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(), " dimensions, expected 2");
   const int N = int(w.shape[0]), K = int(w.shape[1]);
   if (slices == 0) slices = detail::auto_slices(M, N, K, w.blocksize);
-  QLORA_CHECK(slices >= 1 && N % slices == 0 && (std::int64_t(N / slices) * K) % std::max(w.blocksize, 8) == 0,
+  QLORA_CHECK(slices == 1 || (slices > 1 && N % slices == 0 && (std::int64_t(N / slices) * K) % std::max(w.blocksize, 8) == 0),
               "cuda::matmul_4bit: ", slices, " slices of a (", N, ", ", K, ") weight with blocksize ", w.blocksize,
               " (each slice must be whole rows starting at a block boundary)");
   const float beta = accumulate ? 1.0f : 0.0f;

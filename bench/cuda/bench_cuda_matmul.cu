@@ -1,4 +1,5 @@
-// CUDA benchmarks of the 4-bit kernels beside cuBLAS bf16, in one run (docs/performance.md, "CUDA").
+// CUDA benchmarks of the 4-bit (and int8 quantize / dequantize) kernels beside cuBLAS bf16, in one run
+// (docs/performance.md, "CUDA").
 //
 // Every figure is the best of 5 replays of a CUDA graph of 30 calls, timed with CUDA events, divided
 // by 30 (the method of ../shared/ANCHORS.md). The 30 calls cycle through copies of the weight
@@ -18,10 +19,12 @@
 
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/dequantize8bit.cuh"
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
+#include "qlora/cuda/quantize8bit.cuh"
 #include "bench_util.cuh"
 
 using namespace qlora;
@@ -63,6 +66,32 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   cp(c.qabsmax, q.qabsmax);
   cp(c.absmax2, q.absmax2);
   return c;
+}
+
+// Best of `reps` timed calls, after one untimed (module loading), of fn, a quantizer that
+// synchronizes itself (it reads its NaN check back), so it cannot go into a graph; in microseconds.
+// Its result lives until after the stop event: the free is not timed, the allocation is.
+template <class F>
+double time_blocking(const cuda::Context& ctx, F&& fn, int reps = 5) {
+  cudaEvent_t a, b;
+  QLORA_CUDA_CHECK(cudaEventCreate(&a));
+  QLORA_CUDA_CHECK(cudaEventCreate(&b));
+  {
+    auto warm = fn();
+  }
+  float best = 1e30f;
+  for (int r = 0; r < reps; ++r) {
+    QLORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+    auto q = fn();
+    QLORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    best = std::min(best, ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return double(best) * 1000.0;
 }
 
 }  // namespace
@@ -163,6 +192,40 @@ int main(int argc, char** argv) {
       const double bytes = double(qbytes) + 2.0 * nk;
       report("dequantize/cuda/nf4dq/" + shape + "/bf16", us,
              fmt("%.3f TB/s = %.0f%% of copy", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
+    }
+    {  // int8, row-wise (LLM.int8 SCB) and blockwise (dynamic map, blocks of 256): the bytes moved
+       // count the bf16 input once, though the row-wise kernel reads each row twice (the second time
+       // from L2)
+      const double bytes_q = 2.0 * nk + double(nk) + 4.0 * N;
+      const double us_r =
+          time_blocking(ctx, [&] { return cuda::quantize_rowwise_int8(ctx, wb[0].data(), N, K); });
+      report("quantize/cuda/int8row/" + shape + "/bf16", us_r,
+             fmt("%.3f TB/s; bf16 in, int8 + SCB out; includes the NaN check read-back",
+                 bytes_q / us_r * 1e-6));
+      const double us_b =
+          time_blocking(ctx, [&] { return cuda::quantize_blockwise8(ctx, wb[0].data(), nk, 256); });
+      report("quantize/cuda/int8blk256/" + shape + "/bf16", us_b,
+             fmt("%.3f TB/s; bf16 in, codes + absmax out; includes the NaN check read-back",
+                 (3.0 * nk + 4.0 * nk / 256) / us_b * 1e-6));
+      // one int8 copy per bf16 copy: together at least 256 MiB, so the rotation defeats L2 here too
+      std::vector<cuda::DeviceRowwiseInt8> wr;
+      std::vector<cuda::DeviceBlockwise8> w8;
+      for (int i = 0; i < nbf; ++i) {
+        wr.push_back(cuda::quantize_rowwise_int8(ctx, wb[i].data(), N, K));
+        w8.push_back(cuda::quantize_blockwise8(ctx, wb[i].data(), nk, 256));
+      }
+      const double us_dr =
+          time_graph(ctx, [&](int i) { cuda::dequantize_rowwise_int8(ctx, wr[i % nbf], scratch.data()); });
+      const double bytes_dr = double(wr[0].weight_bytes()) + 2.0 * nk;
+      report("dequantize/cuda/int8row/" + shape + "/bf16", us_dr,
+             fmt("%.3f TB/s = %.0f%% of copy", bytes_dr / us_dr * 1e-6,
+                 100.0 * bytes_dr / us_dr * 1e-6 / copy_tbs));
+      const double us_db =
+          time_graph(ctx, [&](int i) { cuda::dequantize_blockwise8(ctx, w8[i % nbf], scratch.data()); });
+      const double bytes_db = double(w8[0].weight_bytes()) + 2.0 * nk;
+      report("dequantize/cuda/int8blk256/" + shape + "/bf16", us_db,
+             fmt("%.3f TB/s = %.0f%% of copy", bytes_db / us_db * 1e-6,
+                 100.0 * bytes_db / us_db * 1e-6 / copy_tbs));
     }
     for (int M : Ms) {
       DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N);

@@ -24,6 +24,7 @@ if has build; then
       -o build-cuda/cpu_lora_reference.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_lora.cu -o build-cuda/test_cuda_lora.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant8.cu -o build-cuda/test_cuda_quant8.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
     nvcc $FLAGS $ARCH -Xptxas -v bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_cuda_matmul -lcublas \
       > build-cuda/ptxas.log 2>&1 &
@@ -31,12 +32,12 @@ if has build; then
     nvcc -std=c++17 -Iinclude $ARCH tests/cuda/compile_check.cu -o build-cuda/cuda_compile_check &
     wait
   ) 2>&1 | tee -a "$OUT/build.log"
-  for t in test_cuda_quant test_cuda_matmul; do
+  for t in test_cuda_quant test_cuda_quant8 test_cuda_matmul; do
     nvcc $ARCH build-cuda/$t.o build-cuda/catch_main.o -o build-cuda/$t -lcublas 2>&1 | tee -a "$OUT/build.log"
   done
   nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
     -o build-cuda/test_cuda_lora -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
-  grep -A2 "gemv4_kernel\|gemv4_stream_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
+  grep -A2 "gemv4_kernel\|gemv4_stream_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64\|quantize8_kernel\|rowwise_int8_kernel" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
 fi
@@ -44,6 +45,7 @@ if has test; then
   {
     ./build-cuda/cuda_compile_check
     timeout 120 ./build-cuda/test_cuda_quant "[cuda]" -d yes
+    timeout 120 ./build-cuda/test_cuda_quant8 "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_lora "[cuda]" -d yes
   } > "$OUT/tests.log" 2>&1 || rc=1
@@ -54,6 +56,9 @@ if has memcheck; then
     timeout 100 compute-sanitizer --tool memcheck --leak-check full ./build-cuda/test_cuda_quant \
       "cuda dequantize_4bit equals*","*refuses NaN*"
     echo "memcheck quant rc=$?"
+    timeout 100 compute-sanitizer --tool memcheck --leak-check full ./build-cuda/test_cuda_quant8 \
+      "cuda quantize_rowwise_int8 equals the CPU bytes","cuda dequantize_rowwise_int8 equals*","*refuses NaN*","*all-zero input*"
+    echo "memcheck quant8 rc=$?"
     timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "memcheck gemv rc=$?"
     timeout 60 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"

@@ -22,6 +22,9 @@ if has build; then
     g++ -std=c++17 -O2 -I.deps -c tests/catch_main.cpp -o build-cuda/catch_main.o &
     g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps -c tests/cuda/cpu_lora_reference.cpp \
       -o build-cuda/cpu_lora_reference.o &
+    g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps -c tests/cuda/cpu_llama_reference.cpp \
+      -o build-cuda/cpu_llama_reference.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_llama.cu -o build-cuda/test_cuda_llama.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_lora.cu -o build-cuda/test_cuda_lora.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
@@ -35,6 +38,8 @@ if has build; then
   done
   nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
     -o build-cuda/test_cuda_lora -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
+  nvcc $ARCH build-cuda/test_cuda_llama.o build-cuda/cpu_llama_reference.o build-cuda/catch_main.o \
+    -o build-cuda/test_cuda_llama -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
   grep -A2 "gemv4_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
@@ -45,6 +50,7 @@ if has test; then
     timeout 120 ./build-cuda/test_cuda_quant "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_lora "[cuda]" -d yes
+    timeout 300 ./build-cuda/test_cuda_llama "[cuda]" -d yes
   } > "$OUT/tests.log" 2>&1 || rc=1
   tail -25 "$OUT/tests.log"
 fi
@@ -59,6 +65,10 @@ if has memcheck; then
     echo "racecheck gemv rc=$?"
     timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
     echo "memcheck lora rc=$?"
+    timeout 300 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_llama "*BF16, all-linear*"
+    echo "memcheck llama rc=$?"
+    timeout 120 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_llama "*frozen projections*"
+    echo "racecheck llama rc=$?"
   } > "$OUT/memcheck.log" 2>&1
   grep -E "ERROR SUMMARY|rc=|passed|failed" "$OUT/memcheck.log"
 fi

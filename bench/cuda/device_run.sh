@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc and g++ (no CMake):
 #   bash bench/cuda/device_run.sh OUTDIR [steps]
-# steps: any of build test memcheck bench (default: all). Needs Catch2 v2's single header in
+# steps: any of build test memcheck bench tool (default: all). tool: the qlora command-line tool with
+# --device cuda, as build-cuda/qlora (examples/qlora/*.cpp by g++, finetune_cuda.cu by nvcc). Needs Catch2 v2's single header in
 # .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine), and for the LoRA
 # test's CPU reference Eigen and nlohmann-json in .deps/Eigen, .deps/nlohmann (copied from
 # /usr/include/eigen3/Eigen and /usr/include/nlohmann). Logs go to OUTDIR.
@@ -9,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${1:?usage: device_run.sh OUTDIR [steps]}
 shift
-STEPS=${*:-build test memcheck bench}
+STEPS=${*:-build test memcheck bench tool}
 mkdir -p "$OUT" build-cuda
 ARCH="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90"
 FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo"
@@ -43,6 +44,19 @@ if has build; then
   grep -A2 "gemv4_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
+fi
+if has tool; then
+  mkdir -p build-cuda/qlora-objs
+  (
+    for f in examples/qlora/*.cpp; do
+      g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps \
+        -c "$f" -o "build-cuda/qlora-objs/$(basename "$f" .cpp).o" &
+    done
+    nvcc $FLAGS $ARCH -c examples/qlora/cuda/finetune_cuda.cu -o build-cuda/qlora-objs/finetune_cuda.o &
+    wait
+  ) 2>&1 | tee "$OUT/tool_build.log"
+  nvcc $ARCH build-cuda/qlora-objs/*.o -o build-cuda/qlora -lcublas -lpthread 2>&1 | tee -a "$OUT/tool_build.log"
+  ls -la build-cuda/qlora | tee -a "$OUT/tool_build.log"
 fi
 if has test; then
   {

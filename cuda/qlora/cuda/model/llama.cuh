@@ -181,9 +181,11 @@ class LlamaModel {
   }
 
   // The LoRA layers' dropout counters in module order, as LlamaModel::dropout_calls().
-  std::vector<std::uint64_t> dropout_calls() {
+  std::vector<std::uint64_t> dropout_calls() const {
     std::vector<std::uint64_t> c;
-    for_each_lora([&](std::int64_t, int, Lora& lo) { c.push_back(lo.dropout_calls()); });
+    for (const Layer& L : layers_)
+      for (const Proj& P : L.proj)
+        if (P.lora) c.push_back(P.lora->dropout_calls());
     return c;
   }
   void set_dropout_calls(const std::vector<std::uint64_t>& c) {

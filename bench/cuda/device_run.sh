@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc and g++ (no CMake):
 #   bash bench/cuda/device_run.sh OUTDIR [steps]
-# steps: any of build test memcheck bench (default: all). Needs Catch2 v2's single header in
+# steps: any of build test memcheck bench tool (default: all). tool: the qlora command-line tool with
+# --device cuda, as build-cuda/qlora (examples/qlora/*.cpp by g++, finetune_cuda.cu by nvcc). Needs Catch2 v2's single header in
 # .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine), and for the LoRA
 # test's CPU reference Eigen and nlohmann-json in .deps/Eigen, .deps/nlohmann (copied from
 # /usr/include/eigen3/Eigen and /usr/include/nlohmann). Logs go to OUTDIR.
@@ -9,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${1:?usage: device_run.sh OUTDIR [steps]}
 shift
-STEPS=${*:-build test memcheck bench}
+STEPS=${*:-build test memcheck bench tool}
 mkdir -p "$OUT" build-cuda
 ARCH="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90"
 FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo"
@@ -22,6 +23,9 @@ if has build; then
     g++ -std=c++17 -O2 -I.deps -c tests/catch_main.cpp -o build-cuda/catch_main.o &
     g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps -c tests/cuda/cpu_lora_reference.cpp \
       -o build-cuda/cpu_lora_reference.o &
+    g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps -c tests/cuda/cpu_llama_reference.cpp \
+      -o build-cuda/cpu_llama_reference.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_llama.cu -o build-cuda/test_cuda_llama.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_lora.cu -o build-cuda/test_cuda_lora.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant8.cu -o build-cuda/test_cuda_quant8.o &
@@ -37,9 +41,24 @@ if has build; then
   done
   nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
     -o build-cuda/test_cuda_lora -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
+  nvcc $ARCH build-cuda/test_cuda_llama.o build-cuda/cpu_llama_reference.o build-cuda/catch_main.o \
+    -o build-cuda/test_cuda_llama -lcublas -lpthread 2>&1 | tee -a "$OUT/build.log"
   grep -A2 "gemv4_kernel\|gemv4_stream_kernel\|dequantize4_kernel\|quantize4_kernelILb1ELi64\|quantize8_kernel\|rowwise_int8_kernel" build-cuda/ptxas.log | grep -B1 "Used\|spill" \
     | grep "sm_90\|Used\|spill" >> "$OUT/build.log"
   ls -la build-cuda | tee -a "$OUT/build.log"
+fi
+if has tool; then
+  mkdir -p build-cuda/qlora-objs
+  (
+    for f in examples/qlora/*.cpp; do
+      g++ -std=c++17 -O3 -DNDEBUG -march=native -Wall -Wextra -Wno-maybe-uninitialized -Iinclude -isystem .deps \
+        -c "$f" -o "build-cuda/qlora-objs/$(basename "$f" .cpp).o" &
+    done
+    nvcc $FLAGS $ARCH -c examples/qlora/cuda/finetune_cuda.cu -o build-cuda/qlora-objs/finetune_cuda.o &
+    wait
+  ) 2>&1 | tee "$OUT/tool_build.log"
+  nvcc $ARCH build-cuda/qlora-objs/*.o -o build-cuda/qlora -lcublas -lpthread 2>&1 | tee -a "$OUT/tool_build.log"
+  ls -la build-cuda/qlora | tee -a "$OUT/tool_build.log"
 fi
 if has test; then
   {
@@ -48,6 +67,7 @@ if has test; then
     timeout 120 ./build-cuda/test_cuda_quant8 "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_lora "[cuda]" -d yes
+    timeout 300 ./build-cuda/test_cuda_llama "[cuda]" -d yes
   } > "$OUT/tests.log" 2>&1 || rc=1
   tail -25 "$OUT/tests.log"
 fi
@@ -65,6 +85,10 @@ if has memcheck; then
     echo "racecheck gemv rc=$?"
     timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
     echo "memcheck lora rc=$?"
+    timeout 300 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_llama "*BF16, all-linear*"
+    echo "memcheck llama rc=$?"
+    timeout 120 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_llama "*frozen projections*"
+    echo "racecheck llama rc=$?"
   } > "$OUT/memcheck.log" 2>&1
   grep -E "ERROR SUMMARY|rc=|passed|failed" "$OUT/memcheck.log"
 fi

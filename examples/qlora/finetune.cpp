@@ -2,6 +2,7 @@
 // file, saving a PEFT adapter. qlora pretrain: all weights of an fp32 model trained on text (how
 // the embedded demo model was made). The loop itself is train_loop.hpp.
 #include <cstdio>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "qlora/io/peft_adapter.hpp"
 #include "qlora/model/llama.hpp"
 #include "qlora/text/corpus.hpp"
+#include "finetune_cuda.hpp"
 #include "train_loop.hpp"
 
 const char* finetune_usage =
@@ -32,7 +34,8 @@ const char* finetune_usage =
     "                       loss.png; checkpoint/ while training (default: adapter)\n"
     "  --resume DIR         continue the interrupted run whose --out was DIR\n"
     "  --stop-after N       stop after step N with a checkpoint, as an interrupted run would\n"
-    "  --device cpu         cpu (cuda: when the CUDA backend lands)\n"
+    "  --device cpu         cpu, or cuda (LoRA on the GPU; no checkpoints, --resume or\n"
+    "                       --gradient-checkpointing there yet)\n"
     "  --gradient-checkpointing   keep only each layer's input, recompute the layer in backward\n"
     "                       (far less memory, about one more forward per step)\n"
     "  --profile            print where a step's time goes (base matmul, LoRA, attention, ...)\n";
@@ -146,11 +149,13 @@ qlora::optim::AdamWConfig adam_options(const cli::Args& a, const cli::TrainOptio
   return c;
 }
 
-void check_device(const cli::Args& a) {
+// Whether --device is cuda (finetune only: pretrain trains all weights, which the GPU model does not).
+bool check_device(const cli::Args& a, bool cuda_ok) {
   const std::string dev = a.get("device", "cpu");
   QLORA_CHECK(dev == "cpu" || dev == "cuda", "--device must be cpu or cuda, got '", dev, "'");
-  QLORA_CHECK(dev == "cpu",
-              "--device cuda: this build has no CUDA backend yet (it is being written); use --device cpu");
+  QLORA_CHECK(dev == "cpu" || cuda_ok,
+              "--device cuda: full-parameter training (pretrain) is not implemented on the GPU; use --device cpu");
+  return dev == "cuda";
 }
 
 template <class Model>
@@ -189,7 +194,11 @@ int cmd_finetune(int argc, char** argv) {
   QLORA_CHECK(a.positional.empty(), "finetune takes only options, got '",
               a.positional.empty() ? "" : a.positional[0], "' (see qlora finetune --help)");
   QLORA_CHECK(a.has("model"), "--model DIR is needed (see qlora finetune --help)");
-  check_device(a);
+  const bool cuda = check_device(a, true);
+  QLORA_CHECK(!cuda || !a.has("resume"), "--device cuda: --resume needs checkpoints, not implemented on the GPU yet");
+  QLORA_CHECK(!cuda || !a.has("gradient-checkpointing"),
+              "--device cuda: --gradient-checkpointing is not implemented on the GPU yet");
+  QLORA_CHECK(!cuda || !a.has("profile"), "--device cuda: --profile is CPU-only");
   const std::string model_dir = a.get("model", "");
   const cli::TrainOptions o = loop_options(a, "adapter");
   if (a.has("resume")) cli::TrainLoop::check_resumable(o.out);
@@ -230,6 +239,18 @@ int cmd_finetune(int argc, char** argv) {
         tok.name());
     std::fprintf(stderr, "%lld steps x %lld sequences x %lld tokens (accum %lld)\n", (long long)o.steps,
                  (long long)o.batch, (long long)o.seq, (long long)o.accum);
+    if (cuda) {
+      if constexpr (std::is_same<Q, qlora::format::Int8>::value) {
+        qlora::throw_error("--device cuda: --quant int8 has no CUDA base; use nf4, fp4, bf16 or none");
+      } else {
+        cli::CudaFinetuneJob<Q> job{m.weights(), o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, {}};
+        job.save_adapter = [&](const std::vector<qlora::LoraTensors>& t, const std::string& dir) {
+          m.set_lora(t);
+          qlora::peft::save_adapter(dir, m.adapter(model_dir));
+        };
+        return cli::finetune_cuda(job);
+      }
+    }
     if (!resume) print_losses("before", m, d.evals, o.seq);
     const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
     run.run(m, opt, d.train, save);
@@ -253,7 +274,7 @@ int cmd_pretrain(int argc, char** argv) {
   }
   QLORA_CHECK(a.has("model"), "--model INIT_DIR is needed (see qlora pretrain --help)");
   QLORA_CHECK(a.has("out") || a.has("resume"), "--out DIR is needed (see qlora pretrain --help)");
-  check_device(a);
+  check_device(a, false);
   const std::string dtype = a.get("dtype", "bf16");
   QLORA_CHECK(dtype == "f32" || dtype == "bf16", "--dtype must be f32 or bf16, got '", dtype, "'");
   const std::string model_dir = a.get("model", "");

@@ -167,9 +167,10 @@ class TrainLoop {
     return qlora::hf::join(qlora::hf::join(dir, "checkpoint"), "optimizer.safetensors");
   }
 
-  // Runs steps start_step()+1 .. steps. Model: LlamaModel (forward_backward, loss, dropout_calls).
-  template <class Model>
-  void run(Model& m, qlora::optim::AdamW& opt, const std::vector<std::int64_t>& train,
+  // Runs steps start_step()+1 .. steps. Model: LlamaModel (forward_backward, loss, dropout_calls);
+  // Opt: optim::AdamW, or what has its zero_grad, step, lr and save_state (the CUDA path's).
+  template <class Model, class Opt>
+  void run(Model& m, Opt& opt, const std::vector<std::int64_t>& train,
            const SaveWeights& save) {
     const std::int64_t tokens_per_step = o_.batch * o_.accum * o_.seq;
     const bool tty = ::isatty(2);
@@ -239,8 +240,8 @@ class TrainLoop {
   }
 
   // Writes <out>/checkpoint (replacing the previous one atomically) and the curve so far.
-  template <class Model>
-  void checkpoint(const Model& m, const qlora::optim::AdamW& opt, std::int64_t step,
+  template <class Model, class Opt>
+  void checkpoint(const Model& m, const Opt& opt, std::int64_t step,
                   const SaveWeights& save) {
     ensure_out();
     qlora::AtomicDir dir(qlora::hf::join(o_.out, "checkpoint"));

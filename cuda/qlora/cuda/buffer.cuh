@@ -5,6 +5,7 @@
 // stream the caller names. Kernels take plain pointers (data()) and sizes, never the buffer.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <utility>
 #include <vector>
@@ -14,22 +15,49 @@
 namespace qlora {
 namespace cuda {
 
+// Bytes held by all DeviceBuffers of the process, now and at most since the last reset: what
+// torch.cuda.memory_allocated / max_memory_allocated report for PyTorch (the CUDA context and
+// cuBLAS's own allocations are not in it; cudaMemGetInfo sees those). Process-wide on purpose:
+// it is a statistic, not state any computation depends on.
+namespace detail {
+struct DeviceBytes {
+  std::atomic<std::size_t> live{0}, peak{0};
+  void add(std::size_t n) {
+    const std::size_t now = live.fetch_add(n) + n;
+    std::size_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  void sub(std::size_t n) { live.fetch_sub(n); }
+};
+inline DeviceBytes& device_bytes() {
+  static DeviceBytes b;
+  return b;
+}
+}  // namespace detail
+inline std::size_t device_bytes_live() { return detail::device_bytes().live.load(); }
+inline std::size_t device_bytes_peak() { return detail::device_bytes().peak.load(); }
+inline void reset_device_bytes_peak() {
+  detail::device_bytes().peak.store(detail::device_bytes().live.load());
+}
+
 template <class T>
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(std::size_t n) : n_(n) {
-    if (n > 0) QLORA_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+    if (n > 0) {
+      QLORA_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+      detail::device_bytes().add(n * sizeof(T));
+    }
   }
-  ~DeviceBuffer() {
-    if (p_) cudaFree(p_);  // a failing free in a destructor cannot be reported; it leaks nothing more
-  }
+  ~DeviceBuffer() { release(); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     if (this != &o) {
-      if (p_) cudaFree(p_);
+      release();
       p_ = std::exchange(o.p_, nullptr);
       n_ = std::exchange(o.n_, 0);
     }
@@ -66,6 +94,12 @@ class DeviceBuffer {
   }
 
  private:
+  void release() noexcept {
+    if (!p_) return;
+    cudaFree(p_);  // a failing free in a destructor cannot be reported; it leaks nothing more
+    detail::device_bytes().sub(n_ * sizeof(T));
+    p_ = nullptr;
+  }
   T* p_ = nullptr;
   std::size_t n_ = 0;
 };

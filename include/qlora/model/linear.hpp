@@ -94,6 +94,7 @@ class ModelLinear {
     l.out_ = base.out;
     l.in_ = base.in;
     l.frozen_.emplace(detail::make_qmatrix(base));
+    l.frozen_base_ = std::make_shared<const BaseWeight<Quant>>(std::move(base));
     return l;
   }
   static ModelLinear lora(BaseWeight<Quant> base, const LoraConfig& cfg) {
@@ -125,6 +126,12 @@ class ModelLinear {
   cpu::QMatrix& frozen_matrix() {
     QLORA_CHECK(frozen_, "ModelLinear::frozen_matrix: this layer has a LoRA path");
     return *frozen_;
+  }
+  // The base weight of a frozen layer as loaded, for backends that upload it (LlamaModel::weights);
+  // kept beside the QMatrix at the cost of the frozen layers' packed weights once more in host memory.
+  const BaseWeight<Quant>& frozen_base() const {
+    QLORA_CHECK(frozen_base_, "ModelLinear::frozen_base: this layer has a LoRA path");
+    return *frozen_base_;
   }
   // The weight as the layer computes with it, (out, in) fp32: W0 (dequantized) plus the scaled
   // B·A of an unmerged LoRA path. What a merged checkpoint stores.
@@ -160,6 +167,7 @@ class ModelLinear {
   std::int64_t out_ = 0, in_ = 0;
   std::unique_ptr<Lora> lora_;
   std::optional<cpu::QMatrix> frozen_;
+  std::shared_ptr<const BaseWeight<Quant>> frozen_base_;  // shared: a ModelLinear stays cheap to move
 };
 
 }  // namespace qlora

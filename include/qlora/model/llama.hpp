@@ -51,24 +51,12 @@
 #include "qlora/model/cross_entropy.hpp"
 #include "qlora/model/linear.hpp"
 #include "qlora/model/llama_config.hpp"
+#include "qlora/model/llama_weights.hpp"
 #include "qlora/model/rmsnorm.hpp"
 #include "qlora/model/rope.hpp"
 #include "qlora/optim/param.hpp"
 
 namespace qlora {
-
-// The 7 projections of a decoder layer, in the order LlamaModel holds them.
-enum LlamaProj : int { kQ, kK, kV, kO, kGate, kUp, kDown, kNumProj };
-inline const char* llama_proj_name(int p) {
-  static const char* const names[kNumProj] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                              "mlp.down_proj"};
-  return names[p];
-}
-// "model.layers.{layer}.self_attn.q_proj": the module name transformers and PEFT use.
-inline std::string llama_module(std::int64_t layer, int p) {
-  return "model.layers." + std::to_string(layer) + "." + llama_proj_name(p);
-}
 
 // Which projections get a fresh LoRA path, and its hyper-parameters.
 struct LlamaLoraOptions {
@@ -244,6 +232,64 @@ class LlamaModel {
       }
     QLORA_CHECK(!a.modules.empty(), "LlamaModel::adapter: the model has no LoRA layers");
     return a;
+  }
+
+  // The model as plain host arrays for another backend (model/llama_weights.hpp): base weights by
+  // pointer (valid while this model lives and is not moved), everything else copied. LoRA A, B and
+  // dropout counters are the current ones.
+  LlamaWeights<Quant> weights() const {
+    QLORA_CHECK(!full_,
+                "LlamaModel::weights: full-parameter training is on; only LoRA models can be exported");
+    LlamaWeights<Quant> w;
+    const LlamaConfig& c = cfg_;
+    w.shape = {c.hidden_size,         c.intermediate_size,       c.num_hidden_layers,
+               c.num_attention_heads, c.num_key_value_heads,     c.head_dim,
+               c.vocab_size,          c.max_position_embeddings, c.rms_norm_eps};
+    w.embed = embed_;
+    w.final_norm = final_norm_;
+    w.lm_head.resize(std::size_t(c.vocab_size * c.hidden_size));
+    lm_head_->dequantize(w.lm_head.data());
+    w.rope_cos = rope_.cos;
+    w.rope_sin = rope_.sin;
+    for (const Layer& L : layers_) {
+      typename LlamaWeights<Quant>::Layer wl;
+      wl.input_norm = L.input_norm;
+      wl.post_norm = L.post_norm;
+      for (const Linear& lin : L.proj) {
+        typename LlamaWeights<Quant>::Proj p;
+        if (lin.has_lora()) {
+          const auto& lo = lin.lora_layer();
+          QLORA_CHECK(!lo.merged(), "LlamaModel::weights: a LoRA layer is merged; unmerge it first");
+          p.base = &lo.base();
+          p.lora = lo.config();
+          p.A.assign(lo.A().data(), lo.A().data() + lo.A().size());
+          p.B.assign(lo.B().data(), lo.B().data() + lo.B().size());
+          p.dropout_calls = lo.dropout_calls();
+        } else {
+          p.base = &lin.frozen_base();
+        }
+        wl.proj.push_back(std::move(p));
+      }
+      w.layers.push_back(std::move(wl));
+    }
+    return w;
+  }
+
+  // Sets A, B and the dropout counter of LoRA layers from another backend's copy (every module named
+  // must be a LoRA layer of this model, with the same shapes).
+  void set_lora(const std::vector<LoraTensors>& tensors) {
+    for (const LoraTensors& t : tensors) {
+      Linear* lin = find(t.module);
+      QLORA_CHECK(lin && lin->has_lora(), "LlamaModel::set_lora: '", t.module,
+                  "' is not a LoRA layer of the model");
+      auto& lo = lin->lora_layer();
+      QLORA_CHECK(std::size_t(lo.A().size()) == t.A.size() && std::size_t(lo.B().size()) == t.B.size(),
+                  "LlamaModel::set_lora: '", t.module, "' has A, B of ", t.A.size(), ", ", t.B.size(),
+                  " values, expected ", lo.A().size(), ", ", lo.B().size());
+      std::copy(t.A.begin(), t.A.end(), lo.A().data());
+      std::copy(t.B.begin(), t.B.end(), lo.B().data());
+      lo.set_dropout_calls(t.dropout_calls);
+    }
   }
 
   // The dropout call counters of the LoRA layers (the masks of the next forward depend on them), in

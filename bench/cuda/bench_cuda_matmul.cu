@@ -245,13 +245,7 @@ int main(int argc, char** argv) {
       const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
       report("matmul/cuda/nf4dq/" + suffix, t_q,
              rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
-                 (M > cuda::kGemvMaxTokens ? fmt("; dequantize + cuBLAS in %.0f slices", cuda::detail::auto_slices(M, N, K, 64)) : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) ? "; streaming tensor-core GEMV" : "; register tensor-core GEMV"));
-      if (M >= cuda::kSliceMinTokens) {  // kernel lab: the large-M path without the overlapped slices
-        const double us = time_graph(ctx, [&](int i) {
-          cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch, false, 1);
-        });
-        report("matmul_lab/cuda/nf4dq/" + suffix + "/slices1", us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-      }
+                 (M > cuda::kGemvMaxTokens ? "; dequantize + cuBLAS" : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) && M <= 16 && N <= 32 * ctx.sm_count() ? "; streaming tensor-core GEMV" : "; register tensor-core GEMV"));
       if (M <= 32) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
@@ -262,7 +256,7 @@ int main(int argc, char** argv) {
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
-        for (int sk : {1024, 2048}) {  // the streaming kernel with smaller stages (more, smaller copies)
+        for (int sk : {1024, 2048, 4096}) {  // the streaming kernel, by values of K per stage
           const double us = time_graph(ctx, [&](int i) {
             cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Stream, sk);
           });

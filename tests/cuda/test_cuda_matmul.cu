@@ -30,7 +30,7 @@ struct Errors {
 };
 
 Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
-                    cuda::GemvKernel kernel = cuda::GemvKernel::Auto, int slices = -1) {
+                    cuda::GemvKernel kernel = cuda::GemvKernel::Auto) {
   auto& ctx = cudatest::context();
   const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 11 + c.N + c.K + c.M, 0.02f);
   const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
@@ -47,8 +47,6 @@ Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
     scratch = cuda::DeviceBuffer<__nv_bfloat16>(std::size_t(c.N) * c.K);
     cuda::dequantize_4bit(ctx, dw, scratch.data());
     cuda::gemm_bf16(ctx, dx.data(), c.M, c.K, scratch.data(), c.N, dy.data(), accumulate ? 1.0f : 0.0f);
-  } else if (slices >= 0) {
-    cuda::matmul_4bit_dequant(ctx, dw, dx.data(), c.M, dy.data(), scratch, accumulate, slices);
   } else if (kernel != cuda::GemvKernel::Auto) {
     cuda::gemv_4bit(ctx, dw, dx.data(), c.M, dy.data(), accumulate, kernel);
   } else {
@@ -150,27 +148,6 @@ TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound
     INFO("M " << M);
     REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
   }
-}
-
-// The large-M path in row slices overlapped with the side stream, including the automatic choice
-// (M ≥ kSliceMinTokens) and more slices than scratch halves.
-TEST_CASE("cuda matmul_4bit in overlapped slices meets the same bound", "[cuda][matmul]") {
-  QLORA_REQUIRE_CUDA_OR_SKIP();
-  const auto NF4 = quant::Quant4Type::NF4;
-  for (int slices : {0, 1, 2, 4})
-    for (bool acc : {false, true}) {
-      const Case c{2048, 512, slices == 0 ? 1100 : 130, 64, NF4, true};
-      INFO("slices " << slices << " M " << c.M << " accumulate " << acc);
-      const auto e = check_matmul(c, acc, false, cuda::GemvKernel::Auto, slices);
-      REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
-      REQUIRE(e.rel_norm < 5e-3);
-    }
-  auto& ctx = cudatest::context();
-  const auto wf = cudatest::gaussian(std::size_t(48) * 64, 3);
-  const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {48, 64}, quant::Quant4Config{}), ctx);
-  cuda::DeviceBuffer<__nv_bfloat16> x(64 * 100), y(48 * 100), scratch;
-  REQUIRE_THROWS_WITH(cuda::matmul_4bit_dequant(ctx, dw, x.data(), 100, y.data(), scratch, false, 5),
-                      Catch::Contains("5 slices of a (48, 64) weight"));
 }
 
 TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {

@@ -144,6 +144,30 @@ TEST_CASE("cuda dequantize_4bit equals the CPU values bit for bit", "[cuda][quan
         }
 }
 
+
+// A sub-range (whole rows of a matrix, say) gives the values of the whole at the same positions.
+TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda][quant]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const std::size_t n = 64 * 1000 + 40;
+  const auto x = probe_data(n, 64, 7);
+  const auto d = cuda::to_device(quant::quantize_4bit(x.data(), {std::int64_t(n)}, quant::Quant4Config{}), ctx);
+  cuda::DeviceBuffer<float> all(n);
+  cuda::dequantize_4bit(ctx, d, all.data());
+  const auto want = all.to_host(ctx.stream());
+  for (std::size_t first : {std::size_t(0), std::size_t(8), std::size_t(64 * 300), std::size_t(n - 40)})
+    for (std::size_t count : {std::size_t(0), std::size_t(1), std::size_t(37), n - first}) {
+      if (count > n - first) continue;
+      INFO("first " << first << " count " << count);
+      cuda::DeviceBuffer<float> part(std::max<std::size_t>(count, 1));
+      cuda::dequantize_4bit_range(ctx, d, first, count, part.data());
+      const auto got = part.to_host(ctx.stream());
+      for (std::size_t i = 0; i < count; ++i) REQUIRE(got[i] == want[first + i]);
+    }
+  cuda::DeviceBuffer<float> out(16);
+  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, 4, 8, out.data()), Catch::Contains("multiple of 8"));
+  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, n - 8, 16, out.data()), Catch::Contains("of 64040 values"));
+}
 TEST_CASE("cuda quantize_4bit refuses NaN and inf, naming the index", "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();

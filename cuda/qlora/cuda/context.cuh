@@ -60,10 +60,7 @@ class Context {
         props_(o.props_),
         stream_(std::exchange(o.stream_, nullptr)),
         cublas_(std::exchange(o.cublas_, nullptr)),
-        workspace_(std::move(o.workspace_)),
-        side_(std::exchange(o.side_, nullptr)) {
-    for (int i = 0; i < kEvents; ++i) events_[i] = std::exchange(o.events_[i], nullptr);
-  }
+        workspace_(std::move(o.workspace_)) {}
   Context& operator=(Context&&) = delete;
 
   int device() const { return device_; }
@@ -73,31 +70,12 @@ class Context {
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
 
-  // A second stream on the same device, for work that overlaps this one's (matmul_4bit dequantizes
-  // the next slice of a weight there while cuBLAS multiplies the current one), and events for the
-  // hand-offs between the two; created on first use, owned by the context. Work on the side stream
-  // is always joined back into stream() by the code that forks it, so callers (and CUDA graph
-  // captures of stream()) see a single stream.
-  static constexpr int kEvents = 8;
-  cudaStream_t side_stream() const {
-    if (!side_) QLORA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
-    return side_;
-  }
-  cudaEvent_t event(int i) const {
-    QLORA_CHECK(i >= 0 && i < kEvents, "cuda::Context::event: index ", i, ", expected 0 to ", kEvents - 1);
-    if (!events_[i]) QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&events_[i], cudaEventDisableTiming));
-    return events_[i];
-  }
-
   // Makes this context's device current for the calling thread (launchers call it first).
   void activate() const { QLORA_CUDA_CHECK(cudaSetDevice(device_)); }
   void synchronize() const { QLORA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
  private:
   void release() noexcept {
-    for (auto& e : events_)
-      if (e) cudaEventDestroy(std::exchange(e, nullptr));
-    if (side_) cudaStreamDestroy(std::exchange(side_, nullptr));
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) cudaStreamDestroy(stream_);
     cublas_ = nullptr;
@@ -109,8 +87,6 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer<unsigned char> workspace_;
-  mutable cudaStream_t side_ = nullptr;
-  mutable cudaEvent_t events_[kEvents] = {};
 };
 
 }  // namespace cuda

@@ -214,8 +214,8 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
          (!w.double_quant || w.nested_blocksize == 256) && N / 16 < (std::int64_t(1) << 30);
 }
 
-// Which kernel gemv_4bit runs: Auto picks the streaming sm_90 kernel (gemv4bit_stream.cuh) where it
-// takes the shape, else the register-fed one of this header; the others force one (tests, the
+// Which kernel gemv_4bit runs: Auto picks by the measured rule below (the streaming sm_90 kernel of
+// gemv4bit_stream.cuh or the register-fed one of this header); the others force one (tests, the
 // benchmarks' kernel lab). Stream on a device or shape it does not take is an error.
 enum class GemvKernel { Auto, Registers, Stream };
 
@@ -247,7 +247,11 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;
-  if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_ok)) {
+  // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): the streaming
+  // kernel for up to 16 tokens on matrices of at most two 16-row tiles per SM (4096 rows there),
+  // where its lower start-up cost shows; the register kernel on taller matrices and for more tokens.
+  const bool stream_auto = stream_ok && M <= 16 && w.rows() <= std::int64_t(32) * ctx.sm_count();
+  if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_auto)) {
     if (M <= 8)
       detail::dispatch_gemv4_stream<1>(ctx, args, dq, stage_k);
     else if (M <= 16)

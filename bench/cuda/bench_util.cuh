@@ -2,7 +2,8 @@
 // What the CUDA benchmarks share: random bf16 fills, the graph-replay timer and the report lines.
 //
 // time_graph: the best of `reps` replays of a CUDA graph of `calls` calls of fn(i), timed with CUDA
-// events and divided by `calls` (the method of ../shared/ANCHORS.md). Report lines look like Google
+// events and divided by `calls` (the method of ../shared/ANCHORS.md), after ≥ 25 ms of warm
+// replays so the SM clock has left its idle level. Report lines look like Google
 // Benchmark's, `name  time  notes`, and go to the CSV given with set_csv too.
 #include <cuda_bf16.h>
 
@@ -44,7 +45,19 @@ inline double time_graph(const cuda::Context& ctx, const std::function<void(int)
   cudaEvent_t a, b;
   QLORA_CUDA_CHECK(cudaEventCreate(&a));
   QLORA_CUDA_CHECK(cudaEventCreate(&b));
-  QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));  // warm replay
+  // Warm replays until at least 25 ms of GPU time have run: the SM clock idles low (345 MHz on the
+  // H200 machines) and ramps up only under sustained load, so a short burst of work would be timed
+  // at whatever clock the previous idle gap left. The best of `reps` replays follows.
+  float warm_ms = 0;
+  for (int w = 0; w < 1000 && warm_ms < 25.0f; ++w) {
+    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
+    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
+    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    warm_ms += ms;
+  }
   float best = 1e30f;
   for (int r = 0; r < reps; ++r) {
     QLORA_CUDA_CHECK(cudaEventRecord(a, s));

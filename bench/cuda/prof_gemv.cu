@@ -1,10 +1,11 @@
 // A minimal driver for Nsight Compute: one 4-bit GEMV shape, launched a few times.
-//   prof_gemv N K M     (defaults 14336 4096 1)
+//   prof_gemv N K M [stream|registers]    (defaults 14336 4096 1, Auto's kernel)
 //   ncu --kernel-name regex:gemv4 --launch-skip 1 --launch-count 1 ./prof_gemv
 #include <cuda_bf16.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
@@ -29,7 +30,10 @@ int main(int argc, char** argv) {
   fill<<<1024, 256, 0, ctx.stream()>>>(w.data(), w.size(), 0.05f);
   fill<<<64, 256, 0, ctx.stream()>>>(x.data(), x.size(), 2.0f);
   const auto q = cuda::quantize_4bit(ctx, w.data(), {N, K}, quant::Quant4Config{});
-  for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data());
+  const std::string which = argc > 4 ? argv[4] : "";
+  const auto kernel = which == "stream" ? cuda::GemvKernel::Stream
+                      : which == "registers" ? cuda::GemvKernel::Registers : cuda::GemvKernel::Auto;
+  for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
   ctx.synchronize();
   std::printf("gemv %dx%d m%d done\n", N, K, M);
   return 0;

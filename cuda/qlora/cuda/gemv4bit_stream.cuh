@@ -12,12 +12,13 @@
 // stage) ran at half the register kernel's speed: the copy engine wants few, large copies.
 //
 // Layout of the work
-// - A stage is 16 rows (one tile) × stage_k values of K (all of K up to 4096; StageLayout): per row
+// - A stage is 16 rows (one tile) × stage_k values of K (4096, 2048 or 1024; StageLayout): per row
 //   one bulk copy of stage_k / 2 packed bytes, to a row pitch padded by 32 bytes so the 4 rows a
 //   half-warp reads with 8-byte loads hit distinct banks; the absmax of the 16 rows (codes with
 //   double quantization, floats without) in one copy when a stage is whole rows, else one per row.
 // - The nested absmax (double quantization: one float per 16384 values) has no alignment a bulk
-//   copy could use; the consumers load it from global memory one stage ahead.
+//   copy could use; a stage's row piece lies in one nested block, so the consumers load one value
+//   per row per stage from global memory, a stage ahead.
 // - One producer warp (warp 16): for stage s it waits until slot s % S is empty, posts the bytes to
 //   expect on the slot's full barrier, and starts the copies.
 // - 16 consumer warps: warp w takes units w, w + 16, ... (64 values each) of every stage, so a
@@ -27,8 +28,7 @@
 //   barrier (the producer runs on), add the 16 partials in warp order (deterministic) and store y.
 // - Grid: one persistent block per SM, each owning a contiguous range of tiles.
 //
-// Takes: sm_90, blocksize 64, K % 1024 == 0 (and K ≤ 4096 or a multiple of 1024 dividing by one of
-// 4096 / 2048 / 1024: every multiple of 1024), N % 16 == 0, M ≤ 64, nested blocksize 256: the shapes
+// Takes: sm_90, blocksize 64, K % 1024 == 0, N % 16 == 0, M ≤ 64, nested blocksize 256: the shapes
 // of Llama's projections but down_proj of a 11008-wide MLP, which gemv4bit.cuh's kernel serves.
 #include <cuda_bf16.h>
 
@@ -61,10 +61,10 @@ struct StageLayout {
         bytes((16 * (stage_k / 2 + 32) + 16 * (dq ? stage_k / 64 : stage_k / 16) + 127) / 128 * 128) {}
 };
 
-// Values of K per stage: all of K up to 4096 (the absmax of a stage then arrives in one copy), else
-// the largest of 4096, 2048, 1024 that divides it.
+// Values of K per stage: the largest of 4096, 2048, 1024 that divides K. A stage's row piece then
+// starts at a multiple of its length, which divides the 16384 values of a nested absmax block, so
+// it lies in one nested block; and with stage_k == K the absmax of a stage arrives in one copy.
 inline int stream_stage_k(std::int64_t K) {
-  if (K <= 4096) return int(K);
   for (int k : {4096, 2048, 1024})
     if (K % k == 0) return k;
   return 0;
@@ -113,89 +113,124 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
   const std::size_t K = std::size_t(a.K);
   const int am_bytes = 16 * L.am_pitch;  // a stage's absmax bytes
 
+  // Every index below advances by additions, stage by stage: the first version computed them from
+  // s with divisions and 64-bit products, ~175 instructions per unit, most of them IMAD.
   if (warp == kStreamConsumers) {  // the producer
+    const int r = lane & 15;
+    const std::uint8_t* pw = a.packed + (std::size_t(tile_begin) * 16 + r) * K / 2;  // row r, stage 0
+    const std::uint8_t* pc = DQ ? a.am.qabsmax + (std::size_t(tile_begin) * 16 + r) * K / 64 : nullptr;
+    const float* pf = DQ ? nullptr : a.am.absmax + (std::size_t(tile_begin) * 16 + r) * K / 64;
+    const std::size_t tile_step_w = 15 * K / 2, tile_step_am = 15 * K / 64;  // to row r of the next tile
+    const std::uint32_t bytes = 16u * (L.k / 2) + am_bytes;
+    int slot = 0, ks = 0;
+    std::uint32_t parity = 1;  // a fresh barrier's previous phase counts as complete
     for (int s = 0; s < stages; ++s) {
-      const int slot = s % S;
-      if (lane == 0) mbar_wait(&s_empty[slot], ((s / S) & 1) ^ 1);
+      if (lane == 0) mbar_wait(&s_empty[slot], parity);
       __syncwarp();
       unsigned char* st = s_stage + std::size_t(slot) * L.bytes;
-      const std::size_t row0 = std::size_t(tile_begin + s / KS) * 16;
-      const std::size_t e = (row0 + (lane & 15)) * K + std::size_t(s % KS) * L.k;  // lane's row piece
-      if (lane == 0) mbar_arrive_expect_tx(&s_full[slot], 16u * (L.k / 2) + am_bytes);
+      if (lane == 0) mbar_arrive_expect_tx(&s_full[slot], bytes);
       __syncwarp();
-      if (lane < 16) bulk_copy_g2s(st + lane * L.row_pitch, a.packed + e / 2, L.k / 2, &s_full[slot]);
-      const void* am = DQ ? static_cast<const void*>(a.am.qabsmax + (e >> 6))
-                          : static_cast<const void*>(a.am.absmax + (e >> 6));
+      if (lane < 16) bulk_copy_g2s(st + r * L.row_pitch, pw, L.k / 2, &s_full[slot]);
+      const void* am = DQ ? static_cast<const void*>(pc) : static_cast<const void*>(pf);
       if (KS == 1) {  // the 16 rows are whole: their absmax is contiguous
         if (lane == 0) bulk_copy_g2s(st + L.am_off, am, am_bytes, &s_full[slot]);
       } else if (lane < 16) {
-        bulk_copy_g2s(st + L.am_off + lane * L.am_pitch, am, L.am_pitch, &s_full[slot]);
+        bulk_copy_g2s(st + L.am_off + r * L.am_pitch, am, L.am_pitch, &s_full[slot]);
       }
+      pw += L.k / 2;
+      if (DQ) pc += L.k / 64; else pf += L.k / 64;
+      if (++ks == KS) {
+        ks = 0;
+        pw += tile_step_w;
+        if (DQ) pc += tile_step_am; else pf += tile_step_am;
+      }
+      if (++slot == S) slot = 0, parity ^= 1;
     }
     return;  // the consumers never meet the producer again (named barrier 1 is theirs)
   }
 
   const int g = lane >> 2, t = lane & 3;
-  const int units = L.k / 64;  // per stage; warp w takes w, w + 16, ...
+  const int upw = L.k / 1024;  // units per warp per stage (1..4): warp w takes units w, w + 16, ...
   const std::uint32_t lane4 = std::uint32_t(lane) * 4;
+  const int w_off = g * L.row_pitch + 32 * warp + 8 * t;          // (row g, unit w, lane's 8 bytes)
+  const int w_off8 = w_off + 8 * L.row_pitch;                     // row g + 8
+  const int c_off = L.am_off + g * L.am_pitch + (DQ ? warp : 4 * warp);  // byte of (row g, unit w)
+  const int c_off8 = c_off + 8 * L.am_pitch;
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  // The nested absmax of rows g, g + 8 for each of this warp's units of stage s, loaded from global
-  // memory one stage ahead (tiny, and mostly L2 hits; no alignment a bulk copy could use).
-  float nest[kStreamMaxUnits][2], nest_next[kStreamMaxUnits][2];
-  auto load_nested = [&](int s, float (&n)[kStreamMaxUnits][2]) {
-    if (!DQ || s >= stages) return;
-    const std::size_t r0 = std::size_t(tile_begin + s / KS) * 16 + g;
-    const std::size_t k0 = std::size_t(s % KS) * L.k + 64 * warp;
+  // x of token g at this stage's first value for unit w; the nested absmax of rows g, g + 8 (a
+  // stage's row piece lies in one nested block: stage_k divides 16384 and K), one stage ahead.
+  const __nv_bfloat16* px = a.x + std::size_t(g) * K + 64 * warp + 16 * t;
+  std::size_t e_g = (std::size_t(tile_begin) * 16 + g) * K;  // element index of (row g, stage start)
+  const int nshift = 6 + a.am.nested_shift;
+  float n0 = 0.0f, n1 = 0.0f, n0_next = 0.0f, n1_next = 0.0f;
+  if (DQ && stages > 0) {
+    n0_next = __ldg(a.am.absmax2 + (e_g >> nshift));
+    n1_next = __ldg(a.am.absmax2 + ((e_g + 8 * K) >> nshift));
+  }
+  int slot = 0, ks = 0;
+  std::uint32_t parity = 0;
+  std::size_t row0 = std::size_t(tile_begin) * 16;
+  const unsigned char* st = s_stage;
+  for (int s = 0; s < stages; ++s) {
+    // advance the element index to the next stage (and tile) and prefetch its nested absmax
+    const std::size_t e_next = ks + 1 == KS ? e_g + L.k + 15 * K : e_g + L.k;
+    if (DQ) {
+      n0 = n0_next, n1 = n1_next;
+      if (s + 1 < stages) {
+        n0_next = __ldg(a.am.absmax2 + (e_next >> nshift));
+        n1_next = __ldg(a.am.absmax2 + ((e_next + 8 * K) >> nshift));
+      }
+    }
+    // this warp's x slices, then its fragments of every unit it owns (the loads first, so the
+    // units' tensor-core chains can overlap)
+    // (x of every unit up front for one token tile; with more, loaded per unit to spare registers)
+    constexpr int kPre = NT == 1 ? kStreamMaxUnits : 1;
+    uint4 xa[kPre][NT], xb[kPre][NT];
+    if (NT == 1) {
+#pragma unroll
+      for (int i = 0; i < kPre; ++i)
+        if (i < upw) load_x<NT>(px + 1024 * i, K, g, a.M, xa[i], xb[i]);
+    }
+    mbar_wait(&s_full[slot], parity);
+    uint2 wa[kStreamMaxUnits], wb[kStreamMaxUnits];
+    float am0[kStreamMaxUnits], am1[kStreamMaxUnits];
 #pragma unroll
     for (int i = 0; i < kStreamMaxUnits; ++i)
-      if (warp + 16 * i < units) {
-        n[i][0] = __ldg(a.am.absmax2 + ((r0 * K + k0 + 1024 * i) >> (6 + a.am.nested_shift)));
-        n[i][1] = __ldg(a.am.absmax2 + (((r0 + 8) * K + k0 + 1024 * i) >> (6 + a.am.nested_shift)));
+      if (i < upw) {
+        wa[i] = *reinterpret_cast<const uint2*>(st + w_off + 512 * i);
+        wb[i] = *reinterpret_cast<const uint2*>(st + w_off8 + 512 * i);
+        if (DQ) {
+          am0[i] = __fadd_rn(__fmul_rn(s_map[st[c_off + 16 * i]], n0), a.am.offset);
+          am1[i] = __fadd_rn(__fmul_rn(s_map[st[c_off8 + 16 * i]], n1), a.am.offset);
+        } else {
+          am0[i] = *reinterpret_cast<const float*>(st + c_off + 64 * i);
+          am1[i] = *reinterpret_cast<const float*>(st + c_off8 + 64 * i);
+        }
       }
-  };
-  load_nested(0, nest_next);
+    __syncwarp();                                // every lane has its fragments ...
+    if (lane == 0) mbar_arrive(&s_empty[slot]);  // ... so the slot may be refilled
+#pragma unroll
+    for (int i = 0; i < kStreamMaxUnits; ++i)
+      if (i < upw) {
+        const int ix = NT == 1 ? i : 0;
+        if (NT != 1) load_x<NT>(px + 1024 * i, K, g, a.M, xa[ix], xb[ix]);
+        float tmp[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
+        mma_unit<NT>(s_lut, lane4, wa[i], wb[i], xa[ix], xb[ix], tmp);
+        scale_add<NT>(acc, tmp, am0[i], am1[i]);
+      }
 
-  for (int s = 0; s < stages; ++s) {
-    const int slot = s % S, ks = s % KS;
-    if (DQ) {
-#pragma unroll
-      for (int i = 0; i < kStreamMaxUnits; ++i) nest[i][0] = nest_next[i][0], nest[i][1] = nest_next[i][1];
-      load_nested(s + 1, nest_next);
-    }
-    const unsigned char* st = s_stage + std::size_t(slot) * L.bytes;
-    mbar_wait(&s_full[slot], (s / S) & 1);
-#pragma unroll
-    for (int i = 0; i < kStreamMaxUnits; ++i) {
-      const int u = warp + 16 * i;
-      if (u >= units) break;  // uniform over the warp
-      uint4 xa[NT], xb[NT];
-      load_x<NT>(a.x + std::size_t(g) * K + std::size_t(ks) * L.k + 64 * u + 16 * t, K, g, a.M, xa, xb);
-      const uint2 wa = *reinterpret_cast<const uint2*>(st + g * L.row_pitch + 32 * u + 8 * t);
-      const uint2 wb = *reinterpret_cast<const uint2*>(st + (g + 8) * L.row_pitch + 32 * u + 8 * t);
-      float am0, am1;
-      if (DQ) {
-        const unsigned char* c = st + L.am_off;
-        am0 = __fadd_rn(__fmul_rn(s_map[c[g * L.am_pitch + u]], nest[i][0]), a.am.offset);
-        am1 = __fadd_rn(__fmul_rn(s_map[c[(g + 8) * L.am_pitch + u]], nest[i][1]), a.am.offset);
-      } else {
-        am0 = reinterpret_cast<const float*>(st + L.am_off + g * L.am_pitch)[u];
-        am1 = reinterpret_cast<const float*>(st + L.am_off + (g + 8) * L.am_pitch)[u];
-      }
-      if (u + 16 >= units) {                         // this warp's last read of the stage:
-        __syncwarp();                                // every lane has its fragments ...
-        if (lane == 0) mbar_arrive(&s_empty[slot]);  // ... so the slot may be refilled
-      }
-      float tmp[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-      mma_unit<NT>(s_lut, lane4, wa, wb, xa, xb, tmp);
-      scale_add<NT>(acc, tmp, am0, am1);
-    }
-
-    if (ks == KS - 1) {  // the tile is done: add the 16 warps' partials and store its 16 rows
+    px += L.k;
+    if (++slot == S) slot = 0, parity ^= 1, st = s_stage;
+    else st += L.bytes;
+    e_g = e_next;
+    if (++ks == KS) {  // the tile is done: add the 16 warps' partials and store its 16 rows
+      ks = 0;
+      px -= K;
       float* sl = s_slot + std::size_t(warp) * 16 * kCols;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -206,16 +241,16 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
         acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
       }
       named_barrier(1, kConsumerThreads);
-      const std::size_t row0 = std::size_t(tile_begin + s / KS) * 16;
       for (int idx = tid; idx < 16 * a.M; idx += kConsumerThreads) {
-        const int tok = idx / 16, r = idx % 16;
+        const int tok = idx >> 4, rr = idx & 15;
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kStreamConsumers; ++w) sum += s_slot[(std::size_t(w) * 16 + r) * kCols + tok];
-        const std::size_t o = std::size_t(tok) * a.N + row0 + r;
+        for (int w = 0; w < kStreamConsumers; ++w) sum += s_slot[(w * 16 + rr) * kCols + tok];
+        const std::size_t o = std::size_t(tok) * a.N + row0 + rr;
         a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
       }
       named_barrier(1, kConsumerThreads);  // the slots are read before the next tile overwrites them
+      row0 += 16;
     }
   }
 #else
@@ -236,9 +271,9 @@ template <int NT, bool DQ>
 void launch_gemv4_stream(const Context& ctx, GemvArgs args, int stage_k) {
   const auto kernel = gemv4_stream_kernel<NT, DQ>;
   args.stage_k = stage_k > 0 ? stage_k : stream_stage_k(args.K);
-  QLORA_CHECK(args.stage_k % 1024 == 0 && args.stage_k <= kStreamMaxUnits * 1024 && args.K % args.stage_k == 0,
+  QLORA_CHECK((args.stage_k == 1024 || args.stage_k == 2048 || args.stage_k == 4096) && args.K % args.stage_k == 0,
               "cuda::gemv_4bit: stage of ", args.stage_k, " values for K = ", args.K,
-              " (expected a multiple of 1024, at most 4096, dividing K)");
+              " (expected 1024, 2048 or 4096, dividing K)");
   const StageLayout L(args.stage_k, DQ);
   const int S = stream_stages(ctx, NT, L);
   QLORA_CHECK(S >= 2, "cuda::gemv_4bit: ", S, " stages of ", L.bytes, " bytes fit in shared memory, expected >= 2");

@@ -32,6 +32,7 @@ using cuda::DeviceBuffer;
 using benchutil::fill;
 using benchutil::fmt;
 using benchutil::report;
+using benchutil::time_blocking;
 using benchutil::time_graph;
 
 namespace {
@@ -66,32 +67,6 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   cp(c.qabsmax, q.qabsmax);
   cp(c.absmax2, q.absmax2);
   return c;
-}
-
-// Best of `reps` timed calls, after one untimed (module loading), of fn, a quantizer that
-// synchronizes itself (it reads its NaN check back), so it cannot go into a graph; in microseconds.
-// Its result lives until after the stop event: the free is not timed, the allocation is.
-template <class F>
-double time_blocking(const cuda::Context& ctx, F&& fn, int reps = 5) {
-  cudaEvent_t a, b;
-  QLORA_CUDA_CHECK(cudaEventCreate(&a));
-  QLORA_CUDA_CHECK(cudaEventCreate(&b));
-  {
-    auto warm = fn();
-  }
-  float best = 1e30f;
-  for (int r = 0; r < reps; ++r) {
-    QLORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    auto q = fn();
-    QLORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return double(best) * 1000.0;
 }
 
 }  // namespace
@@ -162,24 +137,10 @@ int main(int argc, char** argv) {
     {
       const quant::Quant4Config cfg{quant::Quant4Type::NF4, 64, true};
       // quantize_4bit synchronizes (it reads the offset and the NaN check back), so no graph here
-      cudaEvent_t a, b;
-      QLORA_CUDA_CHECK(cudaEventCreate(&a));
-      QLORA_CUDA_CHECK(cudaEventCreate(&b));
-      float best = 1e30f;
-      for (int r = 0; r < 5; ++r) {
-        QLORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-        auto q = cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg);
-        QLORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-        QLORA_CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (r > 0) best = std::min(best, ms);  // r = 0 loads the modules
-        if (r == 0) wq.push_back(std::move(q));
-      }
-      report("quantize/cuda/nf4dq/" + shape + "/bf16", best * 1000.0,
+      wq.push_back(cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg));
+      const double us = time_blocking(ctx, [&] { return cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg); });
+      report("quantize/cuda/nf4dq/" + shape + "/bf16", us,
              "bf16 in, NF4 + double quant out; includes the offset read-back and the NaN check");
-      cudaEventDestroy(a);
-      cudaEventDestroy(b);
     }
     const std::size_t qbytes = wq[0].weight_bytes();
     const int nq = int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));

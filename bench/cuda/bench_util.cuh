@@ -31,6 +31,18 @@ inline void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std:
   QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
 }
 
+// Milliseconds between two events around fn's work on stream s (waits for it).
+template <class F>
+float elapsed_ms(cudaStream_t s, cudaEvent_t a, cudaEvent_t b, F&& fn) {
+  QLORA_CUDA_CHECK(cudaEventRecord(a, s));
+  fn();
+  QLORA_CUDA_CHECK(cudaEventRecord(b, s));
+  QLORA_CUDA_CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+  return ms;
+}
+
 // Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
 inline double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30, int reps = 5) {
   const cudaStream_t s = ctx.stream();
@@ -45,34 +57,40 @@ inline double time_graph(const cuda::Context& ctx, const std::function<void(int)
   cudaEvent_t a, b;
   QLORA_CUDA_CHECK(cudaEventCreate(&a));
   QLORA_CUDA_CHECK(cudaEventCreate(&b));
+  const auto replay = [&] { QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s)); };
   // Warm replays until at least 25 ms of GPU time have run: the SM clock idles low (345 MHz on the
   // H200 machines) and ramps up only under sustained load, so a short burst of work would be timed
   // at whatever clock the previous idle gap left. The best of `reps` replays follows.
   float warm_ms = 0;
-  for (int w = 0; w < 1000 && warm_ms < 25.0f; ++w) {
-    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
-    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
-    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    warm_ms += ms;
-  }
+  for (int w = 0; w < 1000 && warm_ms < 25.0f; ++w) warm_ms += elapsed_ms(s, a, b, replay);
   float best = 1e30f;
-  for (int r = 0; r < reps; ++r) {
-    QLORA_CUDA_CHECK(cudaEventRecord(a, s));
-    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    QLORA_CUDA_CHECK(cudaEventRecord(b, s));
-    QLORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    best = std::min(best, ms);
-  }
+  for (int r = 0; r < reps; ++r) best = std::min(best, elapsed_ms(s, a, b, replay));
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   return double(best) * 1000.0 / calls;
+}
+
+// Best of `reps` timed calls, after one untimed (module loading), of fn, a quantizer that
+// synchronizes itself (it reads its NaN check back), so it cannot go into a graph; in microseconds.
+// Its result lives until after the stop event: the free is not timed, the allocation is.
+template <class F>
+double time_blocking(const cuda::Context& ctx, F&& fn, int reps = 5) {
+  cudaEvent_t a, b;
+  QLORA_CUDA_CHECK(cudaEventCreate(&a));
+  QLORA_CUDA_CHECK(cudaEventCreate(&b));
+  {
+    auto warm = fn();
+  }
+  float best = 1e30f;
+  for (int r = 0; r < reps; ++r) {
+    decltype(fn()) q;
+    best = std::min(best, elapsed_ms(ctx.stream(), a, b, [&] { q = fn(); }));
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return double(best) * 1000.0;
 }
 
 inline FILE*& csv() {

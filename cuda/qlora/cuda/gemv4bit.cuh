@@ -93,17 +93,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   int cur_tile = tile, seg = 0;
 
-  auto write_slot = [&](int sg) {
-    float* s = s_slot + std::size_t(warp * 2 + sg) * 16 * kCols;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      s[g * kCols + 8 * j + 2 * t] = acc[j][0];
-      s[g * kCols + 8 * j + 2 * t + 1] = acc[j][1];
-      s[(g + 8) * kCols + 8 * j + 2 * t] = acc[j][2];
-      s[(g + 8) * kCols + 8 * j + 2 * t + 1] = acc[j][3];
-      acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    }
-  };
+  auto write_slot = [&](int sg) { store_partials<NT>(s_slot + std::size_t(warp * 2 + sg) * 16 * kCols, acc, g, t); };
 
   for (int u0 = ub; u0 < ue; u0 += U) {
     uint2 wa[U], wb[U];

@@ -106,6 +106,21 @@ __device__ __forceinline__ void scale_add(float (&acc)[NT][4], const float (&tmp
   }
 }
 
+// Leaves acc (mma C layout) in s as (row 16, token 8·NT) floats and zeroes it: a warp's partial
+// sums for the block's deterministic reduction.
+template <int NT>
+__device__ __forceinline__ void store_partials(float* s, float (&acc)[NT][4], int g, int t) {
+  constexpr int kCols = 8 * NT;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    s[g * kCols + 8 * j + 2 * t] = acc[j][0];
+    s[g * kCols + 8 * j + 2 * t + 1] = acc[j][1];
+    s[(g + 8) * kCols + 8 * j + 2 * t] = acc[j][2];
+    s[(g + 8) * kCols + 8 * j + 2 * t + 1] = acc[j][3];
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  }
+}
+
 // The 8 x values of token tile j that mma_unit wants, for the unit whose first k is at `px`
 // (token g's row; tokens at or past M read as zero).
 template <int NT>

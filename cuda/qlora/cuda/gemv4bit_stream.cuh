@@ -231,15 +231,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
     if (++ks == KS) {  // the tile is done: add the 16 warps' partials and store its 16 rows
       ks = 0;
       px -= K;
-      float* sl = s_slot + std::size_t(warp) * 16 * kCols;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        sl[g * kCols + 8 * j + 2 * t] = acc[j][0];
-        sl[g * kCols + 8 * j + 2 * t + 1] = acc[j][1];
-        sl[(g + 8) * kCols + 8 * j + 2 * t] = acc[j][2];
-        sl[(g + 8) * kCols + 8 * j + 2 * t + 1] = acc[j][3];
-        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-      }
+      store_partials<NT>(s_slot + std::size_t(warp) * 16 * kCols, acc, g, t);
       named_barrier(1, kConsumerThreads);
       for (int idx = tid; idx < 16 * a.M; idx += kConsumerThreads) {
         const int tok = idx >> 4, rr = idx & 15;

@@ -61,13 +61,13 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* x, std::size_t i0, st
   }
 }
 
-// grid: enough threads for ceil(n / 8) (blockDim 256 when BS <= 256, else BS / 8)
-template <bool NF4, int BS, class In>
-__global__ void quantize4_kernel(const In* __restrict__ x, std::size_t n, std::uint8_t* __restrict__ packed,
-                                 float* __restrict__ absmax, unsigned long long* first_bad) {
+// This thread's 8 values (v; zeros past n, which take part in the reductions) and the absmax of its
+// quantization block of BS values (BS / 8 consecutive threads); the first non-finite index goes to
+// first_bad. Every thread of the CUDA block must call it (it synchronizes when BS > 256).
+template <int BS, class In>
+__device__ __forceinline__ float load8_block_absmax(const In* __restrict__ x, std::size_t i0, std::size_t n,
+                                                    float (&v)[8], unsigned long long* first_bad) {
   constexpr int kThreadsPerBlock = BS / 8;  // threads sharing one quantization block
-  const std::size_t i0 = (std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
-  float v[8];
   load8(x, i0, n, v);  // threads past n take part in the reductions with zeros
   float amax = 0.0f;
   unsigned bad = 8;
@@ -90,6 +90,16 @@ __global__ void quantize4_kernel(const In* __restrict__ x, std::size_t n, std::u
 #pragma unroll
     for (int w = 1; w < kThreadsPerBlock / 32; ++w) amax = fmaxf(amax, warp_max[first + w]);
   }
+  return amax;
+}
+
+// grid: enough threads for ceil(n / 8) (blockDim 256 when BS <= 256, else BS / 8)
+template <bool NF4, int BS, class In>
+__global__ void quantize4_kernel(const In* __restrict__ x, std::size_t n, std::uint8_t* __restrict__ packed,
+                                 float* __restrict__ absmax, unsigned long long* first_bad) {
+  const std::size_t i0 = (std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
+  float v[8];
+  const float amax = load8_block_absmax<BS>(x, i0, n, v, first_bad);
   if (i0 >= n) return;
   if (i0 % BS == 0) absmax[i0 / BS] = amax;
   const float inv = __frcp_rn(amax);  // 1.0f / absmax, correctly rounded (inf for an all-zero block)

@@ -69,34 +69,12 @@ template <int BS, class In>
 __global__ void quantize8_kernel(const In* __restrict__ x, std::size_t n, Code256Param mid,
                                  std::uint8_t* __restrict__ codes, float* __restrict__ absmax,
                                  unsigned long long* first_bad) {
-  constexpr int kThreadsPerBlock = BS / 8;  // threads sharing one quantization block
   __shared__ float s_mid[256];
   if (threadIdx.x < 256) s_mid[threadIdx.x] = mid.v[threadIdx.x];
   __syncthreads();
   const std::size_t i0 = (std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   float v[8];
-  load8(x, i0, n, v);  // threads past n take part in the reductions with zeros
-  float amax = 0.0f;
-  unsigned bad = 8;
-#pragma unroll
-  for (int j = 7; j >= 0; --j) {
-    if (!isfinite(v[j])) bad = j;
-    amax = fmaxf(amax, fabsf(v[j]));
-  }
-  if (bad < 8) atomicMin(first_bad, static_cast<unsigned long long>(i0 + bad));
-#pragma unroll
-  for (int off = (kThreadsPerBlock < 32 ? kThreadsPerBlock : 32) / 2; off > 0; off >>= 1)
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  if constexpr (kThreadsPerBlock > 32) {
-    constexpr int kWarps = (kThreadsPerBlock > 256 ? kThreadsPerBlock : 256) / 32;  // of the CUDA block
-    __shared__ float warp_max[kWarps];
-    if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
-    __syncthreads();
-    const int first = int(threadIdx.x / kThreadsPerBlock) * (kThreadsPerBlock / 32);  // this block's warps
-    amax = warp_max[first];
-#pragma unroll
-    for (int w = 1; w < kThreadsPerBlock / 32; ++w) amax = fmaxf(amax, warp_max[first + w]);
-  }
+  const float amax = load8_block_absmax<BS>(x, i0, n, v, first_bad);
   if (i0 >= n) return;
   if (i0 % BS == 0) absmax[i0 / BS] = amax;
   const float inv = __frcp_rn(amax);

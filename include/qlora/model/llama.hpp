@@ -81,6 +81,18 @@ struct LlamaLoraOptions {
   LoraConfig lora;
 };
 
+// Where a training step's time goes (LlamaModel::set_profiling): wall seconds summed over forwards
+// and backwards. base_matmul: the projections' base products (frozen ones whole, a LoRA layer's
+// x·W0ᵀ and dy·W0) and full training's projection dW; lora: the rest of a LoRA layer (rank-r
+// products, dropout, its context copy); attention: attention::forward / backward (scores,
+// softmax, P·V); lm_head: its product, dx (and dW); rest: norms, RoPE, SwiGLU, residuals, the
+// embedding, the loss of forward_backward, and checkpointing's copies. Outside the class template
+// because it does not depend on Quant: code that handles models of every base format shares it.
+struct LlamaPhaseTimes {
+  double base_matmul = 0, lora = 0, attention = 0, lm_head = 0, rest = 0;
+  double total() const { return base_matmul + lora + attention + lm_head + rest; }
+};
+
 template <class Quant>
 class LlamaModel {
  public:
@@ -141,16 +153,7 @@ class LlamaModel {
   // What a training forward keeps for backward, in bytes (Activations::bytes()).
   friend std::size_t activation_bytes(const Activations& a) { return a.bytes(); }
 
-  // Where a training step's time goes (set_profiling): wall seconds summed over forwards and
-  // backwards. base_matmul: the projections' base products (frozen ones whole, a LoRA layer's
-  // x·W0ᵀ and dy·W0) and full training's projection dW; lora: the rest of a LoRA layer (rank-r
-  // products, dropout, its context copy); attention: attention::forward / backward (scores,
-  // softmax, P·V); lm_head: its product, dx (and dW); rest: norms, RoPE, SwiGLU, residuals, the
-  // embedding, the loss of forward_backward, and checkpointing's copies.
-  struct PhaseTimes {
-    double base_matmul = 0, lora = 0, attention = 0, lm_head = 0, rest = 0;
-    double total() const { return base_matmul + lora + attention + lm_head + rest; }
-  };
+  using PhaseTimes = LlamaPhaseTimes;
 
   // A checkpoint folder (config.json + safetensors), with fresh LoRA paths on the targeted modules.
   static LlamaModel load(const std::string& dir, const LlamaLoraOptions& opt = {}) {

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cli.hpp"
+#include "model.hpp"
 #include "qlora/io/atomic_dir.hpp"
 #include "qlora/io/atomic_file.hpp"
 #include "qlora/io/hf_model.hpp"
@@ -73,8 +74,7 @@ struct EvalSet {
 
 // The mean next-token loss over the windows (each window has seq - 1 predictions), in chunks of
 // 8 windows.
-template <class Model>
-double eval_loss(Model& m, const std::vector<std::int64_t>& windows, std::int64_t T) {
+inline double eval_loss(Model& m, const std::vector<std::int64_t>& windows, std::int64_t T) {
   const std::int64_t n = std::int64_t(windows.size()) / T;
   QLORA_CHECK(n > 0, "held-out text: fewer than ", T, " tokens, no window to evaluate");
   double sum = 0;
@@ -167,8 +167,7 @@ class TrainLoop {
     return qlora::hf::join(qlora::hf::join(dir, "checkpoint"), "optimizer.safetensors");
   }
 
-  // Runs steps start_step()+1 .. steps. Model: LlamaModel (forward_backward, loss, dropout_calls).
-  template <class Model>
+  // Runs steps start_step()+1 .. steps.
   void run(Model& m, qlora::optim::AdamW& opt, const std::vector<std::int64_t>& train,
            const SaveWeights& save) {
     const std::int64_t tokens_per_step = o_.batch * o_.accum * o_.seq;
@@ -239,7 +238,6 @@ class TrainLoop {
   }
 
   // Writes <out>/checkpoint (replacing the previous one atomically) and the curve so far.
-  template <class Model>
   void checkpoint(const Model& m, const qlora::optim::AdamW& opt, std::int64_t step,
                   const SaveWeights& save) {
     ensure_out();

@@ -10,13 +10,17 @@
 # means a clean run.
 #
 # Environment: QLORA_SKIP_ASAN=1, QLORA_SKIP_FUZZ=1 skip those steps; QLORA_FUZZ_SECONDS;
-# QLORA_JOBS (build parallelism, default nproc). Build directories are reused (incremental).
+# QLORA_JOBS (build parallelism, default nproc); QLORA_CUDA_ARCHITECTURES (CMAKE_CUDA_ARCHITECTURES
+# of the CUDA targets, e.g. 80; default CMakeLists.txt's 80;90; a build directory configured with it
+# keeps it until it is configured with another). Build directories are reused (incremental).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
 JOBS=${QLORA_JOBS:-$(nproc 2>/dev/null || echo 2)}
 FUZZ_SECONDS=${QLORA_FUZZ_SECONDS:-60}
+cuda_arch=()
+[ -n "${QLORA_CUDA_ARCHITECTURES:-}" ] && cuda_arch=("-DCMAKE_CUDA_ARCHITECTURES=$QLORA_CUDA_ARCHITECTURES")
 export CTEST_OUTPUT_ON_FAILURE=1
 
 passed=0
@@ -92,7 +96,8 @@ step_end "1 deps" $t
 banner "2/4 Release build (tests, examples, benchmarks) in build/ + ctest"
 t=$SECONDS
 if cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
-     -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=ON -DQLORA_BUILD_BENCHMARKS=ON -DQLORA_SANITIZE=OFF; then
+     -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=ON -DQLORA_BUILD_BENCHMARKS=ON -DQLORA_SANITIZE=OFF \
+     "${cuda_arch[@]}"; then
   build build || fail "release: build (see the compiler errors above)"
   step_end "2a release build" $t
   t=$SECONDS
@@ -112,7 +117,7 @@ else
   export ASAN_OPTIONS=${ASAN_OPTIONS:-strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1}
   export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
   if cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DQLORA_SANITIZE=ON \
-       -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF; then
+       -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF "${cuda_arch[@]}"; then
     build build-asan || fail "asan: build (see the compiler errors above)"
     step_end "3a asan build" $t
     t=$SECONDS

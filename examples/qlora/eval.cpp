@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 
@@ -45,8 +46,7 @@ struct Sequences {
   std::string what;
 };
 
-template <class Model>
-Sequences sequences_of(const cli::Args& a, const Model& model, const std::string& dir) {
+Sequences sequences_of(const cli::Args& a, const cli::Model& model, const std::string& dir) {
   const std::int64_t V = model.config().vocab_size;
   Sequences s;
   if (a.has("ids")) {
@@ -95,45 +95,43 @@ int cmd_eval(int argc, char** argv) {
   const std::string dir = a.get("model", ""), adapter = a.get("adapter", ""),
                     quant = a.get("quant", cli::default_quant(dir, "none"));
 
-  return cli::with_quant(quant, [&](auto tag) {
-    using Quant = decltype(tag);
-    auto model = cli::load_model<Quant>(dir, adapter);
-    const std::int64_t V = model.config().vocab_size;
-    const Sequences s = sequences_of(a, model, dir);
-    std::fprintf(stderr, "model %s (%s%s%s), vocab %lld; %s\n", dir.c_str(), quant.c_str(),
-                 adapter.empty() ? "" : ", adapter ", adapter.c_str(), static_cast<long long>(V),
-                 s.what.c_str());
+  const std::unique_ptr<cli::Model> loaded = cli::load_model(quant, dir, adapter);
+  cli::Model& model = *loaded;
+  const std::int64_t V = model.config().vocab_size;
+  const Sequences s = sequences_of(a, model, dir);
+  std::fprintf(stderr, "model %s (%s%s%s), vocab %lld; %s\n", dir.c_str(), quant.c_str(),
+               adapter.empty() ? "" : ", adapter ", adapter.c_str(), static_cast<long long>(V),
+               s.what.c_str());
 
-    const bool keep = a.has("logits");
-    std::vector<float> all;  // (batch, seq, V) with --logits
-    if (keep) all.reserve(s.rows.size() * s.rows[0].size() * std::size_t(V));
-    double total = 0;  // sum over predicted tokens of -log p
-    std::int64_t count = 0;
-    cli::ProgressLine progress("eval");
-    for (std::size_t b = 0; b < s.rows.size(); ++b) {
-      const auto& row = s.rows[b];
-      const std::int64_t T = std::int64_t(row.size());
-      const std::vector<float> z = model.logits(row.data(), 1, T);  // (T, V)
-      // labels = ids: each row's mean times its T - 1 targets gives the batch mean over all targets
-      total += double(qlora::causal_lm_loss(z.data(), row.data(), 1, T, V, nullptr)) * double(T - 1);
-      count += T - 1;
-      if (keep) all.insert(all.end(), z.begin(), z.end());
-      if (s.rows.size() > 1) progress.update(b + 1, s.rows.size(), "sequence " + std::to_string(b + 1));
-    }
-    const double loss = total / double(count);
-    std::printf("loss: %.6f\n", loss);
-    std::fflush(stdout);
-    std::fprintf(stderr, "%lld predicted tokens, perplexity %.4g\n", static_cast<long long>(count),
-                 std::exp(loss));
-    if (keep) {
-      const std::string out = a.get("logits", "");
-      qlora::safetensors::Writer w;
-      w.add("logits", qlora::DType::F32, {std::int64_t(s.rows.size()), std::int64_t(s.rows[0].size()), V},
-            all.data(), all.size() * sizeof(float));
-      w.write(out);
-      std::fprintf(stderr, "wrote logits [%zu, %zu, %lld] to %s\n", s.rows.size(), s.rows[0].size(),
-                   static_cast<long long>(V), out.c_str());
-    }
-    return 0;
-  });
+  const bool keep = a.has("logits");
+  std::vector<float> all;  // (batch, seq, V) with --logits
+  if (keep) all.reserve(s.rows.size() * s.rows[0].size() * std::size_t(V));
+  double total = 0;  // sum over predicted tokens of -log p
+  std::int64_t count = 0;
+  cli::ProgressLine progress("eval");
+  for (std::size_t b = 0; b < s.rows.size(); ++b) {
+    const auto& row = s.rows[b];
+    const std::int64_t T = std::int64_t(row.size());
+    const std::vector<float> z = model.logits(row.data(), 1, T);  // (T, V)
+    // labels = ids: each row's mean times its T - 1 targets gives the batch mean over all targets
+    total += double(qlora::causal_lm_loss(z.data(), row.data(), 1, T, V, nullptr)) * double(T - 1);
+    count += T - 1;
+    if (keep) all.insert(all.end(), z.begin(), z.end());
+    if (s.rows.size() > 1) progress.update(b + 1, s.rows.size(), "sequence " + std::to_string(b + 1));
+  }
+  const double loss = total / double(count);
+  std::printf("loss: %.6f\n", loss);
+  std::fflush(stdout);
+  std::fprintf(stderr, "%lld predicted tokens, perplexity %.4g\n", static_cast<long long>(count),
+               std::exp(loss));
+  if (keep) {
+    const std::string out = a.get("logits", "");
+    qlora::safetensors::Writer w;
+    w.add("logits", qlora::DType::F32, {std::int64_t(s.rows.size()), std::int64_t(s.rows[0].size()), V},
+          all.data(), all.size() * sizeof(float));
+    w.write(out);
+    std::fprintf(stderr, "wrote logits [%zu, %zu, %lld] to %s\n", s.rows.size(), s.rows[0].size(),
+                 static_cast<long long>(V), out.c_str());
+  }
+  return 0;
 }

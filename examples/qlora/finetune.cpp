@@ -2,7 +2,7 @@
 // file, saving a PEFT adapter. qlora pretrain: all weights of an fp32 model trained on text (how
 // the embedded demo model was made). The loop itself is train_loop.hpp.
 #include <cstdio>
-#include <type_traits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -10,9 +10,8 @@
 #include "commands.hpp"
 #include "model_args.hpp"
 #include "qlora/io/peft_adapter.hpp"
-#include "qlora/model/llama.hpp"
 #include "qlora/text/corpus.hpp"
-#include "finetune_cuda.hpp"
+#include "model.hpp"
 #include "train_loop.hpp"
 
 const char* finetune_usage =
@@ -158,8 +157,7 @@ bool check_device(const cli::Args& a, bool cuda_ok) {
   return dev == "cuda";
 }
 
-template <class Model>
-void print_losses(const char* when, Model& m, const std::vector<cli::EvalSet>& evals, std::int64_t seq) {
+void print_losses(const char* when, cli::Model& m, const std::vector<cli::EvalSet>& evals, std::int64_t seq) {
   for (const cli::EvalSet& e : evals)
     std::printf("%s: %s loss %.4f (%lld windows of %lld tokens)\n", when, e.name.c_str(),
                 cli::eval_loss(m, e.windows, seq), (long long)(e.windows.size() / std::size_t(seq)),
@@ -168,8 +166,7 @@ void print_losses(const char* when, Model& m, const std::vector<cli::EvalSet>& e
 }
 
 // --profile: the model's phase times over the steps this run made, per step and in percent.
-template <class Model>
-void print_phase_times(const Model& m, const cli::TrainOptions& o, std::int64_t steps) {
+void print_phase_times(const cli::Model& m, const cli::TrainOptions& o, std::int64_t steps) {
   const auto t = m.phase_times();
   const double total = t.total(), per = total / double(std::max<std::int64_t>(steps, 1));
   const double tokens = double(steps) * double(o.batch * o.accum * o.seq);
@@ -202,66 +199,59 @@ int cmd_finetune(int argc, char** argv) {
   const std::string model_dir = a.get("model", "");
   const cli::TrainOptions o = loop_options(a, "adapter");
   if (a.has("resume")) cli::TrainLoop::check_resumable(o.out);
-  return cli::with_quant(a.get("quant", cli::default_quant(model_dir, "nf4")), [&](auto tag) {
-    using Q = decltype(tag);
-    qlora::LlamaLoraOptions lo;
-    std::string target = a.get("target", "q_proj,v_proj");
-    lo.target_modules = split_list(target);
-    lo.lora.r = a.get_int("r", 8);
-    lo.lora.alpha = float(cli::get_float(a, "alpha", 16));
-    lo.lora.dropout = float(cli::get_float(a, "dropout", 0.05));
-    lo.lora.seed = o.seed;
-    lo.lora.validate();
-    const bool resume = a.has("resume");
-    std::fprintf(stderr, "loading %s (base weights %s)%s\n", model_dir.c_str(),
-                 a.get("quant", cli::default_quant(model_dir, "nf4")).c_str(), resume ? ", resuming" : "");
-    auto m = resume ? qlora::LlamaModel<Q>::load_with_adapter(
-                          model_dir, cli::TrainLoop::checkpoint_weights(o.out), o.seed)
-                    : qlora::LlamaModel<Q>::load(model_dir, lo);
-    QLORA_CHECK(!m.params().empty(), "--target '", target, "' matches no projection of the model");
-    m.set_gradient_checkpointing(a.has("gradient-checkpointing"));
-    m.set_profiling(a.has("profile"));
-    const cli::AnyTokenizer tok = cli::AnyTokenizer::open(model_dir, m.config().vocab_size);
-    Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
-    cli::TrainLoop run(o, d.evals);
-    auto params = m.params();
-    const std::size_t trainable = cli::param_count(params);
-    qlora::optim::AdamW opt(params, adam_options(a, o, 2e-4, 10));
-    if (resume) {
-      m.set_dropout_calls(run.resume(o.out));
-      opt.load_state(cli::TrainLoop::checkpoint_optimizer(o.out));
-      std::fprintf(stderr, "resumed at step %lld of %lld\n", (long long)run.start_step(), (long long)o.steps);
-    }
-    std::fprintf(
-        stderr,
-        "LoRA r=%d alpha=%g dropout=%g on %s: %zu trainable parameters in %zu tensors; tokenizer %s\n",
-        lo.lora.r, double(lo.lora.alpha), double(lo.lora.dropout), target.c_str(), trainable, params.size(),
-        tok.name());
-    std::fprintf(stderr, "%lld steps x %lld sequences x %lld tokens (accum %lld)\n", (long long)o.steps,
-                 (long long)o.batch, (long long)o.seq, (long long)o.accum);
-    if (cuda) {
-      if constexpr (std::is_same<Q, qlora::format::Int8>::value) {
-        qlora::throw_error("--device cuda: --quant int8 has no CUDA base; use nf4, fp4, bf16 or none");
-      } else {
-        cli::CudaFinetuneJob<Q> job{m.weights(), o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, {}};
-        job.save_adapter = [&](const std::vector<qlora::LoraTensors>& t, const std::string& dir) {
-          m.set_lora(t);
-          qlora::peft::save_adapter(dir, m.adapter(model_dir));
-        };
-        return cli::finetune_cuda(job);
-      }
-    }
-    if (!resume) print_losses("before", m, d.evals, o.seq);
-    const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
-    run.run(m, opt, d.train, save);
-    if (run.stopped()) return cli::g_interrupted ? 130 : 0;
-    if (a.has("profile")) print_phase_times(m, o, o.steps - run.start_step());
-    print_losses("after", m, d.evals, o.seq);
-    qlora::peft::save_adapter(o.out, m.adapter(model_dir));
-    run.write_curve();  // the adapter folder replaced the run's folder: the curve goes back in
-    std::printf("wrote the adapter to %s (loss curve: %s/loss.csv)\n", o.out.c_str(), o.out.c_str());
-    return 0;
-  });
+  const std::string quant = a.get("quant", cli::default_quant(model_dir, "nf4"));
+  cli::check_quant(quant);  // a bad --quant is the first error, before the LoRA options'
+  qlora::LlamaLoraOptions lo;
+  std::string target = a.get("target", "q_proj,v_proj");
+  lo.target_modules = split_list(target);
+  lo.lora.r = a.get_int("r", 8);
+  lo.lora.alpha = float(cli::get_float(a, "alpha", 16));
+  lo.lora.dropout = float(cli::get_float(a, "dropout", 0.05));
+  lo.lora.seed = o.seed;
+  lo.lora.validate();
+  const bool resume = a.has("resume");
+  std::fprintf(stderr, "loading %s (base weights %s)%s\n", model_dir.c_str(), quant.c_str(),
+               resume ? ", resuming" : "");
+  cli::ModelSpec spec;
+  spec.dir = model_dir;
+  if (resume)
+    spec.adapter = cli::TrainLoop::checkpoint_weights(o.out);  // with the saved run's dropout seed
+  else
+    spec.lora = lo;
+  spec.seed = o.seed;
+  const std::unique_ptr<cli::Model> loaded = cli::open_model(quant, spec);
+  cli::Model& m = *loaded;
+  QLORA_CHECK(!m.params().empty(), "--target '", target, "' matches no projection of the model");
+  m.set_gradient_checkpointing(a.has("gradient-checkpointing"));
+  m.set_profiling(a.has("profile"));
+  const cli::AnyTokenizer tok = cli::AnyTokenizer::open(model_dir, m.config().vocab_size);
+  Data d = read_data(a, tok, o.seq, o.eval_windows, o.seed);
+  cli::TrainLoop run(o, d.evals);
+  auto params = m.params();
+  const std::size_t trainable = cli::param_count(params);
+  qlora::optim::AdamW opt(params, adam_options(a, o, 2e-4, 10));
+  if (resume) {
+    m.set_dropout_calls(run.resume(o.out));
+    opt.load_state(cli::TrainLoop::checkpoint_optimizer(o.out));
+    std::fprintf(stderr, "resumed at step %lld of %lld\n", (long long)run.start_step(), (long long)o.steps);
+  }
+  std::fprintf(stderr,
+               "LoRA r=%d alpha=%g dropout=%g on %s: %zu trainable parameters in %zu tensors; tokenizer %s\n",
+               lo.lora.r, double(lo.lora.alpha), double(lo.lora.dropout), target.c_str(), trainable,
+               params.size(), tok.name());
+  std::fprintf(stderr, "%lld steps x %lld sequences x %lld tokens (accum %lld)\n", (long long)o.steps,
+               (long long)o.batch, (long long)o.seq, (long long)o.accum);
+  if (cuda) return m.finetune_cuda({o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, model_dir});
+  if (!resume) print_losses("before", m, d.evals, o.seq);
+  const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
+  run.run(m, opt, d.train, save);
+  if (run.stopped()) return cli::g_interrupted ? 130 : 0;
+  if (a.has("profile")) print_phase_times(m, o, o.steps - run.start_step());
+  print_losses("after", m, d.evals, o.seq);
+  qlora::peft::save_adapter(o.out, m.adapter(model_dir));
+  run.write_curve();  // the adapter folder replaced the run's folder: the curve goes back in
+  std::printf("wrote the adapter to %s (loss curve: %s/loss.csv)\n", o.out.c_str(), o.out.c_str());
+  return 0;
 }
 
 int cmd_pretrain(int argc, char** argv) {
@@ -281,8 +271,10 @@ int cmd_pretrain(int argc, char** argv) {
   const cli::TrainOptions o = loop_options(a, "");
   const bool resume = a.has("resume");
   if (resume) cli::TrainLoop::check_resumable(o.out);
-  auto m = qlora::LlamaModel<qlora::format::F32>::load(resume ? cli::TrainLoop::checkpoint_weights(o.out)
-                                                              : model_dir);
+  cli::ModelSpec spec;
+  spec.dir = resume ? cli::TrainLoop::checkpoint_weights(o.out) : model_dir;
+  const std::unique_ptr<cli::Model> loaded = cli::open_model("none", spec);  // fp32: every weight trains
+  cli::Model& m = *loaded;
   m.enable_full_training();
   m.set_gradient_checkpointing(a.has("gradient-checkpointing"));
   const cli::AnyTokenizer tok = cli::AnyTokenizer::open(model_dir, m.config().vocab_size);
@@ -299,7 +291,7 @@ int cmd_pretrain(int argc, char** argv) {
   std::fprintf(stderr, "pretraining %s: %zu parameters; %lld steps x %lld sequences x %lld tokens\n",
                model_dir.c_str(), n, (long long)o.steps, (long long)o.batch, (long long)o.seq);
   if (!resume) print_losses("before", m, d.evals, o.seq);
-  run.run(m, opt, d.train, [&](const std::string& dir) { m.save(dir); });
+  run.run(m, opt, d.train, [&](const std::string& dir) { m.save(dir, qlora::DType::F32); });
   if (run.stopped()) return cli::g_interrupted ? 130 : 0;
   print_losses("after", m, d.evals, o.seq);
   m.save(o.out, dtype == "f32" ? qlora::DType::F32 : qlora::DType::BF16);

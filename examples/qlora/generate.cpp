@@ -7,6 +7,7 @@
 // (no KV cache), so this is for checking a model, not for speed.
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "cli.hpp"
@@ -77,48 +78,46 @@ int cmd_generate(int argc, char** argv) {
                     quant = a.get("quant", cli::default_quant(dir, "none"));
   const std::string prompt = a.get("prompt", "");
 
-  return cli::with_quant(quant, [&](auto tag) {
-    using Quant = decltype(tag);
-    auto model = cli::load_model<Quant>(dir, adapter);
-    const cli::AnyTokenizer tok = cli::AnyTokenizer::open(dir, model.config().vocab_size);
-    std::vector<std::int64_t> ids;
-    if (auto bos = tok.bos_id()) ids.push_back(*bos);
-    const std::vector<std::int64_t> body = tok.encode(prompt);
-    ids.insert(ids.end(), body.begin(), body.end());
-    QLORA_CHECK(!ids.empty(), "--prompt is empty and the tokenizer (", tok.name(),
-                ") has no BOS token to start from");
-    opt.stop_token = tok.eos_id();
-    std::fprintf(stderr, "model %s (%s%s%s), tokenizer %s, prompt %zu tokens; ", dir.c_str(), quant.c_str(),
-                 adapter.empty() ? "" : ", adapter ", adapter.c_str(), tok.name(), ids.size());
-    if (opt.sampling.temperature == 0)
-      std::fprintf(stderr, "greedy\n");
-    else
-      std::fprintf(stderr, "temperature %g, top-k %d, top-p %g, seed %llu\n",
-                   double(opt.sampling.temperature), opt.sampling.top_k, double(opt.sampling.top_p),
-                   static_cast<unsigned long long>(opt.sampling.seed));
+  const std::unique_ptr<cli::Model> loaded = cli::load_model(quant, dir, adapter);
+  cli::Model& model = *loaded;
+  const cli::AnyTokenizer tok = cli::AnyTokenizer::open(dir, model.config().vocab_size);
+  std::vector<std::int64_t> ids;
+  if (auto bos = tok.bos_id()) ids.push_back(*bos);
+  const std::vector<std::int64_t> body = tok.encode(prompt);
+  ids.insert(ids.end(), body.begin(), body.end());
+  QLORA_CHECK(!ids.empty(), "--prompt is empty and the tokenizer (", tok.name(),
+              ") has no BOS token to start from");
+  opt.stop_token = tok.eos_id();
+  std::fprintf(stderr, "model %s (%s%s%s), tokenizer %s, prompt %zu tokens; ", dir.c_str(), quant.c_str(),
+               adapter.empty() ? "" : ", adapter ", adapter.c_str(), tok.name(), ids.size());
+  if (opt.sampling.temperature == 0)
+    std::fprintf(stderr, "greedy\n");
+  else
+    std::fprintf(stderr, "temperature %g, top-k %d, top-p %g, seed %llu\n", double(opt.sampling.temperature),
+                 opt.sampling.top_k, double(opt.sampling.top_p),
+                 static_cast<unsigned long long>(opt.sampling.seed));
 
-    std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+  std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+  std::fflush(stdout);
+  std::string pending;  // bytes of an unfinished UTF-8 character
+  bool stopped = false;
+  const auto start = std::chrono::steady_clock::now();
+  const auto out = qlora::generate_with(model, ids, opt, [&](std::int64_t id) {
+    if (opt.stop_token && id == *opt.stop_token) {
+      stopped = true;
+      return;
+    }
+    pending += tok.decode({id});
+    const std::size_t n = complete_utf8_prefix(pending);
+    std::fwrite(pending.data(), 1, n, stdout);
     std::fflush(stdout);
-    std::string pending;  // bytes of an unfinished UTF-8 character
-    bool stopped = false;
-    const auto start = std::chrono::steady_clock::now();
-    const auto out = qlora::generate_with(model, ids, opt, [&](std::int64_t id) {
-      if (opt.stop_token && id == *opt.stop_token) {
-        stopped = true;
-        return;
-      }
-      pending += tok.decode({id});
-      const std::size_t n = complete_utf8_prefix(pending);
-      std::fwrite(pending.data(), 1, n, stdout);
-      std::fflush(stdout);
-      pending.erase(0, n);
-    });
-    std::fwrite(pending.data(), 1, pending.size(), stdout);
-    std::printf("\n");
-    std::fflush(stdout);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "%zu new tokens in %.2f s (%.1f tokens/s)%s\n", out.size(), secs,
-                 secs > 0 ? double(out.size()) / secs : 0.0, stopped ? ", stopped at EOS" : "");
-    return 0;
+    pending.erase(0, n);
   });
+  std::fwrite(pending.data(), 1, pending.size(), stdout);
+  std::printf("\n");
+  std::fflush(stdout);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "%zu new tokens in %.2f s (%.1f tokens/s)%s\n", out.size(), secs,
+               secs > 0 ? double(out.size()) / secs : 0.0, stopped ? ", stopped at EOS" : "");
+  return 0;
 }

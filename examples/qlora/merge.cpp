@@ -6,6 +6,7 @@
 // quantizes the merged folder again (as `qlora quantize` would) and prints the error that adds.
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "cli.hpp"
@@ -38,17 +39,18 @@ int cmd_merge(int argc, char** argv) {
               dtype, "'");
   const std::string model = a.get("model", ""), adapter = a.get("adapter", ""), out = a.get("out", "");
   const std::string quant = a.get("quant", cli::default_quant(model, "none"));
-  cli::with_quant(quant, [&](auto tag) {
-    using Q = decltype(tag);
-    auto m = qlora::LlamaModel<Q>::load_with_adapter(model, adapter);
-    const std::size_t n = cli::param_count(m.params());
+  {
+    cli::ModelSpec spec;
+    spec.dir = model;
+    spec.adapter = adapter;
+    const std::unique_ptr<cli::Model> m = cli::open_model(quant, spec);
+    const std::size_t n = cli::param_count(m->params());
     std::printf("merging %s (%zu LoRA parameters) into %s (base %s) -> %s (%s)\n", adapter.c_str(), n,
                 model.c_str(), quant.c_str(), out.c_str(), dtype.c_str());
-    m.save(out, dtype == "f32"    ? qlora::DType::F32
-                : dtype == "bf16" ? qlora::DType::BF16
-                                  : qlora::DType::F16);
-    return 0;
-  });
+    m->save(out, dtype == "f32"    ? qlora::DType::F32
+                 : dtype == "bf16" ? qlora::DType::BF16
+                                   : qlora::DType::F16);
+  }  // the model is freed before requantizing reads the merged folder
   std::printf("wrote %s\n", out.c_str());
   if (a.has("requantize")) {
     qlora::checkpoint::QuantizeOptions opt;

@@ -1,16 +1,14 @@
 #pragma once
 // What the qlora commands that run a model (eval, generate, finetune, merge, ...) share:
 //
-//   with_quant(name, f)        the one place a --quant string becomes a format:: tag type:
-//                              "none" -> f(format::F32{}), "bf16", "nf4", "fp4", "int8" -> the others;
-//                              f is a generic lambda, instantiated once per format.
 //   AnyTokenizer::open(dir, V) a model folder's tokenizer: tokenizer.json (byte-level BPE, BOS / EOS
 //                              from tokenizer_config.json) if present, else raw bytes when the
 //                              model's vocabulary V has room for them.
 //   read_token_ids(path, V)    a safetensors file with tensor `ids` (I64 or I32, [batch, seq]).
 //   default_quant(dir, fallback)      --quant's default: a bitsandbytes folder's own format.
-//   load_model<Quant>(dir, adapter)   a LlamaModel for inference, with a PEFT adapter if given.
+//   load_model(quant, dir, adapter)   a cli::Model for inference, with a PEFT adapter if given.
 //   get_float / get_u64(args, name, default)   typed option values.
+// (open_model, which turns a --quant string into a model, is model.hpp's.)
 //
 // Every bad input is a qlora::Error naming the option, file or tensor, so a command only catches
 // in main().
@@ -18,35 +16,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "cli.hpp"
+#include "model.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/io/hf_model.hpp"
 #include "qlora/io/safetensors.hpp"
-#include "qlora/lora/base_weight.hpp"
-#include "qlora/model/llama.hpp"
 #include "qlora/optim/param.hpp"
 #include "qlora/text/tokenizer.hpp"
 
 namespace cli {
-
-inline constexpr const char* kQuantChoices = "none, nf4, fp4, int8 or bf16";
-
-// Calls f(tag) with the format tag named by quant; returns what f returns.
-template <class F>
-auto with_quant(const std::string& quant, F&& f) {
-  namespace fmt = qlora::format;
-  if (quant == "none") return f(fmt::F32{});
-  if (quant == "nf4") return f(fmt::NF4{});
-  if (quant == "fp4") return f(fmt::FP4{});
-  if (quant == "int8") return f(fmt::Int8{});
-  if (quant == "bf16") return f(fmt::BF16{});
-  qlora::throw_error("--quant must be ", kQuantChoices, ", got '", quant, "'");
-}
 
 // The --quant a model folder loads in by default: a bitsandbytes folder's own format ("nf4", "fp4"
 // or "int8", from config.json's quantization_config), so its weights are used as stored; otherwise
@@ -72,12 +56,14 @@ inline std::string default_quant(const std::string& model_dir, const std::string
   return fallback;
 }
 
-// A checkpoint folder's model, its projections in Quant, with the PEFT adapter in adapter_dir
+// A checkpoint folder's model, its projections in quant, with the PEFT adapter in adapter_dir
 // attached unless adapter_dir is empty.
-template <class Quant>
-qlora::LlamaModel<Quant> load_model(const std::string& dir, const std::string& adapter_dir) {
-  return adapter_dir.empty() ? qlora::LlamaModel<Quant>::load(dir)
-                             : qlora::LlamaModel<Quant>::load_with_adapter(dir, adapter_dir);
+inline std::unique_ptr<Model> load_model(const std::string& quant, const std::string& dir,
+                                         const std::string& adapter_dir) {
+  ModelSpec spec;
+  spec.dir = dir;
+  if (!adapter_dir.empty()) spec.adapter = adapter_dir;
+  return open_model(quant, spec);
 }
 
 // How many values the parameters hold (what "N trainable parameters" counts).

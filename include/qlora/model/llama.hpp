@@ -31,6 +31,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -67,6 +68,18 @@ struct LlamaLoraOptions {
   // r, alpha, dropout, rslora, init. seed is the model's: each module draws its init and dropout
   // from seed + its index (layer · 7 + projection), so equal-shaped modules start differently.
   LoraConfig lora;
+};
+
+// Where a training step's time goes (LlamaModel::set_profiling): wall seconds summed over forwards
+// and backwards. base_matmul: the projections' base products (frozen ones whole, a LoRA layer's
+// x·W0ᵀ and dy·W0) and full training's projection dW; lora: the rest of a LoRA layer (rank-r
+// products, dropout, its context copy); attention: attention::forward / backward (scores,
+// softmax, P·V); lm_head: its product, dx (and dW); rest: norms, RoPE, SwiGLU, residuals, the
+// embedding, the loss of forward_backward, and checkpointing's copies. Outside the class template
+// because it does not depend on Quant: code that handles models of every base format shares it.
+struct LlamaPhaseTimes {
+  double base_matmul = 0, lora = 0, attention = 0, lm_head = 0, rest = 0;
+  double total() const { return base_matmul + lora + attention + lm_head + rest; }
 };
 
 template <class Quant>
@@ -129,16 +142,7 @@ class LlamaModel {
   // What a training forward keeps for backward, in bytes (Activations::bytes()).
   friend std::size_t activation_bytes(const Activations& a) { return a.bytes(); }
 
-  // Where a training step's time goes (set_profiling): wall seconds summed over forwards and
-  // backwards. base_matmul: the projections' base products (frozen ones whole, a LoRA layer's
-  // x·W0ᵀ and dy·W0) and full training's projection dW; lora: the rest of a LoRA layer (rank-r
-  // products, dropout, its context copy); attention: attention::forward / backward (scores,
-  // softmax, P·V); lm_head: its product, dx (and dW); rest: norms, RoPE, SwiGLU, residuals, the
-  // embedding, the loss of forward_backward, and checkpointing's copies.
-  struct PhaseTimes {
-    double base_matmul = 0, lora = 0, attention = 0, lm_head = 0, rest = 0;
-    double total() const { return base_matmul + lora + attention + lm_head + rest; }
-  };
+  using PhaseTimes = LlamaPhaseTimes;
 
   // A checkpoint folder (config.json + safetensors), with fresh LoRA paths on the targeted modules.
   static LlamaModel load(const std::string& dir, const LlamaLoraOptions& opt = {}) {
@@ -262,8 +266,8 @@ class LlamaModel {
           QLORA_CHECK(!lo.merged(), "LlamaModel::weights: a LoRA layer is merged; unmerge it first");
           p.base = &lo.base();
           p.lora = lo.config();
-          p.A.assign(lo.A().data(), lo.A().data() + lo.A().size());
-          p.B.assign(lo.B().data(), lo.B().data() + lo.B().size());
+          p.A = storage_copy(lo.A());
+          p.B = storage_copy(lo.B());
           p.dropout_calls = lo.dropout_calls();
         } else {
           p.base = &lin.frozen_base();
@@ -665,6 +669,14 @@ class LlamaModel {
   }
 
   using Clock = std::chrono::steady_clock;
+  // A matrix's values in storage order (an empty matrix's data() may be null: no copy from it).
+  template <class Mat>
+  static std::vector<float> storage_copy(const Mat& m) {
+    std::vector<float> v(std::size_t(m.size()));
+    if (!v.empty()) std::memcpy(v.data(), m.data(), v.size() * sizeof(float));
+    return v;
+  }
+
   static double since(Clock::time_point t0) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
   }

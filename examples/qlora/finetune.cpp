@@ -196,6 +196,9 @@ int cmd_finetune(int argc, char** argv) {
   QLORA_CHECK(!cuda || !a.has("gradient-checkpointing"),
               "--device cuda: --gradient-checkpointing is not implemented on the GPU yet");
   QLORA_CHECK(!cuda || !a.has("profile"), "--device cuda: --profile is CPU-only");
+  QLORA_CHECK(!cuda || a.get_int("checkpoint-every", 0) == 0,
+              "--device cuda: checkpoints are not implemented on the GPU yet (--checkpoint-every ",
+              a.get_int("checkpoint-every", 0), " given; 0 or leave it out)");
   const std::string model_dir = a.get("model", "");
   const cli::TrainOptions o = loop_options(a, "adapter");
   if (a.has("resume")) cli::TrainLoop::check_resumable(o.out);

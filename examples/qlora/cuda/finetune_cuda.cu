@@ -45,8 +45,9 @@ int finetune_cuda(const CudaFinetuneJob<Quant>& job) {
   QLORA_CHECK(n > 0, "--device cuda: no CUDA device found (0 devices)");
   qlora::cuda::Context ctx(0);
   qlora::cuda::reset_device_bytes_peak();
+  const std::size_t context_bytes = qlora::cuda::device_bytes_live();  // the cuBLAS workspace
   qlora::cuda::LlamaModel<Quant> m(ctx, job.weights);
-  const std::size_t weight_bytes = qlora::cuda::device_bytes_live();
+  const std::size_t weight_bytes = qlora::cuda::device_bytes_live() - context_bytes;
   std::fprintf(stderr, "device: %s, %d SMs; model uploaded (%.1f MiB), checkpoints off on --device cuda\n",
                ctx.name().c_str(), ctx.sm_count(), mib(weight_bytes));
   for (const EvalSet& e : job.evals)
@@ -67,9 +68,9 @@ int finetune_cuda(const CudaFinetuneJob<Quant>& job) {
   // Our buffers are grown and kept, so after training the process's use equals its peak; the
   // tracked peak is the comparable number to torch.cuda.max_memory_allocated.
   std::printf(
-      "peak device memory: %.1f MiB allocated by qlora (weights %.1f MiB), %.1f MiB in use by the process "
-      "incl. CUDA context and cuBLAS workspace (cudaMemGetInfo)\n",
-      mib(qlora::cuda::device_bytes_peak()), mib(weight_bytes), mib(total_b - free_b));
+      "peak device memory: %.1f MiB allocated by qlora (model weights %.1f MiB, cuBLAS workspace %.1f MiB), "
+      "%.1f MiB in use by the process incl. the CUDA context (cudaMemGetInfo)\n",
+      mib(qlora::cuda::device_bytes_peak()), mib(weight_bytes), mib(context_bytes), mib(total_b - free_b));
   job.save_adapter(m.download_lora(), o.out);
   run.write_curve();  // the adapter folder replaced the run's folder: the curve goes back in
   std::printf("wrote the adapter to %s (loss curve: %s/loss.csv)\n", o.out.c_str(), o.out.c_str());

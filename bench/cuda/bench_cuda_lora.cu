@@ -26,8 +26,8 @@ using benchutil::time_graph;
 namespace {
 
 template <class Quant>
-double time_step(const cuda::Context& ctx, const BaseWeight<Quant>& base, int M, int r, const __nv_bfloat16* x,
-                 const __nv_bfloat16* dy, __nv_bfloat16* y, __nv_bfloat16* dx) {
+double time_step(const cuda::Context& ctx, const BaseWeight<Quant>& base, int M, int r,
+                 const __nv_bfloat16* x, const __nv_bfloat16* dy, __nv_bfloat16* y, __nv_bfloat16* dx) {
   LoraConfig cfg;
   cfg.r = r;
   cfg.alpha = 2.0f * float(r);
@@ -35,10 +35,13 @@ double time_step(const cuda::Context& ctx, const BaseWeight<Quant>& base, int M,
   cfg.init = LoraInit::NonZero;
   LoraLinear<Quant, 16, Cuda> layer(ctx, base, cfg);
   typename LoraLinear<Quant, 16, Cuda>::Context keep;
-  return time_graph(ctx, [&](int) {
-    layer.forward(ctx, x, M, y, keep);
-    layer.backward(ctx, keep, dy, dx, GradMode::Accumulate);
-  }, 10, 5);
+  return time_graph(
+      ctx,
+      [&](int) {
+        layer.forward(ctx, x, M, y, keep);
+        layer.backward(ctx, keep, dy, dx, GradMode::Accumulate);
+      },
+      10, 5);
 }
 
 }  // namespace
@@ -61,7 +64,8 @@ int main(int argc, char** argv) {
     std::vector<bf16> wh(nk);
     QLORA_CUDA_CHECK(cudaMemcpy(wh.data(), wd.data(), nk * sizeof(bf16), cudaMemcpyDeviceToHost));
     const BaseWeight<format::BF16> base_bf16(std::move(wh), N, K);
-    const auto q = cuda::quantize_4bit(ctx, wd.data(), {N, K}, quant::Quant4Config{quant::Quant4Type::NF4, 64, true});
+    const auto q =
+        cuda::quantize_4bit(ctx, wd.data(), {N, K}, quant::Quant4Config{quant::Quant4Type::NF4, 64, true});
     const BaseWeight<format::NF4> base_nf4(cuda::to_host(q, ctx));
     const std::string shape = std::to_string(N) + "x" + std::to_string(K);
     for (int M : {512, 4096, 16384}) {
@@ -73,7 +77,8 @@ int main(int argc, char** argv) {
       const double t_bf16 = time_step(ctx, base_bf16, M, r, x.data(), dy.data(), y.data(), dx.data());
       // the two base products (y = x·W0ᵀ, dx = dy·W0) dominate: 4·M·N·K FLOPs
       const double flops = 4.0 * M * double(nk);
-      report("lora_step/cuda/bf16/" + suffix, t_bf16, fmt("%.0f TFLOP/s in the base products", flops / t_bf16 * 1e-6));
+      report("lora_step/cuda/bf16/" + suffix, t_bf16,
+             fmt("%.0f TFLOP/s in the base products", flops / t_bf16 * 1e-6));
       const double t_nf4 = time_step(ctx, base_nf4, M, r, x.data(), dy.data(), y.data(), dx.data());
       report("lora_step/cuda/nf4dq/" + suffix, t_nf4,
              fmt("%.0f TFLOP/s in the base products; %.3fx the time of the bf16 step", flops / t_nf4 * 1e-6,

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
 #include "qlora/cuda/dequantize8bit.cuh"
@@ -25,26 +26,27 @@
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/cuda/quantize8bit.cuh"
-#include "bench_util.cuh"
 
 using namespace qlora;
-using cuda::DeviceBuffer;
 using benchutil::fill;
 using benchutil::fmt;
 using benchutil::report;
 using benchutil::time_blocking;
 using benchutil::time_graph;
+using cuda::DeviceBuffer;
 
 namespace {
 
 __global__ void copy_kernel(const uint4* __restrict__ a, uint4* __restrict__ b, std::size_t n) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x)
     b[i] = a[i];
 }
 // Reads everything, writes one word per thread (so the loads cannot be dropped).
 __global__ void read_kernel(const uint4* __restrict__ a, std::size_t n, unsigned* out) {
   unsigned acc = 0;
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x) {
     const uint4 v = __ldcs(a + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
@@ -60,7 +62,8 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
     using T = std::remove_reference_t<decltype(*src.data())>;
     dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
     if (src.size())
-      QLORA_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
+      QLORA_CUDA_CHECK(
+          cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
   };
   cp(c.packed, q.packed);
   cp(c.absmax, q.absmax);
@@ -88,23 +91,35 @@ int main(int argc, char** argv) {
   {
     DeviceBuffer<unsigned char> a(copy_bytes), b(copy_bytes);
     QLORA_CUDA_CHECK(cudaMemsetAsync(a.data(), 1, copy_bytes, ctx.stream()));
-    const double us = time_graph(ctx, [&](int) {
-      QLORA_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), copy_bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
-    }, 5, 5);
+    const double us = time_graph(
+        ctx,
+        [&](int) {
+          QLORA_CUDA_CHECK(
+              cudaMemcpyAsync(b.data(), a.data(), copy_bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
+        },
+        5, 5);
     const double memcpy_tbs = 2.0 * copy_bytes / us * 1e-6;
     report("copy/cuda/memcpy_d2d/2GiB", us, fmt("%.3f TB/s (read + write)", memcpy_tbs));
-    const double us_k = time_graph(ctx, [&](int) {
-      copy_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a.data()),
-                                                                 reinterpret_cast<uint4*>(b.data()), copy_bytes / 16);
-      QLORA_CUDA_CHECK_LAUNCH("copy_kernel");
-    }, 5, 5);
+    const double us_k = time_graph(
+        ctx,
+        [&](int) {
+          copy_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(
+              reinterpret_cast<const uint4*>(a.data()), reinterpret_cast<uint4*>(b.data()), copy_bytes / 16);
+          QLORA_CUDA_CHECK_LAUNCH("copy_kernel");
+        },
+        5, 5);
     const double kernel_tbs = 2.0 * copy_bytes / us_k * 1e-6;
-    report("copy/cuda/kernel/2GiB", us_k, fmt("%.3f TB/s (read + write, 16-byte loads and stores)", kernel_tbs));
-    const double us_r = time_graph(ctx, [&](int) {
-      read_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a.data()),
-                                                                 copy_bytes / 16, reinterpret_cast<unsigned*>(b.data()));
-      QLORA_CUDA_CHECK_LAUNCH("read_kernel");
-    }, 5, 5);
+    report("copy/cuda/kernel/2GiB", us_k,
+           fmt("%.3f TB/s (read + write, 16-byte loads and stores)", kernel_tbs));
+    const double us_r = time_graph(
+        ctx,
+        [&](int) {
+          read_kernel<<<ctx.sm_count() * 8, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a.data()),
+                                                                    copy_bytes / 16,
+                                                                    reinterpret_cast<unsigned*>(b.data()));
+          QLORA_CUDA_CHECK_LAUNCH("read_kernel");
+        },
+        5, 5);
     read_tbs = double(copy_bytes) / us_r * 1e-6;
     report("read/cuda/kernel/2GiB", us_r, fmt("%.3f TB/s (read only)", read_tbs));
     copy_tbs = std::max(memcpy_tbs, kernel_tbs);
@@ -114,7 +129,8 @@ int main(int argc, char** argv) {
     DeviceBuffer<__nv_bfloat16> a(std::size_t(n) * n), b(std::size_t(n) * n), c(std::size_t(n) * n);
     fill(ctx, a.data(), a.size(), 1, 2.0f);
     fill(ctx, b.data(), b.size(), 2, 2.0f);
-    const double us = time_graph(ctx, [&](int) { cuda::gemm_bf16(ctx, a.data(), n, n, b.data(), n, c.data()); }, 10, 5);
+    const double us = time_graph(
+        ctx, [&](int) { cuda::gemm_bf16(ctx, a.data(), n, n, b.data(), n, c.data()); }, 10, 5);
     gemm_tflops = 2.0 * n * n * double(n) / us * 1e-6;
     report("gemm/cuda/bf16/8192x8192/m8192", us, fmt("%.1f TFLOP/s", gemm_tflops));
   }
@@ -127,7 +143,8 @@ int main(int argc, char** argv) {
     const std::string shape = std::to_string(N) + "x" + std::to_string(K);
     const std::size_t nk = std::size_t(N) * K;
     // bf16 weights (the baseline) and their NF4 + double-quant copies
-    const int nbf = int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
+    const int nbf =
+        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
     std::vector<DeviceBuffer<__nv_bfloat16>> wb;
     for (int i = 0; i < nbf; ++i) {
       wb.emplace_back(nk);
@@ -138,18 +155,22 @@ int main(int argc, char** argv) {
       const quant::Quant4Config cfg{quant::Quant4Type::NF4, 64, true};
       // quantize_4bit synchronizes (it reads the offset and the NaN check back), so no graph here
       wq.push_back(cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg));
-      const double us = time_blocking(ctx, [&] { return cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg); });
+      const double us = time_blocking(ctx, [&] {
+        return cuda::quantize_4bit(ctx, wb[0].data(), {N, K}, cfg);
+      });
       report("quantize/cuda/nf4dq/" + shape + "/bf16", us,
              "bf16 in, NF4 + double quant out; includes the offset read-back and the NaN check");
     }
     const std::size_t qbytes = wq[0].weight_bytes();
-    const int nq = int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));
+    const int nq =
+        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));
     for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
     ctx.synchronize();
 
     DeviceBuffer<__nv_bfloat16> scratch(nk);
     {
-      const double us = time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
+      const double us =
+          time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
       const double bytes = double(qbytes) + 2.0 * nk;
       report("dequantize/cuda/nf4dq/" + shape + "/bf16", us,
              fmt("%.3f TB/s = %.0f%% of copy", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
@@ -160,9 +181,9 @@ int main(int argc, char** argv) {
       const double bytes_q = 2.0 * nk + double(nk) + 4.0 * N;
       const double us_r =
           time_blocking(ctx, [&] { return cuda::quantize_rowwise_int8(ctx, wb[0].data(), N, K); });
-      report("quantize/cuda/int8row/" + shape + "/bf16", us_r,
-             fmt("%.3f TB/s; bf16 in, int8 + SCB out; includes the NaN check read-back",
-                 bytes_q / us_r * 1e-6));
+      report(
+          "quantize/cuda/int8row/" + shape + "/bf16", us_r,
+          fmt("%.3f TB/s; bf16 in, int8 + SCB out; includes the NaN check read-back", bytes_q / us_r * 1e-6));
       const double us_b =
           time_blocking(ctx, [&] { return cuda::quantize_blockwise8(ctx, wb[0].data(), nk, 256); });
       report("quantize/cuda/int8blk256/" + shape + "/bf16", us_b,
@@ -192,21 +213,27 @@ int main(int argc, char** argv) {
       DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N);
       fill(ctx, x.data(), x.size(), 7 + M, 2.0f);
       const std::string suffix = shape + "/m" + std::to_string(M);
-      const double t_bf16 = time_graph(ctx, [&](int i) {
-        cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data());
-      });
+      const double t_bf16 = time_graph(
+          ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); });
       const double flops = 2.0 * M * double(nk);
       const double bytes_bf16 = 2.0 * nk + 2.0 * M * (K + N);
       auto rate = [&](double us, double bytes) {
-        if (M >= 512) return fmt("%.0f TFLOP/s = %.0f%% of bf16 8192^3", flops / us * 1e-6, 100.0 * flops / us * 1e-6 / gemm_tflops);
+        if (M >= 512)
+          return fmt("%.0f TFLOP/s = %.0f%% of bf16 8192^3", flops / us * 1e-6,
+                     100.0 * flops / us * 1e-6 / gemm_tflops);
         return fmt("%.3f TB/s = %.0f%% of read", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / read_tbs);
       };
       report("matmul/cuda/bf16/" + suffix, t_bf16, "cuBLAS; " + rate(t_bf16, bytes_bf16));
-      const double t_q = time_graph(ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
+      const double t_q =
+          time_graph(ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
       const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
       report("matmul/cuda/nf4dq/" + suffix, t_q,
              rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
-                 (M > cuda::kGemvMaxTokens ? "; dequantize + cuBLAS" : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) && M <= 16 && N <= 32 * ctx.sm_count() ? "; streaming tensor-core GEMV" : "; register tensor-core GEMV"));
+                 (M > cuda::kGemvMaxTokens ? "; dequantize + cuBLAS"
+                  : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) && M <= 16 &&
+                          N <= 32 * ctx.sm_count()
+                      ? "; streaming tensor-core GEMV"
+                      : "; register tensor-core GEMV"));
       if (M <= 32) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;

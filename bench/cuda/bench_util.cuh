@@ -19,7 +19,8 @@ namespace qlora {
 namespace benchutil {
 
 static __global__ void fill_uniform(__nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x) {
     std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u ^ seed ^ std::uint32_t(i >> 32) * 0x85EBCA77u;
     h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12, h *= 0x297A2D39u, h ^= h >> 15;
     p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
@@ -44,7 +45,8 @@ float elapsed_ms(cudaStream_t s, cudaEvent_t a, cudaEvent_t b, F&& fn) {
 }
 
 // Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
-inline double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30, int reps = 5) {
+inline double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30,
+                         int reps = 5) {
   const cudaStream_t s = ctx.stream();
   fn(0);  // warm-up outside the capture: module loading, cuBLAS heuristics, attributes
   ctx.synchronize();
@@ -80,9 +82,7 @@ double time_blocking(const cuda::Context& ctx, F&& fn, int reps = 5) {
   cudaEvent_t a, b;
   QLORA_CUDA_CHECK(cudaEventCreate(&a));
   QLORA_CUDA_CHECK(cudaEventCreate(&b));
-  {
-    auto warm = fn();
-  }
+  { auto warm = fn(); }
   float best = 1e30f;
   for (int r = 0; r < reps; ++r) {
     decltype(fn()) q;

@@ -12,7 +12,8 @@
 
 namespace {
 __global__ void fill(__nv_bfloat16* p, std::size_t n, float scale) {
-  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x) {
     std::uint32_t h = std::uint32_t(i) * 0x9E3779B1u;
     h ^= h >> 15, h *= 0x2C1B3C6Du, h ^= h >> 12;
     p[i] = __float2bfloat16_rn((float(h >> 8) * (1.0f / 16777216.0f) - 0.5f) * scale);
@@ -31,8 +32,9 @@ int main(int argc, char** argv) {
   fill<<<64, 256, 0, ctx.stream()>>>(x.data(), x.size(), 2.0f);
   const auto q = cuda::quantize_4bit(ctx, w.data(), {N, K}, quant::Quant4Config{});
   const std::string which = argc > 4 ? argv[4] : "";
-  const auto kernel = which == "stream" ? cuda::GemvKernel::Stream
-                      : which == "registers" ? cuda::GemvKernel::Registers : cuda::GemvKernel::Auto;
+  const auto kernel = which == "stream"      ? cuda::GemvKernel::Stream
+                      : which == "registers" ? cuda::GemvKernel::Registers
+                                             : cuda::GemvKernel::Auto;
   for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
   ctx.synchronize();
   std::printf("gemv %dx%d m%d done\n", N, K, M);

@@ -8,10 +8,10 @@
 
 #include "cli.hpp"
 #include "commands.hpp"
+#include "model.hpp"
 #include "model_args.hpp"
 #include "qlora/io/peft_adapter.hpp"
 #include "qlora/text/corpus.hpp"
-#include "model.hpp"
 #include "train_loop.hpp"
 
 const char* finetune_usage =
@@ -152,8 +152,9 @@ qlora::optim::AdamWConfig adam_options(const cli::Args& a, const cli::TrainOptio
 bool check_device(const cli::Args& a, bool cuda_ok) {
   const std::string dev = a.get("device", "cpu");
   QLORA_CHECK(dev == "cpu" || dev == "cuda", "--device must be cpu or cuda, got '", dev, "'");
-  QLORA_CHECK(dev == "cpu" || cuda_ok,
-              "--device cuda: full-parameter training (pretrain) is not implemented on the GPU; use --device cpu");
+  QLORA_CHECK(
+      dev == "cpu" || cuda_ok,
+      "--device cuda: full-parameter training (pretrain) is not implemented on the GPU; use --device cpu");
   return dev == "cuda";
 }
 
@@ -192,7 +193,8 @@ int cmd_finetune(int argc, char** argv) {
               a.positional.empty() ? "" : a.positional[0], "' (see qlora finetune --help)");
   QLORA_CHECK(a.has("model"), "--model DIR is needed (see qlora finetune --help)");
   const bool cuda = check_device(a, true);
-  QLORA_CHECK(!cuda || !a.has("resume"), "--device cuda: --resume needs checkpoints, not implemented on the GPU yet");
+  QLORA_CHECK(!cuda || !a.has("resume"),
+              "--device cuda: --resume needs checkpoints, not implemented on the GPU yet");
   QLORA_CHECK(!cuda || !a.has("gradient-checkpointing"),
               "--device cuda: --gradient-checkpointing is not implemented on the GPU yet");
   QLORA_CHECK(!cuda || !a.has("profile"), "--device cuda: --profile is CPU-only");

@@ -135,7 +135,8 @@ void compare(const std::vector<std::string>& targets, float dropout) {
       const std::vector<float>& g = ab ? g_gpu[k].B : g_gpu[k].A;
       const double e = rel_err(g, c);
       INFO(g_cpu[k].module << (ab ? ".lora_B" : ".lora_A") << " gradient: relative error " << e);
-      std::printf("    %s.lora_%c  rel %.3e  proj %.4f\n", g_cpu[k].module.c_str(), ab ? 'B' : 'A', e, projection(g, c));
+      std::printf("    %s.lora_%c  rel %.3e  proj %.4f\n", g_cpu[k].module.c_str(), ab ? 'B' : 'A', e,
+                  projection(g, c));
       CHECK(e <= 0.25);
       if (e > worst) {
         worst = e;
@@ -171,7 +172,7 @@ void compare(const std::vector<std::string>& targets, float dropout) {
   const float a = cpu.loss(ids.data(), labels.data(), B, T), b = gpu.loss(ids.data(), labels.data(), B, T);
   std::printf("  after 3 steps cpu %.6f  gpu %.6f  (before %.6f)\n", a, b, le_cpu);
   CHECK(std::fabs(double(b) - a) <= 2e-2 * a);  // measured within 1.4%
-  CHECK(a < le_cpu);  // training on the batch lowered its loss
+  CHECK(a < le_cpu);                            // training on the batch lowered its loss
   CHECK(b < le_gpu);
   // the trained A, B come back to the CPU model's layout
   const std::vector<LoraTensors> w_cpu = cpu.lora(), w_gpu = gpu.download_lora();

@@ -6,7 +6,6 @@
 // (the GEMV: its code value; the large-M path: code · absmax) and round y to bf16, each a relative
 // error ≤ 2⁻⁹, so the measure is at most 2⁻⁸ plus fp32 accumulation error; that is the bound.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -41,7 +40,8 @@ Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
 
   const auto dw = cuda::to_device(q, ctx);
   auto dx = cudatest::upload_bf16(xb);
-  auto dy = cudatest::upload_bf16(accumulate ? y0 : std::vector<bf16>(y0.size(), bf16{0xffff}));  // NaN poison
+  auto dy =
+      cudatest::upload_bf16(accumulate ? y0 : std::vector<bf16>(y0.size(), bf16{0xffff}));  // NaN poison
   cuda::DeviceBuffer<__nv_bfloat16> scratch;
   if (force_cublas) {
     scratch = cuda::DeviceBuffer<__nv_bfloat16>(std::size_t(c.N) * c.K);
@@ -81,14 +81,18 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
   QLORA_REQUIRE_CUDA_OR_SKIP();
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
   const std::vector<Case> cases = {
-      {256, 1024, 1, 64, NF4, true},     {256, 1024, 1, 64, NF4, false},   {256, 1024, 1, 64, FP4, true},
-      {2128, 512, 1, 64, NF4, true},     {16, 64, 1, 64, NF4, true},       {48, 4096, 3, 128, NF4, true},
-      {1024, 768, 8, 64, FP4, false},    {1024, 768, 5, 256, NF4, true},   {512, 1024, 9, 64, NF4, true},
-      {512, 1024, 16, 64, FP4, true},    {512, 1024, 17, 4096 / 4, NF4, true}, {512, 1024, 32, 64, NF4, false},
-      {512, 1024, 33, 64, NF4, true},    {512, 1024, 64, 64, NF4, true},   {512, 1024, 65, 64, NF4, true},
-      {512, 1024, 200, 64, FP4, true},   {250, 1000, 4, 64, NF4, true},    {256, 1024, 2, 32, NF4, true},
-      {4096, 4096, 8, 64, NF4, true},    {1024, 11008, 1, 64, NF4, true},  {512, 4096, 12, 4096, FP4, false},
-      {2048, 2048, 24, 128, NF4, true},  {256, 11008, 8, 64, NF4, true},   {256, 11008, 7, 64, FP4, false},
+      {256, 1024, 1, 64, NF4, true},        {256, 1024, 1, 64, NF4, false},
+      {256, 1024, 1, 64, FP4, true},        {2128, 512, 1, 64, NF4, true},
+      {16, 64, 1, 64, NF4, true},           {48, 4096, 3, 128, NF4, true},
+      {1024, 768, 8, 64, FP4, false},       {1024, 768, 5, 256, NF4, true},
+      {512, 1024, 9, 64, NF4, true},        {512, 1024, 16, 64, FP4, true},
+      {512, 1024, 17, 4096 / 4, NF4, true}, {512, 1024, 32, 64, NF4, false},
+      {512, 1024, 33, 64, NF4, true},       {512, 1024, 64, 64, NF4, true},
+      {512, 1024, 65, 64, NF4, true},       {512, 1024, 200, 64, FP4, true},
+      {250, 1000, 4, 64, NF4, true},        {256, 1024, 2, 32, NF4, true},
+      {4096, 4096, 8, 64, NF4, true},       {1024, 11008, 1, 64, NF4, true},
+      {512, 4096, 12, 4096, FP4, false},    {2048, 2048, 24, 128, NF4, true},
+      {256, 11008, 8, 64, NF4, true},       {256, 11008, 7, 64, FP4, false},
   };
   for (const auto& c : cases)
     for (bool acc : {false, true}) {
@@ -96,9 +100,10 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
                 << quant::quant4_name(c.type) << " dq " << c.dq << " accumulate " << acc << " gemv "
                 << (c.M <= cuda::kGemvMaxTokens));
       const auto e = check_matmul(c, acc, false);
-      std::printf("matmul N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g (bound %.3g), rel norm %.3g\n",
-                  c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type), int(c.dq), int(acc), e.max_scaled,
-                  std::ldexp(1.0, -8), e.rel_norm);
+      std::printf(
+          "matmul N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g (bound %.3g), rel norm %.3g\n",
+          c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type), int(c.dq), int(acc), e.max_scaled,
+          std::ldexp(1.0, -8), e.rel_norm);
       REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
       REQUIRE(e.rel_norm < 5e-3);
     }
@@ -112,18 +117,21 @@ TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cud
   auto& ctx = cudatest::context();
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
   const std::vector<Case> cases = {
-      {16, 1024, 1, 64, NF4, true},  {4096, 1024, 1, 64, NF4, true}, {2064, 3072, 2, 64, NF4, false},
-      {4096, 4096, 8, 64, FP4, true}, {1040, 2048, 13, 64, NF4, true}, {528, 1024, 16, 64, FP4, false},
+      {16, 1024, 1, 64, NF4, true},    {4096, 1024, 1, 64, NF4, true},  {2064, 3072, 2, 64, NF4, false},
+      {4096, 4096, 8, 64, FP4, true},  {1040, 2048, 13, 64, NF4, true}, {528, 1024, 16, 64, FP4, false},
       {3072, 2048, 27, 64, NF4, true}, {512, 4096, 40, 64, NF4, false}, {512, 2048, 64, 64, NF4, true},
   };
   const bool sm90 = ctx.props().major >= 9;
-  if (!sm90) std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major, ctx.props().minor);
+  if (!sm90)
+    std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major,
+                ctx.props().minor);
   for (const auto& c : cases)
     for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream}) {
       if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
       for (bool acc : {false, true}) {
-        INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq " << c.dq
-                  << " accumulate " << acc << " kernel " << (kernel == cuda::GemvKernel::Stream ? "stream" : "registers"));
+        INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq "
+                  << c.dq << " accumulate " << acc << " kernel "
+                  << (kernel == cuda::GemvKernel::Stream ? "stream" : "registers"));
         const auto e = check_matmul(c, acc, false, kernel);
         REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
         REQUIRE(e.rel_norm < 5e-3);

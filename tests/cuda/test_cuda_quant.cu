@@ -1,7 +1,6 @@
 // [cuda] 4-bit quantization on the GPU against the CPU path: packed bytes, absmax, nested codes,
 // nested absmax and offset bit for bit; dequantization to float / bf16 / fp16 bit for bit; errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <limits>
 #include <string>
@@ -77,7 +76,8 @@ TEST_CASE("cuda quantize_4bit equals the CPU bytes", "[cuda][quant]") {
                           std::size_t(200000) + 1})
       for (auto type : {quant::Quant4Type::NF4, quant::Quant4Type::FP4})
         for (bool dq : {false, true}) {
-          INFO("blocksize " << bs << ", n " << n << ", " << quant::quant4_name(type) << ", double quant " << dq);
+          INFO("blocksize " << bs << ", n " << n << ", " << quant::quant4_name(type) << ", double quant "
+                            << dq);
           const auto x = probe_data(n, bs, seed++);
           const quant::Quant4Config cfg{type, bs, dq};
           const auto cpu = quant::quantize_4bit(x.data(), {std::int64_t(n)}, cfg);
@@ -114,7 +114,8 @@ TEST_CASE("cuda dequantize_4bit equals the CPU values bit for bit", "[cuda][quan
     for (std::size_t n : {std::size_t(5), std::size_t(bs) * 9 + 17, std::size_t(300000)})
       for (auto type : {quant::Quant4Type::NF4, quant::Quant4Type::FP4})
         for (bool dq : {false, true}) {
-          INFO("blocksize " << bs << ", n " << n << ", " << quant::quant4_name(type) << ", double quant " << dq);
+          INFO("blocksize " << bs << ", n " << n << ", " << quant::quant4_name(type) << ", double quant "
+                            << dq);
           const auto x = probe_data(n, bs, seed++);
           const auto q = quant::quantize_4bit(x.data(), {std::int64_t(n)}, quant::Quant4Config{type, bs, dq});
           const auto d = cuda::to_device(q, ctx);
@@ -144,14 +145,14 @@ TEST_CASE("cuda dequantize_4bit equals the CPU values bit for bit", "[cuda][quan
         }
 }
 
-
 // A sub-range (whole rows of a matrix, say) gives the values of the whole at the same positions.
 TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
   const std::size_t n = 64 * 1000 + 40;
   const auto x = probe_data(n, 64, 7);
-  const auto d = cuda::to_device(quant::quantize_4bit(x.data(), {std::int64_t(n)}, quant::Quant4Config{}), ctx);
+  const auto d =
+      cuda::to_device(quant::quantize_4bit(x.data(), {std::int64_t(n)}, quant::Quant4Config{}), ctx);
   cuda::DeviceBuffer<float> all(n);
   cuda::dequantize_4bit(ctx, d, all.data());
   const auto want = all.to_host(ctx.stream());
@@ -165,8 +166,10 @@ TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda]
       for (std::size_t i = 0; i < count; ++i) REQUIRE(got[i] == want[first + i]);
     }
   cuda::DeviceBuffer<float> out(16);
-  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, 4, 8, out.data()), Catch::Contains("multiple of 8"));
-  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, n - 8, 16, out.data()), Catch::Contains("of 64040 values"));
+  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, 4, 8, out.data()),
+                      Catch::Contains("multiple of 8"));
+  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, n - 8, 16, out.data()),
+                      Catch::Contains("of 64040 values"));
 }
 TEST_CASE("cuda quantize_4bit refuses NaN and inf, naming the index", "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
@@ -189,8 +192,9 @@ TEST_CASE("CUDA and cuBLAS failures become qlora::Error with the call and the er
   // cuBLAS: a negative leading dimension is an invalid value
   const float one = 1.0f;
   auto bad_gemm = [&] {
-    QLORA_CUBLAS_CHECK(cublasSgemm(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one, nullptr, -1, nullptr, -1,
-                                   &one, nullptr, -1));
+    QLORA_CUBLAS_CHECK(cublasSgemm(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one, nullptr, -1,
+                                   nullptr, -1, &one, nullptr, -1));
   };
-  REQUIRE_THROWS_WITH(bad_gemm(), Catch::Contains("cuBLAS: cublasSgemm") && Catch::Contains("CUBLAS_STATUS_INVALID_VALUE"));
+  REQUIRE_THROWS_WITH(
+      bad_gemm(), Catch::Contains("cuBLAS: cublasSgemm") && Catch::Contains("CUBLAS_STATUS_INVALID_VALUE"));
 }

@@ -22,16 +22,17 @@ namespace detail {
 
 // The absmax of block b: stored, or decoded from the double quantization (two roundings, as the CPU).
 struct AbsmaxView {
-  const float* absmax;         // (blocks) or nullptr when double-quantized
+  const float* absmax;          // (blocks) or nullptr when double-quantized
   const std::uint8_t* qabsmax;  // (blocks)
-  const float* absmax2;        // (blocks / nested_blocksize)
+  const float* absmax2;         // (blocks / nested_blocksize)
   float offset;
   int nested_shift;  // log2(nested_blocksize)
 };
 
 __device__ __forceinline__ float block_absmax(const AbsmaxView& a, const float* s_map, std::size_t b) {
   if (a.absmax) return __ldg(a.absmax + b);
-  return __fadd_rn(__fmul_rn(s_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift))), a.offset);
+  return __fadd_rn(__fmul_rn(s_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift))),
+                   a.offset);
 }
 
 __device__ __forceinline__ void store1(__nv_bfloat16* out, float v) { *out = __float2bfloat16_rn(v); }
@@ -74,9 +75,10 @@ __device__ __forceinline__ void store8(float* out, const float v[8]) {
 
 // Values [first, first + n) of the tensor (first a multiple of 8) to out[0, n).
 template <class Out>
-__global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __restrict__ packed, std::size_t first,
-                                                          std::size_t n, int block_shift, AbsmaxView am, Code16Param code,
-                                                          Code256Param map, Out* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    dequantize4_kernel(const std::uint8_t* __restrict__ packed, std::size_t first, std::size_t n,
+                       int block_shift, AbsmaxView am, Code16Param code, Code256Param map,
+                       Out* __restrict__ out) {
   __shared__ float s_code[16];
   __shared__ float s_map[256];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -91,7 +93,8 @@ __global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   const bool aligned = (reinterpret_cast<std::uintptr_t>(out) & 15) == 0;
   if (aligned) {
-    for (std::size_t g0 = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; g0 < groups; g0 += kUnroll * stride) {
+    for (std::size_t g0 = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; g0 < groups;
+         g0 += kUnroll * stride) {
       std::uint32_t w[kUnroll];
       float amax[kUnroll];
 #pragma unroll
@@ -120,7 +123,8 @@ __global__ void __launch_bounds__(256) dequantize4_kernel(const std::uint8_t* __
   for (std::size_t i = tail + std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const std::size_t e = first + i;
     const std::uint32_t byte = packed[e / 2];
-    store1(out + i, __fmul_rn(s_code[(e % 2 == 0) ? (byte >> 4) : (byte & 0xfu)], block_absmax(am, s_map, e >> block_shift)));
+    store1(out + i, __fmul_rn(s_code[(e % 2 == 0) ? (byte >> 4) : (byte & 0xfu)],
+                              block_absmax(am, s_map, e >> block_shift)));
   }
 }
 
@@ -134,7 +138,8 @@ inline int log2_exact(int v) {
 inline Code16Param decode_table(const DeviceQuantized4bit& q) {
   Code16Param t;
   for (int i = 0; i < 16; ++i) t.v[i] = q.code[i];
-  if (q.type == quant::Quant4Type::FP4 && t.v[codebook::kFP4SignBit] == 0.0f) t.v[codebook::kFP4SignBit] = -0.0f;
+  if (q.type == quant::Quant4Type::FP4 && t.v[codebook::kFP4SignBit] == 0.0f)
+    t.v[codebook::kFP4SignBit] = -0.0f;
   return t;
 }
 
@@ -155,23 +160,23 @@ inline Code256Param map_param(const DeviceQuantized4bit& q) {
 // length is a multiple of 8) into out[0, count): device pointer to __nv_bfloat16, __half or float.
 // Asynchronous on `stream` (default: ctx's).
 template <class Out>
-void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std::size_t first, std::size_t count,
-                           Out* out, cudaStream_t stream = nullptr) {
+void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std::size_t first,
+                           std::size_t count, Out* out, cudaStream_t stream = nullptr) {
   const std::size_t n = std::size_t(q.numel());
   QLORA_CHECK(q.packed.size() == (n + 1) / 2, "cuda::dequantize_4bit: packed has ", q.packed.size(),
               " bytes, expected ", (n + 1) / 2);
   QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit: nested blocksize ",
               q.nested_blocksize, ", expected 256");
-  QLORA_CHECK(first % 8 == 0 && first <= n && count <= n - first, "cuda::dequantize_4bit: range [", first, ", ",
-              first + count, ") of ", n, " values (the start must be a multiple of 8)");
+  QLORA_CHECK(first % 8 == 0 && first <= n && count <= n - first, "cuda::dequantize_4bit: range [", first,
+              ", ", first + count, ") of ", n, " values (the start must be a multiple of 8)");
   quant::check_blocksize4(q.blocksize);
   if (count == 0) return;
   ctx.activate();
   const std::size_t blocks = (count / 8 + 255) / 256 + 1;
   const unsigned grid = unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * 16));
   detail::dequantize4_kernel<Out><<<grid, 256, 0, stream ? stream : ctx.stream()>>>(
-      q.packed.data(), first, count, detail::log2_exact(q.blocksize), detail::absmax_view(q), detail::decode_table(q),
-      detail::map_param(q), out);
+      q.packed.data(), first, count, detail::log2_exact(q.blocksize), detail::absmax_view(q),
+      detail::decode_table(q), detail::map_param(q), out);
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
 }
 

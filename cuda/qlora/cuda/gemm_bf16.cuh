@@ -22,8 +22,8 @@ inline void gemm_bf16(const Context& ctx, const __nv_bfloat16* x, int M, int K, 
   if (M == 0 || N == 0) return;
   ctx.activate();
   const float alpha = 1.0f;
-  QLORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
-                                  CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, ldy, CUBLAS_COMPUTE_32F,
+  QLORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K,
+                                  x, CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, ldy, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
 }
 

@@ -44,7 +44,8 @@ constexpr int kGemvWarps = 16;
 constexpr int kGemvThreads = kGemvWarps * 32;
 
 inline std::size_t gemv_smem_bytes(int nt) {
-  return std::size_t(kLutBytes) + 256 * sizeof(float) + std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
+  return std::size_t(kLutBytes) + 256 * sizeof(float) +
+         std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
 }
 
 // NT: token tiles of 8 (M ≤ 8·NT); U: units whose loads are issued before the first is used;
@@ -93,7 +94,9 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   int cur_tile = tile, seg = 0;
 
-  auto write_slot = [&](int sg) { store_partials<NT>(s_slot + std::size_t(warp * 2 + sg) * 16 * kCols, acc, g, t); };
+  auto write_slot = [&](int sg) {
+    store_partials<NT>(s_slot + std::size_t(warp * 2 + sg) * 16 * kCols, acc, g, t);
+  };
 
   for (int u0 = ub; u0 < ue; u0 += U) {
     uint2 wa[U], wb[U];
@@ -162,7 +165,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
     const int tok = idx / rows_b, rl = idx % rows_b, t_l = rl / 16, r = rl % 16;
     float sum = 0.0f;
     for (int w = 0; w < kGemvWarps; ++w) {
-      const int wb0 = int(std::int64_t(w) * units / kGemvWarps), we0 = int(std::int64_t(w + 1) * units / kGemvWarps);
+      const int wb0 = int(std::int64_t(w) * units / kGemvWarps),
+                we0 = int(std::int64_t(w + 1) * units / kGemvWarps);
       if (wb0 >= we0 || wb0 >= (t_l + 1) * KC || we0 <= t_l * KC) continue;
       const int sg = wb0 / KC == t_l ? 0 : 1;
       sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
@@ -179,7 +183,8 @@ void launch_gemv4(const Context& ctx, const GemvArgs& args) {
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
-  QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem, " bytes of shared memory)");
+  QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
+              " bytes of shared memory)");
   const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
   kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
   QLORA_CUDA_CHECK_LAUNCH("gemv4_kernel");
@@ -200,8 +205,9 @@ void dispatch_gemv4_dq(const Context& ctx, const GemvArgs& args, bool dq) {
 inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
   if (w.shape.size() != 2 || M < 1 || M > 64) return false;
   const std::int64_t N = w.shape[0], K = w.shape[1];
-  return N > 0 && K > 0 && N % 16 == 0 && K % 64 == 0 && w.blocksize >= 64 && K % w.blocksize == 0 && N * K < (std::int64_t(1) << 40) &&
-         (!w.double_quant || w.nested_blocksize == 256) && N / 16 < (std::int64_t(1) << 30);
+  return N > 0 && K > 0 && N % 16 == 0 && K % 64 == 0 && w.blocksize >= 64 && K % w.blocksize == 0 &&
+         N * K < (std::int64_t(1) << 40) && (!w.double_quant || w.nested_blocksize == 256) &&
+         N / 16 < (std::int64_t(1) << 30);
 }
 
 // Which kernel gemv_4bit runs: Auto picks by the measured rule below (the streaming sm_90 kernel of
@@ -214,14 +220,19 @@ enum class GemvKernel { Auto, Registers, Stream };
 // U, MINB (register kernel, M ≤ 8 only): loads in flight per warp and blocks per SM; stage_k
 // (streaming kernel): values of K per stage, 0 for stream_stage_k's choice (the benchmarks' lab).
 template <int U = 4, int MINB = 1>
-void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
-               bool accumulate = false, GemvKernel kernel = GemvKernel::Auto, int stage_k = 0) {
+void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
+               __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,
+               int stage_k = 0) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
-              "), blocksize ", w.blocksize, ", M = ", M, " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
+              "), blocksize ", w.blocksize, ", M = ", M,
+              " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
   QLORA_CHECK((reinterpret_cast<std::uintptr_t>(x) & 15) == 0, "cuda::gemv_4bit: x is not 16-byte aligned");
-  const bool stream_ok = detail::gemv_stream_supported(ctx, w.blocksize, w.double_quant, w.nested_blocksize, w.cols());
-  QLORA_CHECK(kernel != GemvKernel::Stream || stream_ok, "cuda::gemv_4bit: the streaming kernel needs sm_90 (device has sm_",
-              ctx.props().major, ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % 1024 == 0 (K = ", w.cols(), ")");
+  const bool stream_ok =
+      detail::gemv_stream_supported(ctx, w.blocksize, w.double_quant, w.nested_blocksize, w.cols());
+  QLORA_CHECK(kernel != GemvKernel::Stream || stream_ok,
+              "cuda::gemv_4bit: the streaming kernel needs sm_90 (device has sm_", ctx.props().major,
+              ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % 1024 == 0 (K = ", w.cols(),
+              ")");
   ctx.activate();
   detail::GemvArgs args;
   args.packed = w.packed.data();

@@ -43,7 +43,8 @@ __device__ __forceinline__ uint2 load_stream(const std::uint8_t* p) {
 
 // bf16 pair of packed byte J of `word`, from this lane's copy of the table.
 template <int J>
-__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word, std::uint32_t lane4) {
+__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word,
+                                             std::uint32_t lane4) {
   const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
   return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
 }
@@ -61,7 +62,8 @@ __device__ __forceinline__ void mma_bf16(float c[4], std::uint32_t a0, std::uint
 // l at byte 256e + 4l, so a warp's 32 lookups fall in 32 different banks whatever the bytes.
 // `threads` is the block size, a multiple of 32: e is then uniform over a warp, so the parameter
 // reads are not divergent.
-__device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16Param& code, int tid, int threads) {
+__device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16Param& code, int tid,
+                                              int threads) {
   for (int i = tid; i < 256 * 32; i += threads) {
     const int e = i >> 5, l = i & 31;
     reinterpret_cast<std::uint32_t*>(s_lut)[e * 64 + l] = bf16_pair(code.v[e >> 4], code.v[e & 15]);
@@ -96,7 +98,8 @@ __device__ __forceinline__ void mma_unit(const unsigned char* s_lut, std::uint32
 
 // acc += absmax · tmp: rows g (am0) and g + 8 (am1) of the unit, in fp32.
 template <int NT>
-__device__ __forceinline__ void scale_add(float (&acc)[NT][4], const float (&tmp)[NT][4], float am0, float am1) {
+__device__ __forceinline__ void scale_add(float (&acc)[NT][4], const float (&tmp)[NT][4], float am0,
+                                          float am1) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     acc[j][0] = fmaf(am0, tmp[j][0], acc[j][0]);

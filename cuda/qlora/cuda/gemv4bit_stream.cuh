@@ -46,7 +46,8 @@ constexpr int kStreamConsumers = 16;                         // warps
 constexpr int kStreamThreads = (kStreamConsumers + 1) * 32;  // + the producer warp
 constexpr int kStreamMaxStages = 16;
 constexpr int kStreamMaxUnits = 4;  // units per consumer warp per stage (stage_k ≤ 4096)
-constexpr int kStreamFixedBytes = kLutBytes + 256 * sizeof(float) + 2 * kStreamMaxStages * sizeof(std::uint64_t);
+constexpr int kStreamFixedBytes =
+    kLutBytes + 256 * sizeof(float) + 2 * kStreamMaxStages * sizeof(std::uint64_t);
 
 // A stage's layout for stage_k values of K per row: 16 rows of stage_k / 2 packed bytes at a pitch
 // of stage_k / 2 + 32 (so the 4 rows a half-warp reads with 8-byte loads hit distinct banks), then
@@ -70,11 +71,14 @@ inline int stream_stage_k(std::int64_t K) {
   return 0;
 }
 
-inline std::size_t stream_slot_bytes(int nt) { return std::size_t(kStreamConsumers) * 16 * 8 * nt * sizeof(float); }
+inline std::size_t stream_slot_bytes(int nt) {
+  return std::size_t(kStreamConsumers) * 16 * 8 * nt * sizeof(float);
+}
 
 // As many stages as fit in the opt-in shared memory beside the table and the partials.
 inline int stream_stages(const Context& ctx, int nt, const StageLayout& L) {
-  const long room = long(ctx.props().sharedMemPerBlockOptin) - kStreamFixedBytes - long(stream_slot_bytes(nt));
+  const long room =
+      long(ctx.props().sharedMemPerBlockOptin) - kStreamFixedBytes - long(stream_slot_bytes(nt));
   return int(std::min<long>(kStreamMaxStages, room / L.bytes));
 }
 
@@ -138,11 +142,17 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
         bulk_copy_g2s(st + L.am_off + r * L.am_pitch, am, L.am_pitch, &s_full[slot]);
       }
       pw += L.k / 2;
-      if (DQ) pc += L.k / 64; else pf += L.k / 64;
+      if (DQ)
+        pc += L.k / 64;
+      else
+        pf += L.k / 64;
       if (++ks == KS) {
         ks = 0;
         pw += tile_step_w;
-        if (DQ) pc += tile_step_am; else pf += tile_step_am;
+        if (DQ)
+          pc += tile_step_am;
+        else
+          pf += tile_step_am;
       }
       if (++slot == S) slot = 0, parity ^= 1;
     }
@@ -152,8 +162,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
   const int g = lane >> 2, t = lane & 3;
   const int upw = L.k / 1024;  // units per warp per stage (1..4): warp w takes units w, w + 16, ...
   const std::uint32_t lane4 = std::uint32_t(lane) * 4;
-  const int w_off = g * L.row_pitch + 32 * warp + 8 * t;          // (row g, unit w, lane's 8 bytes)
-  const int w_off8 = w_off + 8 * L.row_pitch;                     // row g + 8
+  const int w_off = g * L.row_pitch + 32 * warp + 8 * t;                 // (row g, unit w, lane's 8 bytes)
+  const int w_off8 = w_off + 8 * L.row_pitch;                            // row g + 8
   const int c_off = L.am_off + g * L.am_pitch + (DQ ? warp : 4 * warp);  // byte of (row g, unit w)
   const int c_off8 = c_off + 8 * L.am_pitch;
   float acc[NT][4];
@@ -225,8 +235,10 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
       }
 
     px += L.k;
-    if (++slot == S) slot = 0, parity ^= 1, st = s_stage;
-    else st += L.bytes;
+    if (++slot == S)
+      slot = 0, parity ^= 1, st = s_stage;
+    else
+      st += L.bytes;
     e_g = e_next;
     if (++ks == KS) {  // the tile is done: add the 16 warps' partials and store its 16 rows
       ks = 0;
@@ -263,12 +275,14 @@ template <int NT, bool DQ>
 void launch_gemv4_stream(const Context& ctx, GemvArgs args, int stage_k) {
   const auto kernel = gemv4_stream_kernel<NT, DQ>;
   args.stage_k = stage_k > 0 ? stage_k : stream_stage_k(args.K);
-  QLORA_CHECK((args.stage_k == 1024 || args.stage_k == 2048 || args.stage_k == 4096) && args.K % args.stage_k == 0,
-              "cuda::gemv_4bit: stage of ", args.stage_k, " values for K = ", args.K,
-              " (expected 1024, 2048 or 4096, dividing K)");
+  QLORA_CHECK(
+      (args.stage_k == 1024 || args.stage_k == 2048 || args.stage_k == 4096) && args.K % args.stage_k == 0,
+      "cuda::gemv_4bit: stage of ", args.stage_k, " values for K = ", args.K,
+      " (expected 1024, 2048 or 4096, dividing K)");
   const StageLayout L(args.stage_k, DQ);
   const int S = stream_stages(ctx, NT, L);
-  QLORA_CHECK(S >= 2, "cuda::gemv_4bit: ", S, " stages of ", L.bytes, " bytes fit in shared memory, expected >= 2");
+  QLORA_CHECK(S >= 2, "cuda::gemv_4bit: ", S, " stages of ", L.bytes,
+              " bytes fit in shared memory, expected >= 2");
   const std::size_t smem = kStreamFixedBytes + std::size_t(S) * L.bytes + stream_slot_bytes(NT);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int grid = std::min(args.tiles, ctx.sm_count());

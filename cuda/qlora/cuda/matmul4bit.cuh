@@ -24,9 +24,11 @@ namespace cuda {
 constexpr int kGemvMaxTokens = 64;
 
 // y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64).
-inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
-                                __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch, bool accumulate = false) {
-  QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(), " dimensions, expected 2");
+inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
+                                int M, __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch,
+                                bool accumulate = false) {
+  QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
+              " dimensions, expected 2");
   const int N = int(w.shape[0]), K = int(w.shape[1]);
   const std::size_t need = std::size_t(N) * std::size_t(K);
   if (scratch.size() < need) scratch = DeviceBuffer<__nv_bfloat16>(need);
@@ -37,7 +39,8 @@ inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w
 // x: (M, K), y: (M, N) device pointers; W: (N, K).
 inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                         __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch, bool accumulate = false) {
-  QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(), " dimensions, expected 2");
+  QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
+              " dimensions, expected 2");
   if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return gemv_4bit(ctx, w, x, M, y, accumulate);
   matmul_4bit_dequant(ctx, w, x, M, y, scratch, accumulate);
 }

@@ -68,7 +68,7 @@ template <int BS, class In>
 __device__ __forceinline__ float load8_block_absmax(const In* __restrict__ x, std::size_t i0, std::size_t n,
                                                     float (&v)[8], unsigned long long* first_bad) {
   constexpr int kThreadsPerBlock = BS / 8;  // threads sharing one quantization block
-  load8(x, i0, n, v);  // threads past n take part in the reductions with zeros
+  load8(x, i0, n, v);                       // threads past n take part in the reductions with zeros
   float amax = 0.0f;
   unsigned bad = 8;
 #pragma unroll
@@ -122,14 +122,16 @@ __global__ void quantize4_kernel(const In* __restrict__ x, std::size_t n, std::u
 // block stream the next chunk in (the sum is sequential by construction; the loads need not be).
 constexpr int kMeanThreads = 1024;
 constexpr int kMeanChunk = 4096;  // a multiple of 32, so every chunk starts at lane 0
-__global__ void __launch_bounds__(kMeanThreads) mean_absmax_kernel(const float* __restrict__ absmax, std::size_t nb,
-                                                                   float inv_n, float* __restrict__ offset) {
+__global__ void __launch_bounds__(kMeanThreads)
+    mean_absmax_kernel(const float* __restrict__ absmax, std::size_t nb, float inv_n,
+                       float* __restrict__ offset) {
   __shared__ float buf[2][kMeanChunk];
   const int tid = threadIdx.x;
   const std::size_t chunks = (nb + kMeanChunk - 1) / kMeanChunk;
   auto load = [&](std::size_t c, int first, int stride) {
     const std::size_t base = c * kMeanChunk;
-    for (int i = first; i < kMeanChunk && base + i < nb; i += stride) buf[c & 1][i] = __ldg(absmax + base + i);
+    for (int i = first; i < kMeanChunk && base + i < nb; i += stride)
+      buf[c & 1][i] = __ldg(absmax + base + i);
   };
   load(0, tid, kMeanThreads);
   __syncthreads();
@@ -243,7 +245,8 @@ DeviceQuantized4bit quantize_4bit(const Context& ctx, const In* x, std::vector<s
   QLORA_CUDA_CHECK(cudaMemsetAsync(first_bad.data(), 0xff, sizeof(unsigned long long), s));
   if (n > 0) {
     if (cfg.type == quant::Quant4Type::NF4)
-      detail::dispatch_quantize4<true>(cfg.blocksize, x, n, q.packed.data(), absmax.data(), first_bad.data(), s);
+      detail::dispatch_quantize4<true>(cfg.blocksize, x, n, q.packed.data(), absmax.data(), first_bad.data(),
+                                       s);
     else
       detail::dispatch_quantize4<false>(cfg.blocksize, x, n, q.packed.data(), absmax.data(), first_bad.data(),
                                         s);
@@ -266,7 +269,8 @@ DeviceQuantized4bit quantize_4bit(const Context& ctx, const In* x, std::vector<s
   q.absmax2 = DeviceBuffer<float>(nb2);
   if (nb == 0) return q;
   DeviceBuffer<float> offset(1);
-  detail::mean_absmax_kernel<<<1, detail::kMeanThreads, 0, s>>>(absmax.data(), nb, 1.0f / float(nb), offset.data());
+  detail::mean_absmax_kernel<<<1, detail::kMeanThreads, 0, s>>>(absmax.data(), nb, 1.0f / float(nb),
+                                                                offset.data());
   QLORA_CUDA_CHECK_LAUNCH("mean_absmax_kernel");
   detail::Code256Param mid;
   const auto m = quant::midpoints(q.nested_code);

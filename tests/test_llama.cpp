@@ -274,6 +274,40 @@ TEST_CASE("LlamaModel with fresh LoRA targets and an NF4 base", "[llama]") {
   CHECK(std::isfinite(lq));
 }
 
+// weights() is what another backend (cuda::LlamaModel) is built from; set_lora takes trained A, B
+// back. Frozen projections hand out their base weights only when the model was loaded to keep them.
+TEST_CASE("LlamaModel::weights hands out the model; set_lora takes A, B back", "[llama]") {
+  LlamaLoraOptions opt;
+  opt.target_modules = {"q_proj", "v_proj"};
+  opt.lora.r = 4;
+  opt.lora.init = LoraInit::NonZero;
+  auto plain = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  REQUIRE_THROWS_WITH(plain.weights(), Catch::Contains("keep_frozen_bases"));
+  opt.keep_frozen_bases = true;
+  auto m = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  const LlamaWeights<format::F32> w = m.weights();
+  REQUIRE(w.layers.size() == std::size_t(m.config().num_hidden_layers));
+  const auto& q = w.layers[0].proj[kQ];
+  const auto& k = w.layers[0].proj[kK];
+  REQUIRE(q.lora.has_value());
+  CHECK(!k.lora.has_value());
+  REQUIRE(k.base != nullptr);
+  CHECK(k.base->w == m.find("model.layers.0.self_attn.k_proj")->frozen_base().w);
+  const auto& lo = m.find("model.layers.0.self_attn.q_proj")->lora_layer();
+  CHECK(q.A == std::vector<float>(lo.A().data(), lo.A().data() + lo.A().size()));
+  CHECK(q.B == std::vector<float>(lo.B().data(), lo.B().data() + lo.B().size()));
+
+  std::vector<float> A2(q.A.size(), 0.25f), B2(q.B.size(), -0.5f);
+  m.set_lora({{"model.layers.0.self_attn.q_proj", A2, B2, 7}});
+  CHECK(m.weights().layers[0].proj[kQ].A == A2);
+  CHECK(m.weights().layers[0].proj[kQ].B == B2);
+  CHECK(m.weights().layers[0].proj[kQ].dropout_calls == 7);
+  REQUIRE_THROWS_WITH(m.set_lora({{"model.layers.0.self_attn.k_proj", A2, B2, 0}}),
+                      Catch::Contains("'model.layers.0.self_attn.k_proj' is not a LoRA layer"));
+  REQUIRE_THROWS_WITH(m.set_lora({{"model.layers.0.self_attn.q_proj", {1.0f}, B2, 0}}),
+                      Catch::Contains("has A, B of 1, "));
+}
+
 TEST_CASE("LlamaModel refuses bad token ids and labels", "[llama]") {
   auto m = LlamaModel<format::F32>::load(data("tiny_tied"));
   std::vector<std::int64_t> ids = {1, 2, 256};

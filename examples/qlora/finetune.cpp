@@ -214,6 +214,7 @@ int cmd_finetune(int argc, char** argv) {
   lo.lora.dropout = float(cli::get_float(a, "dropout", 0.05));
   lo.lora.seed = o.seed;
   lo.lora.validate();
+  lo.keep_frozen_bases = cuda;  // the GPU model uploads the frozen projections from them
   const bool resume = a.has("resume");
   std::fprintf(stderr, "loading %s (base weights %s)%s\n", model_dir.c_str(), quant.c_str(),
                resume ? ", resuming" : "");

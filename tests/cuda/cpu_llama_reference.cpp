@@ -20,6 +20,7 @@ LlamaReference<Quant>::LlamaReference(const std::string& dir, const std::vector<
   qlora::LlamaLoraOptions opt;
   opt.target_modules = targets;
   opt.lora = lora;
+  opt.keep_frozen_bases = true;  // the GPU model uploads the frozen projections too
   impl_ = std::make_unique<Impl>(Impl{qlora::LlamaModel<Quant>::load(dir, opt), std::nullopt});
   impl_->model.set_act_quant(qlora::cpu::ActQuant::None);
 }

@@ -89,12 +89,14 @@ class ModelLinear {
   using Lora = LoraLinear<Quant, Dynamic, Cpu>;
   using Context = typename Lora::Context;  // empty (never filled) for a frozen layer
 
-  static ModelLinear frozen(BaseWeight<Quant> base) {
+  // keep_base: also keep the base weight as loaded (frozen_base(); host memory once more), for
+  // backends that upload it.
+  static ModelLinear frozen(BaseWeight<Quant> base, bool keep_base = false) {
     ModelLinear l;
     l.out_ = base.out;
     l.in_ = base.in;
     l.frozen_.emplace(detail::make_qmatrix(base));
-    l.frozen_base_ = std::make_shared<const BaseWeight<Quant>>(std::move(base));
+    if (keep_base) l.frozen_base_ = std::make_shared<const BaseWeight<Quant>>(std::move(base));
     return l;
   }
   static ModelLinear lora(BaseWeight<Quant> base, const LoraConfig& cfg) {
@@ -128,9 +130,11 @@ class ModelLinear {
     return *frozen_;
   }
   // The base weight of a frozen layer as loaded, for backends that upload it (LlamaModel::weights);
-  // kept beside the QMatrix at the cost of the frozen layers' packed weights once more in host memory.
+  // only when frozen(..., keep_base = true) kept it beside the QMatrix.
   const BaseWeight<Quant>& frozen_base() const {
-    QLORA_CHECK(frozen_base_, "ModelLinear::frozen_base: this layer has a LoRA path");
+    QLORA_CHECK(
+        frozen_base_, "ModelLinear::frozen_base: ",
+        lora_ ? "this layer has a LoRA path" : "the base was not kept (LlamaLoraOptions::keep_frozen_bases)");
     return *frozen_base_;
   }
   // The weight as the layer computes with it, (out, in) fp32: W0 (dequantized) plus the scaled

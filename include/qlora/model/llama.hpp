@@ -68,6 +68,9 @@ struct LlamaLoraOptions {
   // r, alpha, dropout, rslora, init. seed is the model's: each module draws its init and dropout
   // from seed + its index (layer · 7 + projection), so equal-shaped modules start differently.
   LoraConfig lora;
+  // Keep the frozen projections' base weights as loaded beside their CPU matrices (host memory once
+  // more for those layers), which LlamaModel::weights() needs to hand them to another backend.
+  bool keep_frozen_bases = false;
 };
 
 // Where a training step's time goes (LlamaModel::set_profiling): wall seconds summed over forwards
@@ -151,13 +154,15 @@ class LlamaModel {
       targets.target_modules = peft::ModuleSet::pattern(opt.target_modules[0]);
     else
       targets.target_modules = peft::ModuleSet::list(opt.target_modules);
-    LlamaModel m =
-        load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+    LlamaModel m = load_impl(
+        dir,
+        [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
           if (!peft::targets(targets, module)) return std::nullopt;
           LoraConfig c = opt.lora;
           c.seed = opt.lora.seed + std::uint64_t(index);
           return c;
-        });
+        },
+        opt.keep_frozen_bases);
     // what adapter() writes: PEFT's config for these targets and hyper-parameters
     targets.r = opt.lora.r;
     targets.lora_alpha = opt.lora.alpha;
@@ -240,7 +245,8 @@ class LlamaModel {
 
   // The model as plain host arrays for another backend (model/llama_weights.hpp): base weights by
   // pointer (valid while this model lives and is not moved), everything else copied. LoRA A, B and
-  // dropout counters are the current ones.
+  // dropout counters are the current ones. A model with frozen projections must have been loaded
+  // with LlamaLoraOptions::keep_frozen_bases.
   LlamaWeights<Quant> weights() const {
     QLORA_CHECK(!full_,
                 "LlamaModel::weights: full-parameter training is on; only LoRA models can be exported");
@@ -624,7 +630,7 @@ class LlamaModel {
   }
 
   template <class LoraFor>
-  static LlamaModel load_impl(const std::string& dir, LoraFor&& lora_for) {
+  static LlamaModel load_impl(const std::string& dir, LoraFor&& lora_for, bool keep_frozen_bases = false) {
     const hf::ModelFolder f = hf::ModelFolder::open(dir);
     LlamaModel m;
     m.cfg_ = LlamaConfig::from_folder(f);
@@ -660,7 +666,8 @@ class LlamaModel {
         const std::int64_t out = shapes[std::size_t(p)][0], in = shapes[std::size_t(p)][1];
         BaseWeight<Quant> base = with_context(name, [&] { return load_base(f, dir, name, out, in, tensor); });
         const std::optional<LoraConfig> lc = lora_for(name, l * kNumProj + p);
-        L.proj.push_back(lc ? Linear::lora(std::move(base), *lc) : Linear::frozen(std::move(base)));
+        L.proj.push_back(lc ? Linear::lora(std::move(base), *lc)
+                            : Linear::frozen(std::move(base), keep_frozen_bases));
       }
       m.layers_.push_back(std::move(L));
     }

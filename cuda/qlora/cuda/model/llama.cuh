@@ -201,25 +201,21 @@ class LlamaModel {
 
   // A, B and dropout counters of every LoRA layer (blocking), for LlamaModel::set_lora on the CPU
   // model, whose adapter() then saves them.
-  std::vector<LoraTensors> download_lora() {
-    std::vector<LoraTensors> out;
-    for_each_lora([&](std::int64_t l, int p, Lora& lo) {
-      out.push_back({llama_module(l, p), lo.A().to_host(ctx_->stream()), lo.B().to_host(ctx_->stream()),
-                     lo.dropout_calls()});
-    });
-    return out;
-  }
+  std::vector<LoraTensors> download_lora() { return download(false); }
   // dA, dB of every LoRA layer (in A, B), blocking: for tests.
-  std::vector<LoraTensors> download_lora_grads() {
+  std::vector<LoraTensors> download_lora_grads() { return download(true); }
+
+ private:
+  std::vector<LoraTensors> download(bool grads) {
     std::vector<LoraTensors> out;
     for_each_lora([&](std::int64_t l, int p, Lora& lo) {
-      out.push_back({llama_module(l, p), lo.dA().to_host(ctx_->stream()), lo.dB().to_host(ctx_->stream()),
-                     lo.dropout_calls()});
+      const cudaStream_t st = ctx_->stream();
+      out.push_back({llama_module(l, p), (grads ? lo.dA() : lo.A()).to_host(st),
+                     (grads ? lo.dB() : lo.B()).to_host(st), lo.dropout_calls()});
     });
     return out;
   }
 
- private:
   struct Proj {
     std::unique_ptr<Lora> lora;                         // a LoRA target, or
     std::unique_ptr<detail::DeviceBase<Quant>> frozen;  // a frozen product

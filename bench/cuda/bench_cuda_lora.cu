@@ -47,12 +47,7 @@ double time_step(const cuda::Context& ctx, const BaseWeight<Quant>& base, int M,
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to measure\n");
-    return 0;
-  }
-  if (argc > 1) benchutil::csv() = std::fopen(argv[1], "w");
-  if (benchutil::csv()) std::fprintf(benchutil::csv(), "name,us,notes\n");
+  if (!benchutil::start(argc, argv)) return 0;
   cuda::Context ctx(0);
   std::printf("device: %s, %d SMs\n", ctx.name().c_str(), ctx.sm_count());
   const int r = 16;

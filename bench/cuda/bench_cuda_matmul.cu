@@ -75,12 +75,7 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (cuda::device_count() == 0) {
-    std::printf("no CUDA device: nothing to measure\n");
-    return 0;
-  }
-  if (argc > 1) benchutil::csv() = std::fopen(argv[1], "w");
-  if (benchutil::csv()) std::fprintf(benchutil::csv(), "name,us,notes\n");
+  if (!benchutil::start(argc, argv)) return 0;
   cuda::Context ctx(0);
   std::printf("device: %s, %d SMs, L2 %d MB, cuda runtime %d\n", ctx.name().c_str(), ctx.sm_count(),
               ctx.props().l2CacheSize >> 20, CUDART_VERSION);

@@ -97,6 +97,19 @@ inline FILE*& csv() {
   static FILE* f = nullptr;
   return f;
 }
+
+// The start of a benchmark's main: false (after saying so) when there is no device; else opens the
+// CSV named by argv[1], if any, and writes its header.
+inline bool start(int argc, char** argv) {
+  if (cuda::device_count() == 0) {
+    std::printf("no CUDA device: nothing to measure\n");
+    return false;
+  }
+  if (argc > 1) csv() = std::fopen(argv[1], "w");
+  if (csv()) std::fprintf(csv(), "name,us,notes\n");
+  return true;
+}
+
 inline void report(const std::string& name, double us, const std::string& extra) {
   std::printf("%-44s %10.2f us   %s\n", name.c_str(), us, extra.c_str());
   std::fflush(stdout);

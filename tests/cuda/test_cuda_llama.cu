@@ -14,15 +14,16 @@
 // loss_cpu. Measured on an H200 (2026-12-02): losses within 1.3e-3 relative, and the AdamW steps'
 // losses within 8.3e-3.
 //
-// Gradients: the bounds below are MEASURED, not derived. The first GPU run found per-tensor relative
-// Frobenius errors ||g_gpu − g_cpu|| / ||g_cpu|| of 2–19% (all LoRA gradients together: 2.3–15%),
-// growing from the last layer (~3%) to the first (~7%), largest with NF4 and dropout. The error is
-// orthogonal to the gradient, not a bias in scale: the projection <g_gpu, g_cpu> / <g_cpu, g_cpu> of
-// all gradients together is 0.987–1.012, and the gradient norms agree within 1.4%. That is more
-// than the ~20 independent 2⁻⁹ roundings between the loss and a layer explain (≲1%), and it is an
-// open item (docs/design.md, "The model on the GPU"): either a precision loss not yet found (a bf16
-// intermediate where fp32 is needed) or this perturbed test model (NonZero init: scaling 2, B up to
-// ±0.35, loss ~4.6 against the base model's ~1.6) amplifying it. A wrong formula — a missing term, a
+// Gradients: the NonZero bounds below are MEASURED, not derived. Per-tensor relative Frobenius
+// errors ||g_gpu − g_cpu|| / ||g_cpu|| are 2–19% (all LoRA gradients together: 2.3–15%), largest with
+// NF4 and dropout; the error is orthogonal to the gradient, not a bias in scale (the projection
+// <g_gpu, g_cpu> / <g_cpu, g_cpu> of all gradients is 0.987–1.012; gradient norms within 1.4%).
+// Where it comes from: the perturbation, not a missing fp32 intermediate. NonZero (scaling 2, B up
+// to ±0.35 against base weights of ~0.02) makes the model a different, untrained one: loss ~4.6,
+// gradient norm ~18 against ~1.1 at the trained base. The same comparison at the trained base (B =
+// 0, the test case "at the unperturbed base model") gives 0.9–3.7% per tensor and 1.6–1.7% all together, what
+// ~20 independent bf16 roundings between the loss and a layer give once the sums over tokens cancel; the
+// q_proj, v_proj-only case (a milder perturbation) is in between (2.3%). A wrong formula — a missing term, a
 // head mapped to the wrong KV group, a transposed operand — gives errors of order 1, which the
 // bounds still catch: ≤ 0.25 per tensor and ≤ 0.2 for all together. AdamW: 3 steps at lr 1e-3 on
 // each side (clipping at 1); Adam's update is nearly sign(g)·lr wherever |g| is small, so
@@ -90,13 +91,21 @@ double projection(const std::vector<float>& got, const std::vector<float>& ref) 
   return num / den;
 }
 
+double sq_norm(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return s;
+}
+
+// Returns the relative error of all LoRA gradients together at step 0 (for the callers' bounds).
 template <class Quant>
-void compare(const std::vector<std::string>& targets, float dropout) {
+double compare(const std::vector<std::string>& targets, float dropout, LoraInit init = LoraInit::NonZero,
+               double tensor_bound = 0.25, double all_bound = 0.2, double b_after_bound = 3e-2) {
   LoraConfig lc;
   lc.r = 8;
   lc.alpha = 16.0f;
   lc.dropout = dropout;
-  lc.init = LoraInit::NonZero;
+  lc.init = init;
   lc.seed = 11;
   cpuref::LlamaReference<Quant> cpu(model_dir(), targets, lc);
   const cuda::Context& ctx = cudatest::context();
@@ -105,8 +114,9 @@ void compare(const std::vector<std::string>& targets, float dropout) {
   const std::int64_t B = 2, T = 64;
   std::vector<std::int64_t> ids, labels;
   byte_batch(B, T, ids, labels);
-  std::printf("%s, targets %s%s, dropout %.2f\n", Quant::name, targets[0].c_str(),
-              targets.size() > 1 ? ",..." : "", double(dropout));
+  std::printf("%s, targets %s%s, dropout %.2f, init %s\n", Quant::name, targets[0].c_str(),
+              targets.size() > 1 ? ",..." : "", double(dropout),
+              init == LoraInit::NonZero ? "NonZero" : "Default");
 
   // held-out style loss (no dropout, nothing kept)
   const float le_cpu = cpu.loss(ids.data(), labels.data(), B, T);
@@ -133,11 +143,16 @@ void compare(const std::vector<std::string>& targets, float dropout) {
     for (int ab = 0; ab < 2; ++ab) {
       const std::vector<float>& c = ab ? g_cpu[k].B : g_cpu[k].A;
       const std::vector<float>& g = ab ? g_gpu[k].B : g_gpu[k].A;
+      if (sq_norm(c) == 0.0) {  // dA with B = 0: exactly zero on both sides
+        INFO(g_cpu[k].module << (ab ? ".lora_B" : ".lora_A") << " gradient is 0 on the CPU");
+        CHECK(sq_norm(g) == 0.0);
+        continue;
+      }
       const double e = rel_err(g, c);
       INFO(g_cpu[k].module << (ab ? ".lora_B" : ".lora_A") << " gradient: relative error " << e);
       std::printf("    %s.lora_%c  rel %.3e  proj %.4f\n", g_cpu[k].module.c_str(), ab ? 'B' : 'A', e,
                   projection(g, c));
-      CHECK(e <= 0.25);
+      CHECK(e <= tensor_bound);
       if (e > worst) {
         worst = e;
         worst_name = g_cpu[k].module + (ab ? ".lora_B" : ".lora_A");
@@ -149,7 +164,7 @@ void compare(const std::vector<std::string>& targets, float dropout) {
   const double e_all = rel_err(all_gpu, all_cpu);
   std::printf("  gradients     all %.2e  worst %.2e (%s); projection of gpu on cpu %.4f\n", e_all, worst,
               worst_name.c_str(), projection(all_gpu, all_cpu));
-  CHECK(e_all <= 0.2);
+  CHECK(e_all <= all_bound);
 
   // a few AdamW steps on both (the gradients of the step above first)
   optim::AdamWConfig oc;
@@ -180,8 +195,9 @@ void compare(const std::vector<std::string>& targets, float dropout) {
   for (std::size_t k = 0; k < w_cpu.size(); ++k) {
     CHECK(w_cpu[k].dropout_calls == w_gpu[k].dropout_calls);
     CHECK(rel_err(w_gpu[k].A, w_cpu[k].A) <= 3e-2);
-    CHECK(rel_err(w_gpu[k].B, w_cpu[k].B) <= 3e-2);
+    CHECK(rel_err(w_gpu[k].B, w_cpu[k].B) <= b_after_bound);
   }
+  return e_all;
 }
 
 }  // namespace
@@ -201,6 +217,18 @@ TEST_CASE("cuda LlamaModel matches the CPU model (BF16, all-linear)", "[cuda]") 
 TEST_CASE("cuda LlamaModel with frozen projections (NF4, q_proj and v_proj)", "[cuda]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   compare<format::NF4>({"q_proj", "v_proj"}, 0.05f);
+}
+
+// The base model as trained (Default init: B = 0, so the LoRA path adds nothing at step 0 and dA is
+// 0): the activations are the pretrained model's, not NonZero's perturbed ones. Measured (H200,
+// 2026-12-02): dB within 0.9–3.7% per tensor and 1.6–1.7% all together, gradient norms within 0.4%;
+// bounds 6% and 3%. After 3 AdamW steps B is a few lr-sized steps away from 0, and Adam moves an
+// element by ~lr·sign(g) wherever |g| is near its noise, so where the two sides' g differ in sign
+// B differs by ~2·lr: measured up to 15% relative, bound 0.3.
+TEST_CASE("cuda LlamaModel gradients at the unperturbed base model (B = 0)", "[cuda]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  SECTION("NF4") { compare<format::NF4>({"all-linear"}, 0.0f, LoraInit::Default, 0.06, 0.03, 0.3); }
+  SECTION("BF16") { compare<format::BF16>({"all-linear"}, 0.0f, LoraInit::Default, 0.06, 0.03, 0.3); }
 }
 
 TEST_CASE("cuda LlamaModel refuses what it does not implement", "[cuda]") {

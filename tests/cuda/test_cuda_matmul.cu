@@ -111,7 +111,8 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
 
 // The sm_90 streaming kernel (blocksize 64, K % 1024 == 0) and the register-fed kernel, each
 // forced, on shapes that exercise one and several stages per tile, fewer tiles than SMs and several
-// tiles per block, every token-tile width, and both absmax forms.
+// tiles per block, every token-tile width, both absmax forms, K not a multiple of 1024 (the register
+// kernel only) and blocksize 128.
 TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
@@ -120,6 +121,8 @@ TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cud
       {16, 1024, 1, 64, NF4, true},    {4096, 1024, 1, 64, NF4, true},  {2064, 3072, 2, 64, NF4, false},
       {4096, 4096, 8, 64, FP4, true},  {1040, 2048, 13, 64, NF4, true}, {528, 1024, 16, 64, FP4, false},
       {3072, 2048, 27, 64, NF4, true}, {512, 4096, 40, 64, NF4, false}, {512, 2048, 64, 64, NF4, true},
+      {48, 1088, 1, 64, NF4, true},    {1072, 1088, 2, 64, FP4, true},  {256, 11008, 1, 64, NF4, false},
+      {4112, 4096, 2, 128, NF4, true}, {32, 14336, 1, 64, NF4, true},
   };
   const bool sm90 = ctx.props().major >= 9;
   if (!sm90)
@@ -127,11 +130,11 @@ TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cud
                 ctx.props().minor);
   for (const auto& c : cases)
     for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream}) {
-      if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
+      if (kernel == cuda::GemvKernel::Stream && (!sm90 || c.K % 1024 != 0 || c.blocksize != 64)) continue;
+      const char* name = kernel == cuda::GemvKernel::Stream ? "stream" : "registers";
       for (bool acc : {false, true}) {
         INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq "
-                  << c.dq << " accumulate " << acc << " kernel "
-                  << (kernel == cuda::GemvKernel::Stream ? "stream" : "registers"));
+                  << c.dq << " accumulate " << acc << " kernel " << name);
         const auto e = check_matmul(c, acc, false, kernel);
         REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
         REQUIRE(e.rel_norm < 5e-3);
@@ -166,9 +169,11 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
   auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 2, 1.0f)));
   cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N);
-  cuda::gemv_4bit(ctx, dw, dx.data(), M, y1.data());  // the streaming kernel on sm_90
-  cuda::gemv_4bit(ctx, dw, dx.data(), M, y2.data());
-  ctx.synchronize();
-  const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
-  for (std::size_t i = 0; i < a.size(); ++i) REQUIRE(a[i].bits == b[i].bits);
+  for (int m : {M, 1}) {  // Auto's kernel for 4 tokens and for 1 (the streaming kernel on sm_90)
+    cuda::gemv_4bit(ctx, dw, dx.data(), m, y1.data());
+    cuda::gemv_4bit(ctx, dw, dx.data(), m, y2.data());
+    ctx.synchronize();
+    const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+    for (std::size_t i = 0; i < std::size_t(m) * N; ++i) REQUIRE(a[i].bits == b[i].bits);
+  }
 }

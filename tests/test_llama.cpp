@@ -308,6 +308,31 @@ TEST_CASE("LlamaModel::weights hands out the model; set_lora takes A, B back", "
                       Catch::Contains("has A, B of 1, "));
 }
 
+// A GPU run resumed from its checkpoint loads the adapter with the frozen bases kept (weights() needs
+// them), and gets the adapter's A, B.
+TEST_CASE("LlamaModel::load_with_adapter keeps the frozen bases on request", "[llama]") {
+  LlamaLoraOptions opt;
+  opt.target_modules = {"q_proj", "v_proj"};
+  opt.lora.r = 4;
+  opt.lora.init = LoraInit::NonZero;
+  auto trained = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
+  testutil::TempDir dir;
+  peft::save_adapter(dir.path, trained.adapter("tiny_untied"));
+  auto plain = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path);
+  REQUIRE_THROWS_WITH(plain.weights(), Catch::Contains("keep_frozen_bases"));
+  auto m = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path, 0, true);
+  const LlamaWeights<format::F32> w = m.weights();
+  const auto& q = w.layers[0].proj[kQ];
+  const auto& k = w.layers[0].proj[kK];
+  REQUIRE(q.lora.has_value());
+  CHECK(!k.lora.has_value());
+  REQUIRE(k.base != nullptr);
+  CHECK(k.base->w == m.find("model.layers.0.self_attn.k_proj")->frozen_base().w);
+  const auto& lo = trained.find("model.layers.0.self_attn.q_proj")->lora_layer();
+  CHECK(q.A == std::vector<float>(lo.A().data(), lo.A().data() + lo.A().size()));
+  CHECK(q.B == std::vector<float>(lo.B().data(), lo.B().data() + lo.B().size()));
+}
+
 TEST_CASE("LlamaModel refuses bad token ids and labels", "[llama]") {
   auto m = LlamaModel<format::F32>::load(data("tiny_tied"));
   std::vector<std::int64_t> ids = {1, 2, 256};

@@ -30,13 +30,14 @@ if has build; then
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant.cu -o build-cuda/test_cuda_quant.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_quant8.cu -o build-cuda/test_cuda_quant8.o &
     nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
+    nvcc $FLAGS $ARCH -c tests/cuda/test_cuda_adamw.cu -o build-cuda/test_cuda_adamw.o &
     nvcc $FLAGS $ARCH -Xptxas -v bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_cuda_matmul -lcublas \
       > build-cuda/ptxas.log 2>&1 &
     nvcc $FLAGS $ARCH bench/cuda/bench_cuda_lora.cu -o build-cuda/bench_cuda_lora -lcublas &
     nvcc -std=c++17 -Iinclude $ARCH tests/cuda/compile_check.cu -o build-cuda/cuda_compile_check &
     wait
   ) 2>&1 | tee -a "$OUT/build.log"
-  for t in test_cuda_quant test_cuda_quant8 test_cuda_matmul; do
+  for t in test_cuda_quant test_cuda_quant8 test_cuda_matmul test_cuda_adamw; do
     nvcc $ARCH build-cuda/$t.o build-cuda/catch_main.o -o build-cuda/$t -lcublas 2>&1 | tee -a "$OUT/build.log"
   done
   nvcc $ARCH build-cuda/test_cuda_lora.o build-cuda/cpu_lora_reference.o build-cuda/catch_main.o \
@@ -67,6 +68,7 @@ if has test; then
     timeout 120 ./build-cuda/test_cuda_quant8 "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_matmul "[cuda]" -d yes
     timeout 120 ./build-cuda/test_cuda_lora "[cuda]" -d yes
+    timeout 120 ./build-cuda/test_cuda_adamw "[cuda]" -d yes
     timeout 300 ./build-cuda/test_cuda_llama "[cuda]" -d yes
   } > "$OUT/tests.log" 2>&1 || rc=1
   tail -25 "$OUT/tests.log"

@@ -33,8 +33,8 @@ const char* finetune_usage =
     "                       loss.png; checkpoint/ while training (default: adapter)\n"
     "  --resume DIR         continue the interrupted run whose --out was DIR\n"
     "  --stop-after N       stop after step N with a checkpoint, as an interrupted run would\n"
-    "  --device cpu         cpu, or cuda (LoRA on the GPU; no checkpoints, --resume or\n"
-    "                       --gradient-checkpointing there yet)\n"
+    "  --device cpu         cpu, or cuda (LoRA on the GPU, with checkpoints and --resume; no\n"
+    "                       --gradient-checkpointing or --profile there yet)\n"
     "  --gradient-checkpointing   keep only each layer's input, recompute the layer in backward\n"
     "                       (far less memory, about one more forward per step)\n"
     "  --profile            print where a step's time goes (base matmul, LoRA, attention, ...)\n";
@@ -193,14 +193,9 @@ int cmd_finetune(int argc, char** argv) {
               a.positional.empty() ? "" : a.positional[0], "' (see qlora finetune --help)");
   QLORA_CHECK(a.has("model"), "--model DIR is needed (see qlora finetune --help)");
   const bool cuda = check_device(a, true);
-  QLORA_CHECK(!cuda || !a.has("resume"),
-              "--device cuda: --resume needs checkpoints, not implemented on the GPU yet");
   QLORA_CHECK(!cuda || !a.has("gradient-checkpointing"),
               "--device cuda: --gradient-checkpointing is not implemented on the GPU yet");
   QLORA_CHECK(!cuda || !a.has("profile"), "--device cuda: --profile is CPU-only");
-  QLORA_CHECK(!cuda || a.get_int("checkpoint-every", 0) == 0,
-              "--device cuda: checkpoints are not implemented on the GPU yet (--checkpoint-every ",
-              a.get_int("checkpoint-every", 0), " given; 0 or leave it out)");
   const std::string model_dir = a.get("model", "");
   const cli::TrainOptions o = loop_options(a, "adapter");
   if (a.has("resume")) cli::TrainLoop::check_resumable(o.out);
@@ -220,10 +215,8 @@ int cmd_finetune(int argc, char** argv) {
                resume ? ", resuming" : "");
   cli::ModelSpec spec;
   spec.dir = model_dir;
-  if (resume)
-    spec.adapter = cli::TrainLoop::checkpoint_weights(o.out);  // with the saved run's dropout seed
-  else
-    spec.lora = lo;
+  if (resume) spec.adapter = cli::TrainLoop::checkpoint_weights(o.out);  // with the saved run's dropout seed
+  spec.lora = lo;  // resuming, only its keep_frozen_bases counts: the adapter decides the rest
   spec.seed = o.seed;
   const std::unique_ptr<cli::Model> loaded = cli::open_model(quant, spec);
   cli::Model& m = *loaded;
@@ -236,7 +229,9 @@ int cmd_finetune(int argc, char** argv) {
   auto params = m.params();
   const std::size_t trainable = cli::param_count(params);
   qlora::optim::AdamW opt(params, adam_options(a, o, 2e-4, 10));
-  if (resume) {
+  // --device cuda restores the counters, the curve and the optimizer into its own loop and device
+  // optimizer (finetune_cuda.cu); A, B came with the model from checkpoint/weights for both.
+  if (resume && !cuda) {
     m.set_dropout_calls(run.resume(o.out));
     opt.load_state(cli::TrainLoop::checkpoint_optimizer(o.out));
     std::fprintf(stderr, "resumed at step %lld of %lld\n", (long long)run.start_step(), (long long)o.steps);
@@ -247,7 +242,7 @@ int cmd_finetune(int argc, char** argv) {
                params.size(), tok.name());
   std::fprintf(stderr, "%lld steps x %lld sequences x %lld tokens (accum %lld)\n", (long long)o.steps,
                (long long)o.batch, (long long)o.seq, (long long)o.accum);
-  if (cuda) return m.finetune_cuda({o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, model_dir});
+  if (cuda) return m.finetune_cuda({o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, model_dir, resume});
   if (!resume) print_losses("before", m, d.evals, o.seq);
   const auto save = [&](const std::string& dir) { qlora::peft::save_adapter(dir, m.adapter(model_dir)); };
   run.run(m, opt, d.train, save);

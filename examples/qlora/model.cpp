@@ -62,7 +62,7 @@ class ModelOf final : public Model {
       (void)run;
       qlora::throw_error("--device cuda: --quant int8 has no CUDA base; use nf4, fp4, bf16 or none");
     } else {
-      CudaFinetuneJob<Quant> job{m_.weights(), run.options, run.adam, run.train, run.evals, {}};
+      CudaFinetuneJob<Quant> job{m_.weights(), run.options, run.adam, run.train, run.evals, {}, run.resume};
       job.save_adapter = [&](const std::vector<qlora::LoraTensors>& t, const std::string& dir) {
         m_.set_lora(t);
         qlora::peft::save_adapter(dir, m_.adapter(run.model_dir));
@@ -81,8 +81,9 @@ std::unique_ptr<Model> open_model(const std::string& quant, const ModelSpec& spe
   return with_quant(quant, [&](auto tag) -> std::unique_ptr<Model> {
     using Llama = qlora::LlamaModel<decltype(tag)>;
     return std::make_unique<ModelOf<decltype(tag)>>(
-        spec.adapter ? Llama::load_with_adapter(spec.dir, *spec.adapter, spec.seed)
-                     : Llama::load(spec.dir, spec.lora));
+        spec.adapter
+            ? Llama::load_with_adapter(spec.dir, *spec.adapter, spec.seed, spec.lora.keep_frozen_bases)
+            : Llama::load(spec.dir, spec.lora));
   });
 }
 

@@ -28,7 +28,8 @@ struct ModelSpec {
   std::string dir;
   std::optional<std::string> adapter;  // the adapter folder
   std::uint64_t seed = 0;              // with an adapter: the seed of its dropout masks
-  qlora::LlamaLoraOptions lora;        // without: the targets (none: a frozen model) and hyper-parameters
+  qlora::LlamaLoraOptions lora;        // without: the targets (none: a frozen model) and hyper-parameters;
+                                       // its keep_frozen_bases applies with an adapter too
 };
 
 // `qlora finetune --device cuda`'s run (finetune_cuda.hpp): what it needs besides the model.
@@ -38,6 +39,7 @@ struct CudaRun {
   const std::vector<std::int64_t>* train = nullptr;  // training tokens
   std::vector<EvalSet> evals;
   std::string model_dir;  // base_model_name_or_path of the adapter
+  bool resume = false;    // continue from options.out's checkpoint (the model holds its weights)
 };
 
 class Model {

@@ -2,7 +2,8 @@
 // (hidden 128, 4 layers, 4 heads / 2 KV heads, MLP 352, vocab 256, bf16), LoRA r = 8 on all-linear
 // (and on q_proj, v_proj only: the frozen device bases), NF4 and BF16 bases, dropout 0 and 0.05.
 // Both models start from the same weights and the same A, B (LoraInit::NonZero, so dA is not 0 at
-// step 0) and draw the same dropout masks.
+// step 0) and draw the same dropout masks. Also: a checkpoint (A, B, dropout counters, cuda::AdamW's
+// state) resumed on a fresh GPU model continues bit for bit (resume_bit_identical), and set_lora.
 //
 // Tolerances. The CPU computes in fp32 from the same base weights; the GPU rounds to bf16 (each
 // rounding at most 2⁻⁹ ≈ 2e-3 relative) every product input and output: the norm outputs, q, k, v,
@@ -33,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -40,6 +42,7 @@
 #include "cuda_test_util.cuh"
 #include "qlora/cuda/adamw.cuh"
 #include "qlora/cuda/model/llama.cuh"
+#include "qlora/optim/adamw_config.hpp"
 
 using namespace qlora;
 
@@ -53,9 +56,10 @@ std::string model_dir() {
 #endif
 }
 
-// Byte tokens (token id = byte value, the model's vocabulary) of fortune-like text, B rows of T.
+// Byte tokens (token id = byte value, the model's vocabulary) of fortune-like text, B rows of T,
+// starting `shift` bytes further into the text (another batch per training step).
 void byte_batch(std::int64_t B, std::int64_t T, std::vector<std::int64_t>& ids,
-                std::vector<std::int64_t>& labels) {
+                std::vector<std::int64_t>& labels, std::int64_t shift = 0) {
   static const char* const text =
       "Q: What is the difference between a duck?\nA: One leg is both the same.\n%\n"
       "A journey of a thousand miles begins with a cash advance.\n%\n"
@@ -65,7 +69,7 @@ void byte_batch(std::int64_t B, std::int64_t T, std::vector<std::int64_t>& ids,
   const std::string s(text);
   ids.resize(std::size_t(B * T));
   for (std::int64_t i = 0; i < B * T; ++i)
-    ids[std::size_t(i)] = (unsigned char)s[std::size_t(i * 7 / 5) % s.size()];
+    ids[std::size_t(i)] = (unsigned char)s[std::size_t(i * 7 / 5 + shift) % s.size()];
   labels = ids;
   labels[1] = -100;  // an ignored target: the count and the masked rows
 }
@@ -200,6 +204,107 @@ double compare(const std::vector<std::string>& targets, float dropout, LoraInit 
   return e_all;
 }
 
+// A checkpoint and a resume on the GPU, as `qlora finetune --device cuda` makes them: after step k
+// the A, B (download_lora), the dropout counters (dropout_calls) and cuda::AdamW's state file are
+// saved while the run goes on to step n; a fresh model built from the untrained weights and a fresh
+// optimizer get them back (set_lora, set_dropout_calls, load_state) and take steps k+1..n. Every
+// loss and the final A, B, counters and moments must equal the uninterrupted run's bit for bit (the
+// GPU path is deterministic: no atomics, fixed reduction orders, and cuBLAS is bitwise reproducible
+// run to run on one GPU). Dropout 0.1, so the masks, which the counters decide, matter: restored
+// without the counters, step k+1 has another loss.
+template <class Quant>
+void resume_bit_identical() {
+  LoraConfig lc;
+  lc.r = 8;
+  lc.alpha = 16.0f;
+  lc.dropout = 0.1f;
+  lc.init = LoraInit::NonZero;
+  lc.seed = 5;
+  cpuref::LlamaReference<Quant> cpu(model_dir(), {"all-linear"}, lc);
+  const cuda::Context& ctx = cudatest::context();
+  optim::AdamWConfig oc;
+  oc.lr = 1e-3;
+  oc.weight_decay = 0.01;
+  oc.grad_accum_steps = 2;
+  oc.schedule.kind = optim::ScheduleKind::Cosine;
+  oc.schedule.warmup_steps = 1;
+  oc.schedule.total_steps = 6;
+  const int k = 3, n = 6;
+  const std::int64_t B = 2, T = 32;
+  testutil::TempDir dir;
+  const std::string state = dir / "optimizer.safetensors";
+
+  // One optimizer step of two micro-batches, each a pure function of (step, micro), as TrainLoop's.
+  auto train_step = [&](cuda::LlamaModel<Quant>& m, cuda::AdamW& opt, int step) {
+    opt.zero_grad(ctx);
+    float loss = 0;
+    for (int micro = 0; micro < 2; ++micro) {
+      std::vector<std::int64_t> ids, labels;
+      byte_batch(B, T, ids, labels, 37 * (2 * step + micro));
+      loss += m.forward_backward(ids.data(), labels.data(), B, T, GradMode::Accumulate);
+    }
+    opt.step(ctx);
+    return loss;
+  };
+
+  cuda::LlamaModel<Quant> full(ctx, cpu.weights());
+  cuda::AdamW opt(ctx, full.params(), oc);
+  std::vector<float> losses;
+  std::vector<LoraTensors> lora_k;
+  std::vector<std::uint64_t> calls_k;
+  for (int step = 1; step <= n; ++step) {
+    losses.push_back(train_step(full, opt, step));
+    if (step == k) {
+      opt.save_state(ctx, state);
+      lora_k = full.download_lora();
+      calls_k = full.dropout_calls();
+    }
+  }
+  REQUIRE(!calls_k.empty());
+  CHECK(calls_k[0] == std::uint64_t(2 * k));  // one training forward per micro-batch
+
+  // The checkpoint's adapter has no counters (trainer_state.json has them): restore them apart.
+  std::vector<LoraTensors> adapter = lora_k;
+  for (LoraTensors& t : adapter) t.dropout_calls = 0;
+  cuda::LlamaModel<Quant> resumed(ctx, cpu.weights());
+  resumed.set_lora(adapter);
+  resumed.set_dropout_calls(calls_k);
+  CHECK(resumed.dropout_calls() == calls_k);
+  cuda::AdamW opt2(ctx, resumed.params(), oc);
+  opt2.load_state(ctx, state);
+  REQUIRE(opt2.step_count() == k);
+  for (int step = k + 1; step <= n; ++step) {
+    const float l = train_step(resumed, opt2, step);
+    std::printf("  %s resume: step %d loss %.9g (uninterrupted %.9g)\n", Quant::name, step, double(l),
+                double(losses[std::size_t(step - 1)]));
+    CHECK(std::memcmp(&l, &losses[std::size_t(step - 1)], sizeof l) == 0);
+  }
+  const std::vector<LoraTensors> a = full.download_lora(), b = resumed.download_lora();
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].module);
+    CHECK(a[i].module == b[i].module);
+    CHECK(a[i].dropout_calls == b[i].dropout_calls);
+    CHECK(a[i].A.size() == b[i].A.size());
+    CHECK(std::memcmp(a[i].A.data(), b[i].A.data(), a[i].A.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(a[i].B.data(), b[i].B.data(), a[i].B.size() * sizeof(float)) == 0);
+  }
+  for (std::size_t p = 0; p < opt.params().size(); ++p) {
+    const std::vector<float> m1 = opt.exp_avg(ctx, p), m2 = opt2.exp_avg(ctx, p);
+    const std::vector<float> v1 = opt.exp_avg_sq(ctx, p), v2 = opt2.exp_avg_sq(ctx, p);
+    CHECK(std::memcmp(m1.data(), m2.data(), m1.size() * sizeof(float)) == 0);
+    CHECK(std::memcmp(v1.data(), v2.data(), v1.size() * sizeof(float)) == 0);
+  }
+
+  // Without the counters the masks of step k+1 are step 1's: another loss.
+  cuda::LlamaModel<Quant> stale(ctx, cpu.weights());
+  stale.set_lora(adapter);
+  cuda::AdamW opt3(ctx, stale.params(), oc);
+  opt3.load_state(ctx, state);
+  const float l_stale = train_step(stale, opt3, k + 1);
+  CHECK(l_stale != losses[std::size_t(k)]);
+}
+
 }  // namespace
 
 TEST_CASE("cuda LlamaModel matches the CPU model (NF4, all-linear)", "[cuda]") {
@@ -243,4 +348,33 @@ TEST_CASE("cuda LlamaModel refuses what it does not implement", "[cuda]") {
   ids[3] = 300;
   labels[2] = 66;
   CHECK_THROWS_WITH(gpu.loss(ids.data(), labels.data(), 1, 8), Catch::Contains("outside the vocabulary"));
+}
+
+TEST_CASE("cuda LlamaModel resumes from a checkpoint bit for bit (NF4, BF16; dropout 0.1)", "[cuda]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  SECTION("NF4") { resume_bit_identical<format::NF4>(); }
+  SECTION("BF16") { resume_bit_identical<format::BF16>(); }
+}
+
+TEST_CASE("cuda LlamaModel::set_lora checks every entry before changing a layer", "[cuda]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  LoraConfig lc;
+  lc.r = 4;
+  cpuref::LlamaReference<format::BF16> cpu(model_dir(), {"q_proj", "v_proj"}, lc);
+  cuda::LlamaModel<format::BF16> gpu(cudatest::context(), cpu.weights());
+  const std::vector<LoraTensors> before = gpu.download_lora();
+  std::vector<LoraTensors> t = before;
+  for (float& x : t[0].A) x += 1.0f;  // a change that must not land: a later entry is bad
+  t[0].dropout_calls = 7;
+  SECTION("a module that is not a LoRA layer") {
+    t.back().module = "model.layers.0.mlp.up_proj";
+    CHECK_THROWS_WITH(gpu.set_lora(t), Catch::Contains("'model.layers.0.mlp.up_proj' is not a LoRA layer"));
+  }
+  SECTION("another shape") {
+    t.back().B.pop_back();
+    CHECK_THROWS_WITH(gpu.set_lora(t), Catch::Contains("has A, B of ") && Catch::Contains("expected"));
+  }
+  const std::vector<LoraTensors> after = gpu.download_lora();
+  CHECK(after[0].A == before[0].A);
+  CHECK(after[0].dropout_calls == before[0].dropout_calls);
 }

@@ -18,8 +18,14 @@
 //
 // Each step reads the norm back to the host (it is step()'s return value and decides the clipping):
 // one synchronization per optimizer step, not per layer.
+//
+// State files (save_state / load_state) are optim::AdamW's (optim/adamw_state.hpp: the moments per
+// parameter, the step count and every setting), so a state saved on either device loads on the
+// other; with the same parameters and moments the next step is the one the saved optimizer would
+// have taken, on this device's arithmetic.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -29,7 +35,8 @@
 #include "qlora/core/error.hpp"
 #include "qlora/cuda/buffer.cuh"
 #include "qlora/cuda/context.cuh"
-#include "qlora/optim/adamw.hpp"
+#include "qlora/optim/adamw_config.hpp"
+#include "qlora/optim/adamw_state.hpp"
 #include "qlora/optim/clip.hpp"
 #include "qlora/optim/param.hpp"
 
@@ -38,7 +45,7 @@ namespace cuda {
 namespace detail {
 
 struct AdamWTile {
-  int param;              // index into the parameter table
+  int param;               // index into the parameter table
   std::size_t begin, end;  // element range inside that parameter
 };
 
@@ -117,7 +124,8 @@ class AdamW {
       QLORA_CHECK(!p.name.empty(), "cuda::AdamW: a parameter has an empty name");
       for (std::size_t j = 0; j < k; ++j)
         QLORA_CHECK(params_[j].name != p.name, "cuda::AdamW: parameter '", p.name, "' is listed twice");
-      QLORA_CHECK(p.size > 0, "cuda::AdamW: parameter '", p.name, "' has size 0, expected at least 1 element");
+      QLORA_CHECK(p.size > 0, "cuda::AdamW: parameter '", p.name,
+                  "' has size 0, expected at least 1 element");
       QLORA_CHECK(p.value && p.grad, "cuda::AdamW: parameter '", p.name, "' has a null ",
                   p.value ? "grad" : "value", " pointer");
       offset_.push_back(total);
@@ -148,8 +156,8 @@ class AdamW {
     args_.upload(args_host_.data(), args_host_.size(), ctx.stream());
     const int n_tiles = int(tiles_host_.size());
     const int grid = std::min(n_tiles, ctx.sm_count() * 8);
-    detail::adamw_sumsq_kernel<<<grid, 256, 0, ctx.stream()>>>(tiles_.data(), n_tiles, args_.data(), inv_accum,
-                                                              partial_.data());
+    detail::adamw_sumsq_kernel<<<grid, 256, 0, ctx.stream()>>>(tiles_.data(), n_tiles, args_.data(),
+                                                               inv_accum, partial_.data());
     QLORA_CUDA_CHECK_LAUNCH("adamw_sumsq_kernel");
     partial_.download(partial_host_.data(), partial_host_.size(), ctx.stream());
     ctx.synchronize();
@@ -165,8 +173,8 @@ class AdamW {
     const double norm = std::sqrt(s);
     if (!std::isfinite(norm)) throw_bad_grad(ctx, inv_accum, t, norm);
     const double coef = optim::clip_coefficient(norm, config_.max_grad_norm);
-    detail::adamw_update_kernel<<<grid, 256, 0, ctx.stream()>>>(tiles_.data(), n_tiles, args_.data(), inv_accum,
-                                                               coef < 1.0, float(coef));
+    detail::adamw_update_kernel<<<grid, 256, 0, ctx.stream()>>>(tiles_.data(), n_tiles, args_.data(),
+                                                                inv_accum, coef < 1.0, float(coef));
     QLORA_CUDA_CHECK_LAUNCH("adamw_update_kernel");
     step_ = t;
     return norm;
@@ -184,6 +192,42 @@ class AdamW {
   // Copies of the moments of parameter k (blocking).
   std::vector<float> exp_avg(const Context& ctx, std::size_t k) const { return moment(ctx, k, 0); }
   std::vector<float> exp_avg_sq(const Context& ctx, std::size_t k) const { return moment(ctx, k, total_); }
+
+  // Writes the moments, step count and config atomically in optim::AdamW's format (a crash leaves
+  // the old file or none). Blocking: the moments are downloaded after the work queued on ctx's
+  // stream (the last step's update). Parameter values are not included: they belong to the
+  // layers' own checkpoint.
+  void save_state(const Context& ctx, const std::string& path) const {
+    std::vector<float> h(moments_.size());  // (2 · total) as moments_
+    ctx.activate();
+    moments_.download(h.data(), h.size(), ctx.stream());
+    ctx.synchronize();
+    std::vector<const float*> m, v;
+    for (std::size_t k = 0; k < params_.size(); ++k) {
+      m.push_back(h.data() + offset_[k]);
+      v.push_back(h.data() + total_ + offset_[k]);
+    }
+    optim::adamw_state::write(path, config_, params_, step_, m, v);
+  }
+
+  // Restores the moments and step count saved by save_state (or by optim::AdamW::save_state): the
+  // same checks and mismatch policy as optim::AdamW::load_state, all of them before anything on the
+  // device changes, so a refused file leaves the optimizer as it was. Blocking.
+  void load_state(const Context& ctx, const std::string& path,
+                  optim::ConfigMismatch on_mismatch = optim::ConfigMismatch::Error) {
+    const optim::adamw_state::Moments st =
+        optim::adamw_state::read(path, config_, params_, on_mismatch, "cuda::AdamW");
+    std::vector<float> h(moments_.size());  // (2 · total) as moments_
+    for (std::size_t k = 0; k < params_.size(); ++k) {
+      std::copy(st.exp_avg[k].begin(), st.exp_avg[k].end(), h.begin() + std::ptrdiff_t(offset_[k]));
+      std::copy(st.exp_avg_sq[k].begin(), st.exp_avg_sq[k].end(),
+                h.begin() + std::ptrdiff_t(total_ + offset_[k]));
+    }
+    ctx.activate();
+    moments_.upload(h.data(), h.size(), ctx.stream());
+    ctx.synchronize();  // h is pageable host memory that dies here
+    step_ = st.step;
+  }
 
  private:
   double base_lr(optim::ParamGroup g) const {
@@ -219,7 +263,8 @@ class AdamW {
   [[noreturn]] void throw_bad_grad(const Context& ctx, float inv_accum, std::int64_t t, double norm) const {
     for (const optim::Param& p : params_) {
       std::vector<float> g(p.size);
-      QLORA_CUDA_CHECK(cudaMemcpyAsync(g.data(), p.grad, p.size * sizeof(float), cudaMemcpyDeviceToHost, ctx.stream()));
+      QLORA_CUDA_CHECK(
+          cudaMemcpyAsync(g.data(), p.grad, p.size * sizeof(float), cudaMemcpyDeviceToHost, ctx.stream()));
       ctx.synchronize();
       for (std::size_t i = 0; i < p.size; ++i)
         QLORA_CHECK(std::isfinite(g[i] * inv_accum), "cuda::AdamW step ", t, ": gradient norm is ", norm,
@@ -246,7 +291,7 @@ class AdamW {
   DeviceBuffer<detail::AdamWTile> tiles_;
   std::vector<detail::AdamWParamArgs> args_host_;  // kept alive for the asynchronous upload
   DeviceBuffer<detail::AdamWParamArgs> args_;
-  DeviceBuffer<float> moments_;  // (2 · total): exp_avg of every parameter, then exp_avg_sq
+  DeviceBuffer<float> moments_;   // (2 · total): exp_avg of every parameter, then exp_avg_sq
   DeviceBuffer<double> partial_;  // (tiles) sums of squares
   std::vector<double> partial_host_;
   std::int64_t step_ = 0;

@@ -11,7 +11,8 @@
 namespace cli {
 namespace {
 
-// cuda::AdamW with optim::AdamW's calls (on one context), as TrainLoop uses them.
+// cuda::AdamW with optim::AdamW's calls (on one context), as TrainLoop uses them. The state file is
+// optim::AdamW's: a checkpoint written here resumes on --device cpu and the other way round.
 class DeviceAdamW {
  public:
   DeviceAdamW(const qlora::cuda::Context& ctx, std::vector<qlora::optim::Param> params,
@@ -20,11 +21,8 @@ class DeviceAdamW {
   void zero_grad() { opt_.zero_grad(ctx_); }
   double step() { return opt_.step(ctx_); }
   double lr(qlora::optim::ParamGroup g) const { return opt_.lr(g); }
-  // Reached only through an interrupt (checkpoint_every is 0 on this path).
-  void save_state(const std::string&) const {
-    qlora::throw_error(
-        "--device cuda: checkpoints are not implemented on the GPU yet; the interrupted run is lost");
-  }
+  void save_state(const std::string& path) const { opt_.save_state(ctx_, path); }
+  void load_state(const std::string& path) { opt_.load_state(ctx_, path); }
 
  private:
   const qlora::cuda::Context& ctx_;
@@ -37,27 +35,34 @@ double mib(std::size_t b) { return double(b) / (1024.0 * 1024.0); }
 
 template <class Quant>
 int finetune_cuda(const CudaFinetuneJob<Quant>& job) {
-  TrainOptions o = job.options;
-  QLORA_CHECK(o.stop_after == 0,
-              "--device cuda: --stop-after needs checkpoints, not implemented on the GPU yet");
-  o.checkpoint_every = 0;  // checkpoints (and so --resume) are CPU-only for now
+  const TrainOptions& o = job.options;
   const int n = qlora::cuda::device_count();
   QLORA_CHECK(n > 0, "--device cuda: no CUDA device found (0 devices)");
   qlora::cuda::Context ctx(0);
   qlora::cuda::reset_device_bytes_peak();
   const std::size_t context_bytes = qlora::cuda::device_bytes_live();  // the cuBLAS workspace
+  // Resuming, job.weights already hold the checkpoint's A, B (finetune.cpp loaded the CPU model
+  // from checkpoint/weights); the dropout counters and the optimizer come back below.
   qlora::cuda::LlamaModel<Quant> m(ctx, job.weights);
   const std::size_t weight_bytes = qlora::cuda::device_bytes_live() - context_bytes;
-  std::fprintf(stderr, "device: %s, %d SMs; model uploaded (%.1f MiB), checkpoints off on --device cuda\n",
-               ctx.name().c_str(), ctx.sm_count(), mib(weight_bytes));
-  for (const EvalSet& e : job.evals)
-    std::printf("before: %s loss %.4f (%lld windows of %lld tokens)\n", e.name.c_str(),
-                eval_loss(m, e.windows, o.seq), (long long)(e.windows.size() / std::size_t(o.seq)),
-                (long long)o.seq);
-  std::fflush(stdout);
-  DeviceAdamW opt(ctx, m.params(), job.adam);
+  std::fprintf(stderr, "device: %s, %d SMs; model uploaded (%.1f MiB)\n", ctx.name().c_str(), ctx.sm_count(),
+               mib(weight_bytes));
   TrainLoop run(o, job.evals);
-  run.run(m, opt, *job.train, [](const std::string&) {});
+  DeviceAdamW opt(ctx, m.params(), job.adam);
+  if (job.resume) {  // as the CPU path (finetune.cpp): the counters, then the optimizer
+    m.set_dropout_calls(run.resume(o.out));
+    opt.load_state(TrainLoop::checkpoint_optimizer(o.out));
+    std::fprintf(stderr, "resumed at step %lld of %lld\n", (long long)run.start_step(), (long long)o.steps);
+  } else {
+    for (const EvalSet& e : job.evals)
+      std::printf("before: %s loss %.4f (%lld windows of %lld tokens)\n", e.name.c_str(),
+                  eval_loss(m, e.windows, o.seq), (long long)(e.windows.size() / std::size_t(o.seq)),
+                  (long long)o.seq);
+    std::fflush(stdout);
+  }
+  // Checkpoints hold the adapter of the current device A, B (and their dropout counters), written
+  // through the CPU model as --device cpu writes it.
+  run.run(m, opt, *job.train, [&](const std::string& dir) { job.save_adapter(m.download_lora(), dir); });
   if (run.stopped()) return g_interrupted ? 130 : 0;
   for (const EvalSet& e : job.evals)
     std::printf("after: %s loss %.4f (%lld windows of %lld tokens)\n", e.name.c_str(),

@@ -176,20 +176,23 @@ class LlamaModel {
   // A checkpoint folder with a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
   // attached: the modules the adapter targets get its rank, alpha, dropout and weights. seed: the
   // dropout masks' (seed + module index, as load()), so a run resumed from a saved adapter draws
-  // the masks of the run that saved it.
+  // the masks of the run that saved it. keep_frozen_bases: as LlamaLoraOptions' (weights() of a
+  // model with frozen projections needs it, e.g. a GPU run resumed from its checkpoint).
   static LlamaModel load_with_adapter(const std::string& dir, const std::string& adapter_dir,
-                                      std::uint64_t seed = 0) {
+                                      std::uint64_t seed = 0, bool keep_frozen_bases = false) {
     const peft::Adapter adapter = peft::load_adapter(adapter_dir);
     const std::string where = "PEFT adapter '" + adapter_dir + "'";
     QLORA_CHECK(adapter.biases.empty(), where, ": bias \"", adapter.config.bias,
                 "\" (trained biases) is not supported by LlamaModel, expected \"none\"");
-    LlamaModel m =
-        load_impl(dir, [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
+    LlamaModel m = load_impl(
+        dir,
+        [&](const std::string& module, std::int64_t index) -> std::optional<LoraConfig> {
           if (!peft::targets(adapter.config, module)) return std::nullopt;
           LoraConfig c = config_for(adapter.config, module);
           c.seed = seed + std::uint64_t(index);
           return c;
-        });
+        },
+        keep_frozen_bases);
     std::size_t used = 0;
     for (std::int64_t l = 0; l < m.cfg_.num_hidden_layers; ++l)
       for (int p = 0; p < kNumProj; ++p) {

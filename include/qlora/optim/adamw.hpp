@@ -40,65 +40,30 @@
 // anything short of -ffast-math. Known difference of torch CUDA: it divides by bc2_sqrt as a
 // multiplication by its reciprocal (<= 1 ulp of d).
 //
-// State files (save_state / load_state) are safetensors: "<param>.exp_avg" and
+// State files (save_state / load_state) are adamw_state.hpp's safetensors: "<param>.exp_avg" and
 // "<param>.exp_avg_sq" (F32, shape [size]) per parameter, and __metadata__ with the step count,
-// every hyperparameter, the schedule and each parameter's group. Doubles are written as the
-// shortest decimal that reads back to the same bits (std::to_chars), so nothing is lost in text.
-// Loading checks everything before it changes anything; see load_state for the mismatch policy.
+// every hyperparameter, the schedule and each parameter's group; cuda::AdamW writes and reads the
+// same files. Loading checks everything before it changes anything; see load_state for the
+// mismatch policy.
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <map>
 #include <set>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
 #include "qlora/core/error.hpp"
 #include "qlora/core/parallel.hpp"
-#include "qlora/io/safetensors.hpp"
+#include "qlora/optim/adamw_config.hpp"
+#include "qlora/optim/adamw_state.hpp"
 #include "qlora/optim/clip.hpp"
 #include "qlora/optim/param.hpp"
 #include "qlora/optim/schedule.hpp"
 
 namespace qlora {
 namespace optim {
-
-struct AdamWConfig {
-  double lr = 2e-4;  // base learning rate (lora_A, bias, other); the schedule multiplies it
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.0;       // decoupled; PEFT / the Trainer default for LoRA is 0
-  double loraplus_lr_ratio = 1.0;  // LoRA+: lora_B's lr = lr * ratio (1 = plain LoRA)
-  double max_grad_norm = 1.0;      // the Trainer's default; <= 0 turns clipping off
-  std::int64_t grad_accum_steps = 1;
-  Schedule schedule;  // default: constant, no warmup
-
-  void validate() const {
-    QLORA_CHECK(std::isfinite(lr) && lr >= 0.0, "AdamW: lr is ", lr, ", expected a finite number >= 0");
-    QLORA_CHECK(beta1 >= 0.0 && beta1 < 1.0, "AdamW: beta1 is ", beta1, ", expected a number in [0, 1)");
-    QLORA_CHECK(beta2 >= 0.0 && beta2 < 1.0, "AdamW: beta2 is ", beta2, ", expected a number in [0, 1)");
-    QLORA_CHECK(std::isfinite(eps) && eps >= 0.0, "AdamW: eps is ", eps, ", expected a finite number >= 0");
-    QLORA_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, "AdamW: weight_decay is ", weight_decay,
-                ", expected a finite number >= 0");
-    QLORA_CHECK(std::isfinite(loraplus_lr_ratio) && loraplus_lr_ratio > 0.0, "AdamW: loraplus_lr_ratio is ",
-                loraplus_lr_ratio, ", expected a finite number > 0");
-    QLORA_CHECK(!std::isnan(max_grad_norm), "AdamW: max_grad_norm is nan, expected a number (<= 0: off)");
-    QLORA_CHECK(grad_accum_steps >= 1, "AdamW: grad_accum_steps is ", grad_accum_steps, ", expected >= 1");
-    schedule.validate();
-  }
-};
-
-// What load_state does when the file was saved under other hyperparameters (lr, betas, schedule,
-// a parameter's group, ...). Error is the default because a resumed run then is not the run that
-// was saved, which is nearly always a mistake (a wrong config file); KeepCurrent is for changing
-// them on purpose (e.g. a longer schedule): the moments and step count are restored, the
-// optimizer's own config stays. There is no warning mode: the library does not log.
-enum class ConfigMismatch { Error, KeepCurrent };
 
 class AdamW {
  public:
@@ -161,15 +126,12 @@ class AdamW {
   // Writes the moments, step count and config atomically (a crash leaves the old file or none).
   // Parameter values are not included: they belong to the layers' own checkpoint.
   void save_state(const std::string& path) const {
-    safetensors::Writer w;
+    std::vector<const float*> m, v;
     for (std::size_t k = 0; k < params_.size(); ++k) {
-      const Param& p = params_[k];
-      const std::vector<std::int64_t> shape{std::int64_t(p.size)};
-      w.add(p.name + ".exp_avg", DType::F32, shape, exp_avg_[k].data(), p.size * sizeof(float));
-      w.add(p.name + ".exp_avg_sq", DType::F32, shape, exp_avg_sq_[k].data(), p.size * sizeof(float));
+      m.push_back(exp_avg_[k].data());
+      v.push_back(exp_avg_sq_[k].data());
     }
-    for (const auto& [key, value] : describe()) w.set_metadata(key, value);
-    w.write(path);
+    adamw_state::write(path, config_, params_, step_, m, v);
   }
 
   // Restores the moments and step count saved by save_state, so that the next step() is the one
@@ -178,13 +140,14 @@ class AdamW {
   // its size and finite; hyperparameters that differ are handled by `on_mismatch`. Every check
   // runs before the state changes: a failed load leaves the optimizer as it was.
   void load_state(const std::string& path, ConfigMismatch on_mismatch = ConfigMismatch::Error) {
-    with_context("AdamW state '" + path + "'", [&] { load_state_impl(path, on_mismatch); });
+    adamw_state::Moments st = adamw_state::read(path, config_, params_, on_mismatch);
+    exp_avg_ = std::move(st.exp_avg);
+    exp_avg_sq_ = std::move(st.exp_avg_sq);
+    step_ = st.step;
   }
 
  private:
   static constexpr std::size_t kMinPerThread = std::size_t(1) << 16;
-  static constexpr const char* kFormat = "qlora.optim.adamw";
-  static constexpr const char* kFormatVersion = "1";
 
   double base_lr(ParamGroup g) const {
     return g == ParamGroup::LoraB ? config_.lr * config_.loraplus_lr_ratio : config_.lr;
@@ -227,109 +190,6 @@ class AdamW {
         p[i] = p[i] + (neg_step * mi) / denom;
       }
     });
-  }
-
-  // Shortest decimal that reads back to the same double (locale-independent).
-  static std::string num(double x) {
-    char buf[64];
-    const auto r = std::to_chars(buf, buf + sizeof buf, x);
-    return std::string(buf, r.ptr);
-  }
-
-  // Everything a resumed run must agree on, as metadata strings.
-  std::map<std::string, std::string> describe() const {
-    const AdamWConfig& c = config_;
-    std::map<std::string, std::string> md{
-        {"format", kFormat},
-        {"format_version", kFormatVersion},
-        {"step", std::to_string(step_)},
-        {"lr", num(c.lr)},
-        {"beta1", num(c.beta1)},
-        {"beta2", num(c.beta2)},
-        {"eps", num(c.eps)},
-        {"weight_decay", num(c.weight_decay)},
-        {"loraplus_lr_ratio", num(c.loraplus_lr_ratio)},
-        {"max_grad_norm", num(c.max_grad_norm)},
-        {"grad_accum_steps", std::to_string(c.grad_accum_steps)},
-        {"schedule", schedule_name(c.schedule.kind)},
-        {"warmup_steps", std::to_string(c.schedule.warmup_steps)},
-        {"total_steps", std::to_string(c.schedule.total_steps)},
-        {"min_lr_ratio", num(c.schedule.min_lr_ratio)},
-    };
-    for (const Param& p : params_) md["group." + p.name] = group_name(p.group);
-    return md;
-  }
-
-  void load_state_impl(const std::string& path, ConfigMismatch on_mismatch) {
-    const safetensors::File f = safetensors::File::open(path);
-    const auto& md = f.metadata();
-    auto get = [&](const std::string& key) -> const std::string& {
-      auto it = md.find(key);
-      if (it == md.end()) throw_error("__metadata__ has no '", key, "', expected an AdamW state file");
-      return it->second;
-    };
-    QLORA_CHECK(get("format") == kFormat, "__metadata__ format is '", get("format"), "', expected '", kFormat,
-                "'");
-    QLORA_CHECK(get("format_version") == kFormatVersion, "format_version is '", get("format_version"),
-                "', expected '", kFormatVersion, "'");
-    std::int64_t step = 0;
-    {
-      const std::string& s = get("step");
-      const auto r = std::from_chars(s.data(), s.data() + s.size(), step);
-      QLORA_CHECK(r.ec == std::errc() && r.ptr == s.data() + s.size() && step >= 0, "__metadata__ step is '",
-                  s, "', expected an integer >= 0");
-    }
-
-    if (on_mismatch == ConfigMismatch::Error) {
-      const std::map<std::string, std::string> mine = describe();
-      std::string diffs;
-      for (const auto& [key, value] : mine) {
-        if (key == "step") continue;
-        auto it = md.find(key);
-        if (key.compare(0, 6, "group.") == 0 && it == md.end()) continue;  // reported as a missing tensor
-        const std::string saved = it == md.end() ? std::string("(absent)") : it->second;
-        if (saved != value)
-          diffs += (diffs.empty() ? "" : ", ") + key + " = " + saved + " (this optimizer: " + value + ")";
-      }
-      QLORA_CHECK(diffs.empty(), "saved with other settings: ", diffs,
-                  "; pass ConfigMismatch::KeepCurrent to resume under the new ones");
-    }
-
-    std::set<std::string> expected;
-    std::vector<std::vector<float>> m(params_.size()), v(params_.size());
-    for (std::size_t k = 0; k < params_.size(); ++k) {
-      const Param& p = params_[k];
-      m[k] = read_moment(f, p, p.name + ".exp_avg");
-      v[k] = read_moment(f, p, p.name + ".exp_avg_sq");
-      expected.insert(p.name + ".exp_avg");
-      expected.insert(p.name + ".exp_avg_sq");
-    }
-    for (const std::string& name : f.names())
-      QLORA_CHECK(expected.count(name), "has tensor '", name,
-                  "', which belongs to no parameter of this optimizer (", params_.size(), " parameters)");
-
-    exp_avg_ = std::move(m);
-    exp_avg_sq_ = std::move(v);
-    step_ = step;
-  }
-
-  static std::vector<float> read_moment(const safetensors::File& f, const Param& p, const std::string& name) {
-    QLORA_CHECK(f.contains(name), "parameter '", p.name, "' (", p.size, " elements) has no tensor '", name,
-                "'");
-    const safetensors::TensorView t = f.get(name);
-    QLORA_CHECK(t.dtype == DType::F32, "tensor '", name, "' is ", dtype_name(t.dtype), ", expected F32");
-    QLORA_CHECK(t.shape.size() == 1 && std::uint64_t(t.shape[0]) == p.size, "tensor '", name, "' has shape ",
-                safetensors::detail::shape_str(t.shape), ", expected [", p.size, "] (the size of parameter '",
-                p.name, "')");
-    std::vector<float> x = t.copy_as<float>();
-    for (std::size_t i = 0; i < x.size(); ++i)
-      QLORA_CHECK(std::isfinite(x[i]), "tensor '", name, "' element ", i, " is ", x[i],
-                  ", expected a finite number");
-    // exp_avg_sq is a running mean of squares: a negative value would make sqrt() NaN next step.
-    if (name.size() > 3 && name.compare(name.size() - 3, 3, "_sq") == 0)
-      for (std::size_t i = 0; i < x.size(); ++i)
-        QLORA_CHECK(x[i] >= 0.0f, "tensor '", name, "' element ", i, " is ", x[i], ", expected >= 0");
-    return x;
   }
 
   std::vector<Param> params_;

@@ -205,6 +205,29 @@ class LlamaModel {
   // dA, dB of every LoRA layer (in A, B), blocking: for tests.
   std::vector<LoraTensors> download_lora_grads() { return download(true); }
 
+  // Sets A, B and the dropout counter of LoRA layers from download_lora()'s or the CPU model's copy
+  // (LlamaModel::set_lora's contract: every module named is a LoRA layer of this model, with its
+  // shapes), e.g. to restore a checkpoint. Every entry is checked before any layer changes. Blocking.
+  void set_lora(const std::vector<LoraTensors>& tensors) {
+    std::vector<Lora*> dst;
+    for (const LoraTensors& t : tensors) {
+      Lora* found = nullptr;
+      for_each_lora([&](std::int64_t l, int p, Lora& lo) {
+        if (llama_module(l, p) == t.module) found = &lo;
+      });
+      QLORA_CHECK(found, "cuda::LlamaModel::set_lora: '", t.module, "' is not a LoRA layer of the model");
+      QLORA_CHECK(found->A().size() == t.A.size() && found->B().size() == t.B.size(),
+                  "cuda::LlamaModel::set_lora: '", t.module, "' has A, B of ", t.A.size(), ", ", t.B.size(),
+                  " values, expected ", found->A().size(), ", ", found->B().size());
+      dst.push_back(found);
+    }
+    for (std::size_t k = 0; k < tensors.size(); ++k) {
+      dst[k]->set_A(*ctx_, tensors[k].A);
+      dst[k]->set_B(*ctx_, tensors[k].B);
+      dst[k]->set_dropout_calls(tensors[k].dropout_calls);
+    }
+  }
+
  private:
   std::vector<LoraTensors> download(bool grads) {
     std::vector<LoraTensors> out;

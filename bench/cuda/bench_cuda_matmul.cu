@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
   }
 
   const std::vector<std::pair<int, int>> shapes = {{4096, 4096}, {11008, 4096}, {14336, 4096}};
-  const std::vector<int> Ms = {1, 8, 16, 32, 64, 128, 512, 4096};
+  const std::vector<int> Ms = {1, 2, 8, 16, 32, 64, 128, 512, 4096};
   const std::size_t rotate_bytes = std::size_t(512) << 20;
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;
@@ -225,11 +225,12 @@ int main(int argc, char** argv) {
       report("matmul/cuda/nf4dq/" + suffix, t_q,
              rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
                  (M > cuda::kGemvMaxTokens ? "; dequantize + cuBLAS"
-                  : cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) && M <= 16 &&
+                  : M <= 16 && cuda::detail::gemv_stream_supported(ctx, 64, true, 256, K) &&
                           N <= 32 * ctx.sm_count()
                       ? "; streaming tensor-core GEMV"
-                      : "; register tensor-core GEMV"));
-      if (M <= 32) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
+                  : M <= 16 ? "; grouped register tensor-core GEMV"
+                            : "; register tensor-core GEMV"));
+      if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
           const double us = time_graph(ctx, [&](int i) {
@@ -247,6 +248,11 @@ int main(int argc, char** argv) {
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         }
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
+        const double us_g = time_graph(ctx, [&](int i) {  // the grouped register kernel
+          cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Grouped);
+        });
+        report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped", us_g,
+               rate(us_g, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_g / t_bf16));
       }
     }
   }

@@ -1,5 +1,5 @@
 // A minimal driver for Nsight Compute: one 4-bit GEMV shape, launched a few times.
-//   prof_gemv N K M [stream|registers]    (defaults 14336 4096 1, Auto's kernel)
+//   prof_gemv N K M [stream|registers|grouped]    (defaults 14336 4096 1, Auto's kernel)
 //   ncu --kernel-name regex:gemv4 --launch-skip 1 --launch-count 1 ./prof_gemv
 #include <cuda_bf16.h>
 
@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   const std::string which = argc > 4 ? argv[4] : "";
   const auto kernel = which == "stream"      ? cuda::GemvKernel::Stream
                       : which == "registers" ? cuda::GemvKernel::Registers
+                      : which == "grouped"   ? cuda::GemvKernel::Grouped
                                              : cuda::GemvKernel::Auto;
   for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
   ctx.synchronize();

@@ -109,11 +109,13 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
     }
 }
 
-// The sm_90 streaming kernel (blocksize 64, K % 1024 == 0) and the register-fed kernel, each
-// forced, on shapes that exercise one and several stages per tile, fewer tiles than SMs and several
-// tiles per block, every token-tile width, both absmax forms, K not a multiple of 1024 (the register
-// kernel only) and blocksize 128.
-TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cuda][matmul]") {
+// The sm_90 streaming kernel (blocksize 64, K % 1024 == 0), the register-fed kernel and its grouped
+// form (blocksize 64, K % 256 == 0), each forced, on shapes that exercise one and several stages per
+// tile, fewer tiles than SMs and several tiles per block, every token-tile width, both absmax forms,
+// K not a multiple of 1024 and blocksize 128; and matrices tall enough that a warp's range spans
+// more than two 16-row tiles, whose middle tiles it stores itself (135168 × 256 on 132 SMs: 64
+// tiles per block, 4 per warp; 69632 × 1024: 33 per block, up to 3 per warp).
+TEST_CASE("cuda gemv_4bit: streaming, register and grouped kernels meet the bound", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
@@ -122,16 +124,20 @@ TEST_CASE("cuda gemv_4bit: streaming and register kernels meet the bound", "[cud
       {4096, 4096, 8, 64, FP4, true},  {1040, 2048, 13, 64, NF4, true}, {528, 1024, 16, 64, FP4, false},
       {3072, 2048, 27, 64, NF4, true}, {512, 4096, 40, 64, NF4, false}, {512, 2048, 64, 64, NF4, true},
       {48, 1088, 1, 64, NF4, true},    {1072, 1088, 2, 64, FP4, true},  {256, 11008, 1, 64, NF4, false},
-      {4112, 4096, 2, 128, NF4, true}, {32, 14336, 1, 64, NF4, true},
+      {4112, 4096, 2, 128, NF4, true}, {32, 14336, 1, 64, NF4, true},  {4096, 768, 1, 64, NF4, true},
+      {135168, 256, 1, 64, NF4, true}, {69632, 1024, 2, 64, FP4, false}, {135168, 256, 24, 64, NF4, true},
   };
   const bool sm90 = ctx.props().major >= 9;
   if (!sm90)
     std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major,
                 ctx.props().minor);
   for (const auto& c : cases)
-    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream}) {
+    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped}) {
       if (kernel == cuda::GemvKernel::Stream && (!sm90 || c.K % 1024 != 0 || c.blocksize != 64)) continue;
-      const char* name = kernel == cuda::GemvKernel::Stream ? "stream" : "registers";
+      if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
+      const char* name = kernel == cuda::GemvKernel::Stream      ? "stream"
+                         : kernel == cuda::GemvKernel::Registers ? "registers"
+                                                                 : "grouped";
       for (bool acc : {false, true}) {
         INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq "
                   << c.dq << " accumulate " << acc << " kernel " << name);
@@ -150,6 +156,11 @@ TEST_CASE("cuda gemv_4bit refuses the streaming kernel where it does not apply",
   cuda::DeviceBuffer<__nv_bfloat16> x(1536), y(64);
   REQUIRE_THROWS_WITH(cuda::gemv_4bit(ctx, dw, x.data(), 1, y.data(), false, cuda::GemvKernel::Stream),
                       Catch::Contains("K % 1024 == 0 (K = 1536)"));
+  const auto wf2 = cudatest::gaussian(std::size_t(64) * 1088, 4);
+  const auto dw2 = cuda::to_device(quant::quantize_4bit(wf2.data(), {64, 1088}, quant::Quant4Config{}), ctx);
+  cuda::DeviceBuffer<__nv_bfloat16> x2(1088);
+  REQUIRE_THROWS_WITH(cuda::gemv_4bit(ctx, dw2, x2.data(), 1, y.data(), false, cuda::GemvKernel::Grouped),
+                      Catch::Contains("K % 256 == 0 (K = 1088)"));
 }
 
 TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound", "[cuda][matmul]") {

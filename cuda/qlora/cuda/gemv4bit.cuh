@@ -48,6 +48,53 @@ inline std::size_t gemv_smem_bytes(int nt) {
          std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
 }
 
+// acc (mma C layout, tile `tile` of the matrix) stored into y (or added, with a.accumulate): the
+// warp owned every unit of the tile, so no other warp has a partial for it.
+template <int NT>
+__device__ __forceinline__ void store_tile(const GemvArgs& a, float (&acc)[NT][4], int tile, int g, int t) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int tok = 8 * j + 2 * t + (e & 1), row = tile * 16 + g + (e >= 2 ? 8 : 0);
+      if (tok < a.M) {
+        const std::size_t o = std::size_t(tok) * a.N + row;
+        a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + acc[j][e] : acc[j][e]);
+      }
+      acc[j][e] = 0.0f;
+    }
+  }
+}
+
+// After the block's barrier: for each tile of [tile_begin, tile_end) that no single warp owned,
+// the partials of the warps that touched it (slot 0 where it was a warp's first tile, else slot 1),
+// added in warp order (deterministic) and stored. Warp w's work is [w·work/W, (w+1)·work/W) in
+// steps of which `per_tile` make a tile.
+template <int NT>
+__device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* s_slot, int tile_begin,
+                                                int tile_end, int work, int per_tile, int tid) {
+  constexpr int kCols = 8 * NT;
+  const int rows_b = (tile_end - tile_begin) * 16;
+  for (int idx = tid; idx < rows_b * a.M; idx += kGemvThreads) {
+    const int tok = idx / rows_b, rl = idx % rows_b, t_l = rl / 16, r = rl % 16;
+    float sum = 0.0f;
+    bool owned = false;
+    for (int w = 0; w < kGemvWarps; ++w) {
+      const int wb0 = int(std::int64_t(w) * work / kGemvWarps), we0 = int(std::int64_t(w + 1) * work / kGemvWarps);
+      if (wb0 >= we0 || wb0 >= (t_l + 1) * per_tile || we0 <= t_l * per_tile) continue;
+      if (wb0 <= t_l * per_tile && (t_l + 1) * per_tile <= we0) {
+        owned = true;  // stored by that warp
+        break;
+      }
+      const int sg = wb0 / per_tile == t_l ? 0 : 1;
+      sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
+    }
+    if (owned) continue;
+    const std::size_t o = std::size_t(tok) * a.N + std::size_t(tile_begin) * 16 + rl;
+    a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
+  }
+}
+
 // NT: token tiles of 8 (M ≤ 8·NT); U: units whose loads are issued before the first is used;
 // MINB: blocks per SM the register budget is set for.
 template <int NT, int U, int MINB, bool DQ>
@@ -92,10 +139,15 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  int cur_tile = tile, seg = 0;
+  int cur_tile = tile;
 
-  auto write_slot = [&](int sg) {
-    store_partials<NT>(s_slot + std::size_t(warp * 2 + sg) * 16 * kCols, acc, g, t);
+  // Ends the warp's work on block-local tile tl: a tile wholly inside the warp's range is stored
+  // by the warp; the first and last (shared with neighbours) go to slots 0 and 1.
+  auto finish_tile = [&](int tl) {
+    if (ub <= tl * KC && (tl + 1) * KC <= ue)
+      store_tile<NT>(a, acc, tile_begin + tl, g, t);
+    else
+      store_partials<NT>(s_slot + std::size_t(warp * 2 + (tl == ub / KC ? 0 : 1)) * 16 * kCols, acc, g, t);
   };
 
   for (int u0 = ub; u0 < ue; u0 += U) {
@@ -137,9 +189,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
     for (int i = 0; i < U; ++i) {
       if (u0 + i >= ue) break;  // uniform over the warp
       if (tl[i] != cur_tile) {
-        write_slot(0);
+        finish_tile(cur_tile);
         cur_tile = tl[i];
-        seg = 1;
       }
       float am0, am1;
       if (DQ) {
@@ -156,24 +207,171 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
       scale_add<NT>(acc, tmp, am0, am1);
     }
   }
-  if (ub < ue) write_slot(seg);
+  if (ub < ue) finish_tile(cur_tile);
+  __syncthreads();
+  reduce_partials<NT>(a, s_slot, tile_begin, tile_end, units, KC, tid);
+}
+
+// The register kernel's work in groups of 4 consecutive units of one tile (16 rows × 256 values of
+// K), for blocksize 64 and K % 256 == 0: a group's 4 absmax codes of a row are one aligned 4-byte
+// load (4 floats: one 16-byte load without double quantization) and its nested absmax one load, the
+// 8 weight loads of a lane sit at fixed offsets from one pointer, and the position advances once
+// per group. Why: the per-unit kernel above executes ~157 warp instructions per unit, about 3x the
+// decode and mma work (32 table lookups and byte permutes, 4 mma); most of the rest was per-unit
+// address and absmax arithmetic, which this layout does once per 4 units (measured: 8.9 M -> 6.6 M
+// warp instructions at 14336x4096, M = 1).
+//
+//
+// The first group's loads are issued before the table is filled (they arrive during the fill), and
+// x is read at compute time (L1-resident), not with the weights: its registers are what limits a
+// warp's loads in flight. Tried on the H200 and dropped (no faster, docs/performance.md): a table at
+// a 64 KB boundary of the shared window so that one byte permute yields the lookup address (5.6 M
+// instead of ~6 M warp instructions, but fewer issued per cycle), and two register sets with the
+// next group's loads issued before this group is computed.
+struct GroupLoads {
+  uint2 wa[4], wb[4];
+  std::uint32_t c0, c1;  // 4 absmax codes of rows g, g + 8 (DQ)
+  float n0, n1;          // their nested absmax (DQ)
+  float4 f0, f1;         // 4 float absmax of rows g, g + 8 (no DQ)
+};
+
+template <int NT, bool DQ>
+__global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* s_lut = smem;
+  float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
+  float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
+  const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const int KC = a.K / 64, KG = a.K / 256;  // units and groups per tile
+  const int groups = (tile_end - tile_begin) * KG;
+  const int gb = int(std::int64_t(warp) * groups / kGemvWarps);
+  const int ge = int(std::int64_t(warp + 1) * groups / kGemvWarps);
+  const int g = lane >> 2, t = lane & 3;
+  const std::uint32_t lane4 = std::uint32_t(lane) * 4;
+  const std::size_t K = std::size_t(a.K), row_bytes = K / 2, far = 8 * row_bytes;  // row g + 8
+  const std::size_t far_blocks = std::size_t(8) * std::size_t(KC);
+
+  // The position of the next group to load: (tile, kg), as pointers.
+  int tile = KG > 0 ? gb / KG : 0, kg = KG > 0 ? gb % KG : 0;
+  const std::uint8_t* pw = nullptr;   // row g, the group's first unit, the lane's 8 bytes
+  std::size_t b0 = 0;                 // absmax block of (row g, the group's first unit)
+  const __nv_bfloat16* px = nullptr;  // token g, the group's first k, the lane's 16 values
+  auto seek = [&]() {
+    const std::size_t r0 = std::size_t(tile_begin + tile) * 16 + g;
+    pw = a.packed + r0 * row_bytes + std::size_t(kg) * 128 + t * 8;
+    b0 = r0 * std::size_t(KC) + std::size_t(kg) * 4;
+    px = a.x + std::size_t(g) * K + std::size_t(kg) * 256 + 16 * t;
+  };
+  seek();
+  auto issue = [&](GroupLoads& L) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      L.wa[u] = load_stream(pw + 32 * u);
+      L.wb[u] = load_stream(pw + far + 32 * u);
+    }
+    if (DQ) {
+      L.c0 = __ldg(reinterpret_cast<const std::uint32_t*>(a.am.qabsmax + b0));
+      L.c1 = __ldg(reinterpret_cast<const std::uint32_t*>(a.am.qabsmax + b0 + far_blocks));
+      L.n0 = __ldg(a.am.absmax2 + (b0 >> a.am.nested_shift));
+      L.n1 = __ldg(a.am.absmax2 + ((b0 + far_blocks) >> a.am.nested_shift));
+    } else {
+      L.f0 = __ldg(reinterpret_cast<const float4*>(a.am.absmax + b0));
+      L.f1 = __ldg(reinterpret_cast<const float4*>(a.am.absmax + b0 + far_blocks));
+    }
+  };
+  auto advance = [&]() {
+    if (++kg == KG) {
+      kg = 0;
+      ++tile;
+      seek();
+    } else {
+      pw += 128;
+      b0 += 4;
+      px += 256;
+    }
+  };
+
+  // The first group's loads fly while the table is filled.
+  GroupLoads L;
+  if (gb < ge) issue(L);
+  fill_pair_lut(s_lut, a.code, tid, kGemvThreads);
+  if (DQ)
+    for (int i = warp; i < 256; i += kGemvWarps)
+      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
   __syncthreads();
 
-  // Sum the warps' partials of each (token, row) in warp order and store.
-  const int rows_b = (tile_end - tile_begin) * 16;
-  for (int idx = tid; idx < rows_b * a.M; idx += kGemvThreads) {
-    const int tok = idx / rows_b, rl = idx % rows_b, t_l = rl / 16, r = rl % 16;
-    float sum = 0.0f;
-    for (int w = 0; w < kGemvWarps; ++w) {
-      const int wb0 = int(std::int64_t(w) * units / kGemvWarps),
-                we0 = int(std::int64_t(w + 1) * units / kGemvWarps);
-      if (wb0 >= we0 || wb0 >= (t_l + 1) * KC || we0 <= t_l * KC) continue;
-      const int sg = wb0 / KC == t_l ? 0 : 1;
-      sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  auto finish_tile = [&](int tl) {
+    if (gb <= tl * KG && (tl + 1) * KG <= ge)
+      store_tile<NT>(a, acc, tile_begin + tl, g, t);
+    else
+      store_partials<NT>(s_slot + std::size_t(warp * 2 + (tl == gb / KG ? 0 : 1)) * 16 * 8 * NT, acc, g, t);
+  };
+
+  int cur_tile = tile;
+  // Computes the group in L (tile tl, x at pxg), whose loads were issued before.
+  auto compute = [&](int tl, const __nv_bfloat16* pxg) {
+    if (tl != cur_tile) {
+      finish_tile(cur_tile);
+      cur_tile = tl;
     }
-    const std::size_t o = std::size_t(tok) * a.N + std::size_t(tile_begin) * 16 + rl;
-    a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      uint4 xa[NT], xb[NT];
+      load_x<NT>(pxg + 64 * u, K, g, a.M, xa, xb);
+      float am0, am1;
+      if (DQ) {
+        am0 = __fadd_rn(__fmul_rn(s_map[(L.c0 >> (8 * u)) & 0xffu], L.n0), a.am.offset);
+        am1 = __fadd_rn(__fmul_rn(s_map[(L.c1 >> (8 * u)) & 0xffu], L.n1), a.am.offset);
+      } else {
+        am0 = u == 0 ? L.f0.x : u == 1 ? L.f0.y : u == 2 ? L.f0.z : L.f0.w;
+        am1 = u == 0 ? L.f1.x : u == 1 ? L.f1.y : u == 2 ? L.f1.z : L.f1.w;
+      }
+      float tmp[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
+      mma_unit<NT>(s_lut, lane4, L.wa[u], L.wb[u], xa, xb, tmp);
+      scale_add<NT>(acc, tmp, am0, am1);
+    }
+  };
+
+  for (int gi = gb; gi < ge; ++gi) {
+    const int tl = tile;
+    const __nv_bfloat16* pxg = px;
+    advance();
+    compute(tl, pxg);
+    if (gi + 1 < ge) issue(L);
   }
+  if (gb < ge) finish_tile(cur_tile);
+  __syncthreads();
+  reduce_partials<NT>(a, s_slot, tile_begin, tile_end, groups, KG, tid);
+}
+
+template <int NT, bool DQ>
+void launch_gemv4g(const Context& ctx, const GemvArgs& args) {
+  const auto kernel = gemv4g_kernel<NT, DQ>;
+  const std::size_t smem = gemv_smem_bytes(NT);
+  QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
+  QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
+              " bytes of shared memory)");
+  const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
+  kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
+  QLORA_CUDA_CHECK_LAUNCH("gemv4g_kernel");
+}
+
+template <int NT>
+void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq) {
+  if (dq)
+    launch_gemv4g<NT, true>(ctx, args);
+  else
+    launch_gemv4g<NT, false>(ctx, args);
 }
 
 template <int NT, int U, int MINB, bool DQ>
@@ -211,9 +409,13 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
 }
 
 // Which kernel gemv_4bit runs: Auto picks by the measured rule below (the streaming sm_90 kernel of
-// gemv4bit_stream.cuh or the register-fed one of this header); the others force one (tests, the
-// benchmarks' kernel lab). Stream on a device or shape it does not take is an error.
-enum class GemvKernel { Auto, Registers, Stream };
+// gemv4bit_stream.cuh, or one of this header's register-fed kernels: per unit, or grouped by 4
+// units); the others force one (tests, the benchmarks' kernel lab). Stream or Grouped on a device
+// or shape it does not take is an error.
+enum class GemvKernel { Auto, Registers, Stream, Grouped };
+
+// The grouped register kernel's shapes: blocksize 64 and K % 256 == 0 (beside gemv_4bit_supported's).
+inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return blocksize == 64 && K % 256 == 0; }
 
 // y (M, N) = x (M, K) · Wᵀ (or y += when accumulate), bf16 in and out, fp32 accumulation.
 // x and y are device pointers with 16-byte aligned rows. Asynchronous on ctx's stream.
@@ -233,6 +435,10 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
               "cuda::gemv_4bit: the streaming kernel needs sm_90 (device has sm_", ctx.props().major,
               ctx.props().minor, "), blocksize 64 (have ", w.blocksize, ") and K % 1024 == 0 (K = ", w.cols(),
               ")");
+  const bool grouped_ok = gemv_grouped_supported(w.blocksize, w.cols());
+  QLORA_CHECK(kernel != GemvKernel::Grouped || grouped_ok,
+              "cuda::gemv_4bit: the grouped kernel needs blocksize 64 (have ", w.blocksize,
+              ") and K % 256 == 0 (K = ", w.cols(), ")");
   ctx.activate();
   detail::GemvArgs args;
   args.packed = w.packed.data();
@@ -248,10 +454,13 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;
-  // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): the streaming
-  // kernel for up to 16 tokens on matrices of at most two 16-row tiles per SM (4096 rows there),
-  // where its lower start-up cost shows; the register kernel on taller matrices and for more tokens.
+  // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): up to 16 tokens,
+  // the streaming kernel on matrices of at most two 16-row tiles per SM (4096 rows there), where its
+  // lower start-up cost shows, and the grouped kernel on taller ones (8–16% faster than the
+  // register kernel at 11008 and 14336 rows); the register kernel for more tokens (x for 4 units
+  // of 4–8 token tiles costs the grouped kernel registers) and for the shapes the others refuse.
   const bool stream_auto = stream_ok && M <= 16 && w.rows() <= std::int64_t(32) * ctx.sm_count();
+  const bool grouped_auto = grouped_ok && M <= 16;
   if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_auto)) {
     if (M <= 8)
       detail::dispatch_gemv4_stream<1>(ctx, args, dq, stage_k);
@@ -261,6 +470,17 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
       detail::dispatch_gemv4_stream<4>(ctx, args, dq, stage_k);
     else
       detail::dispatch_gemv4_stream<8>(ctx, args, dq, stage_k);
+    return;
+  }
+  if (kernel == GemvKernel::Grouped || (kernel == GemvKernel::Auto && grouped_auto)) {
+    if (M <= 8)
+      detail::dispatch_gemv4g<1>(ctx, args, dq);
+    else if (M <= 16)
+      detail::dispatch_gemv4g<2>(ctx, args, dq);
+    else if (M <= 32)
+      detail::dispatch_gemv4g<4>(ctx, args, dq);
+    else
+      detail::dispatch_gemv4g<8>(ctx, args, dq);
     return;
   }
   if (M <= 8)

@@ -39,7 +39,9 @@ struct Layer final : LoraLayer::Impl {
   std::vector<float> dA() const override { return copy(layer.dA()); }
   std::vector<float> dB() const override { return copy(layer.dB()); }
   void forward(const float* x, std::int64_t M, float* y) override { layer.forward(x, M, y, ctx); }
-  void backward(const float* dy, float* dx, qlora::GradMode mode) override { layer.backward(ctx, dy, dx, mode); }
+  void backward(const float* dy, float* dx, qlora::GradMode mode) override {
+    layer.backward(ctx, dy, dx, mode);
+  }
   std::vector<std::uint64_t> keep() const override { return ctx.keep; }
   std::uint64_t dropout_calls() const override { return layer.dropout_calls(); }
 };
@@ -58,7 +60,8 @@ LoraLayer LoraLayer::nf4(const qlora::quant::Quantized4bit& w, const qlora::Lora
 
 LoraLayer LoraLayer::f32(const std::vector<float>& w, std::int64_t out, std::int64_t in,
                          const qlora::LoraConfig& cfg) {
-  return LoraLayer(std::make_unique<Layer<qlora::format::F32>>(qlora::BaseWeight<qlora::format::F32>(w, out, in), cfg));
+  return LoraLayer(
+      std::make_unique<Layer<qlora::format::F32>>(qlora::BaseWeight<qlora::format::F32>(w, out, in), cfg));
 }
 
 std::vector<float> LoraLayer::A() const { return impl_->A(); }

@@ -16,7 +16,8 @@ class LoraLayer {
   // LoraLinear<NF4, Dynamic, Cpu> with exact fp32 activations in its 4-bit product (ActQuant::None).
   static LoraLayer nf4(const qlora::quant::Quantized4bit& w, const qlora::LoraConfig& cfg);
   // LoraLinear<F32, Dynamic, Cpu>.
-  static LoraLayer f32(const std::vector<float>& w, std::int64_t out, std::int64_t in, const qlora::LoraConfig& cfg);
+  static LoraLayer f32(const std::vector<float>& w, std::int64_t out, std::int64_t in,
+                       const qlora::LoraConfig& cfg);
   ~LoraLayer();
   LoraLayer(LoraLayer&&) noexcept;
 

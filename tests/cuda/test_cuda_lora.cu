@@ -1,6 +1,6 @@
-// [cuda] LoraLinear<..., Cuda> against LoraLinear<NF4, Dynamic, Cpu> (cpu_lora_reference.cpp) on the same NF4 weight, the same
-// init (both draw A and B from the same counters) and the same bf16-rounded inputs; the dropout
-// mask bit for bit; cuda::AdamW against optim::AdamW.
+// [cuda] LoraLinear<..., Cuda> against LoraLinear<NF4, Dynamic, Cpu> (cpu_lora_reference.cpp) on the same NF4
+// weight, the same init (both draw A and B from the same counters) and the same bf16-rounded inputs; the
+// dropout mask bit for bit; cuda::AdamW against optim::AdamW.
 //
 // Tolerances (layer). The CPU computes in fp32 from the same bf16 inputs (its 4-bit product set to
 // exact fp32 activations). The GPU rounds, each at most 2⁻⁹ relative: the NF4 weights to bf16 in the
@@ -14,9 +14,8 @@
 // so the parameters, moments and gradients are compared in ulps, expecting 0 and bounded by 4 (the
 // norm is a double sum in another order: should float(clip coefficient) ever round differently,
 // everything would move by about one ulp).
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -63,8 +62,8 @@ std::vector<float> as_float(const std::vector<bf16>& b) {
 
 void check_close(const char* what, const std::vector<float>& got, const std::vector<float>& ref) {
   const Diff d = diff(got, ref);
-  std::printf("  %-3s rel norm error %.3g (bound 1e-2), max error / max|ref| %.3g (bound 3e-2)\n", what, d.rel_norm,
-              d.max_rel);
+  std::printf("  %-3s rel norm error %.3g (bound 1e-2), max error / max|ref| %.3g (bound 3e-2)\n", what,
+              d.rel_norm, d.max_rel);
   INFO(what);
   CHECK(d.rel_norm < 1e-2);
   CHECK(d.max_rel < 3e-2);
@@ -94,7 +93,8 @@ TEST_CASE("cuda rng::uniform draws the CPU's numbers bit for bit", "[cuda][lora]
       QLORA_CUDA_CHECK_LAUNCH("uniform_kernel");
       const auto g = d.to_host(ctx.stream());
       std::size_t bad = 0;
-      for (std::size_t i = 0; i < n; ++i) bad += float_bits(g[i]) != float_bits(rng::uniform(seed, stream, i));
+      for (std::size_t i = 0; i < n; ++i)
+        bad += float_bits(g[i]) != float_bits(rng::uniform(seed, stream, i));
       INFO("seed " << seed << " stream " << stream);
       REQUIRE(bad == 0);
     }
@@ -109,10 +109,12 @@ TEST_CASE("cuda LoraLinear<NF4> forward / backward match the Cpu backend", "[cud
   };
   // M = 5 and 64: the GEMV base product; 100 and 300: dequantize + cuBLAS. in = 520 leaves a partial
   // 64-bit mask word per row; r = 20 a partial rank chunk in lowrank_add.
-  const std::vector<Case> cases = {{384, 512, 8, 5, 0.0f},   {384, 512, 8, 5, 0.1f},    {384, 512, 16, 100, 0.0f},
-                                   {384, 512, 16, 100, 0.25f}, {256, 520, 20, 300, 0.1f}, {1024, 1024, 16, 64, 0.05f}};
+  const std::vector<Case> cases = {{384, 512, 8, 5, 0.0f},    {384, 512, 8, 5, 0.1f},
+                                   {384, 512, 16, 100, 0.0f}, {384, 512, 16, 100, 0.25f},
+                                   {256, 520, 20, 300, 0.1f}, {1024, 1024, 16, 64, 0.05f}};
   for (const Case& c : cases) {
-    std::printf("LoraLinear<NF4, Cuda> out=%d in=%d r=%d M=%d dropout=%.2f\n", c.out, c.in, c.r, c.M, c.dropout);
+    std::printf("LoraLinear<NF4, Cuda> out=%d in=%d r=%d M=%d dropout=%.2f\n", c.out, c.in, c.r, c.M,
+                c.dropout);
     INFO("out " << c.out << " in " << c.in << " r " << c.r << " M " << c.M << " dropout " << c.dropout);
     const auto wf = cudatest::gaussian(std::size_t(c.out) * c.in, 3 + c.M, 0.02f);
     const auto base = BaseWeight<format::NF4>::quantize(wf.data(), c.out, c.in, 64, true);
@@ -260,7 +262,8 @@ TEST_CASE("cuda AdamW kernel equals optim::AdamW step by step", "[cuda][adamw]")
     std::vector<std::vector<float>> hp, hg(sizes.size());
     std::vector<cuda::DeviceBuffer<float>> dp, dg;
     std::vector<optim::Param> cp, gp;
-    for (std::size_t k = 0; k < sizes.size(); ++k) hp.push_back(cudatest::gaussian(sizes[k], 10 + unsigned(k), 0.05f));
+    for (std::size_t k = 0; k < sizes.size(); ++k)
+      hp.push_back(cudatest::gaussian(sizes[k], 10 + unsigned(k), 0.05f));
     for (std::size_t k = 0; k < sizes.size(); ++k) {
       hg[k].assign(sizes[k], 0.0f);
       dp.push_back(cuda::DeviceBuffer<float>::from_host(hp[k], dev.stream()));
@@ -289,12 +292,13 @@ TEST_CASE("cuda AdamW kernel equals optim::AdamW step by step", "[cuda][adamw]")
         const auto p = dp[k].to_host(dev.stream()), g = dg[k].to_host(dev.stream());
         const auto m = gpu.exp_avg(dev, k), v = gpu.exp_avg_sq(dev, k);
         for (std::size_t i = 0; i < sizes[k]; ++i) {
-          max_ulp = std::max({max_ulp, ulp_distance(p[i], hp[k][i]), ulp_distance(g[i], hg[k][i]),
-                              ulp_distance(m[i], cpu.exp_avg(k)[i]), ulp_distance(v[i], cpu.exp_avg_sq(k)[i])});
+          max_ulp =
+              std::max({max_ulp, ulp_distance(p[i], hp[k][i]), ulp_distance(g[i], hg[k][i]),
+                        ulp_distance(m[i], cpu.exp_avg(k)[i]), ulp_distance(v[i], cpu.exp_avg_sq(k)[i])});
         }
       }
-      std::printf("AdamW %s, step %d: norm cpu %.17g gpu %.17g (rel %.2g); max ulp distance %u (bound 4)\n", st.name,
-                  step + 1, n_cpu, n_gpu, std::fabs(n_gpu - n_cpu) / n_cpu, max_ulp);
+      std::printf("AdamW %s, step %d: norm cpu %.17g gpu %.17g (rel %.2g); max ulp distance %u (bound 4)\n",
+                  st.name, step + 1, n_cpu, n_gpu, std::fabs(n_gpu - n_cpu) / n_cpu, max_ulp);
       CHECK(std::fabs(n_gpu - n_cpu) <= 1e-12 * n_cpu);
       CHECK(max_ulp <= 4);
       CHECK(gpu.step_count() == cpu.step_count());
@@ -309,7 +313,8 @@ TEST_CASE("cuda AdamW refuses a non-finite gradient before changing anything", "
   g[37] = NAN;
   auto dp = cuda::DeviceBuffer<float>::from_host(p, dev.stream());
   auto dg = cuda::DeviceBuffer<float>::from_host(g, dev.stream());
-  cuda::AdamW opt(dev, {{"w", dp.data(), dg.data(), p.size(), optim::ParamGroup::LoraA}}, optim::AdamWConfig{});
+  cuda::AdamW opt(dev, {{"w", dp.data(), dg.data(), p.size(), optim::ParamGroup::LoraA}},
+                  optim::AdamWConfig{});
   REQUIRE_THROWS_WITH(opt.step(dev), Catch::Contains("'w' has grad[37] = nan"));
   REQUIRE(opt.step_count() == 0);
   REQUIRE(dp.to_host(dev.stream()) == p);

@@ -70,13 +70,15 @@ void ensure_size(DeviceBuffer<T>& b, std::size_t n) {
 // dx (M, in) = dy (M, out) · W (out, in), W bf16 row-major.
 inline void base_backward_bf16(const Context& ctx, const __nv_bfloat16* w, int out, int in,
                                const __nv_bfloat16* dy, int M, __nv_bfloat16* dx) {
-  gemm_rowmajor(ctx, M, in, out, 1.0f, {dy, CUDA_R_16BF, out}, {w, CUDA_R_16BF, in}, 0.0f, dx, CUDA_R_16BF, in);
+  gemm_rowmajor(ctx, M, in, out, 1.0f, {dy, CUDA_R_16BF, out}, {w, CUDA_R_16BF, in}, 0.0f, dx, CUDA_R_16BF,
+                in);
 }
 
 // The base weight on the device and its two products (y = x·W0ᵀ, dx = dy·W0).
 template <class Quant>
 struct DeviceBase {
-  static_assert(sizeof(Quant) == 0, "LoraLinear<..., Cuda>: no device base for this Quant format (NF4, FP4, BF16, F32)");
+  static_assert(sizeof(Quant) == 0,
+                "LoraLinear<..., Cuda>: no device base for this Quant format (NF4, FP4, BF16, F32)");
 };
 
 template <quant::Quant4Type T>
@@ -111,12 +113,13 @@ struct DeviceBaseDense {
   DeviceBuffer<__nv_bfloat16> w;  // (out, in)
   int out = 0, in = 0;
   template <class B>
-  DeviceBaseDense(const Context& ctx, const B& base) : w(base.w.size()), out(int(base.out)), in(int(base.in)) {
+  DeviceBaseDense(const Context& ctx, const B& base)
+      : w(base.w.size()), out(int(base.out)), in(int(base.in)) {
     std::vector<bf16> hb(base.w.size());
     for (std::size_t i = 0; i < hb.size(); ++i) hb[i] = to_bf16_any(base.w[i]);
     static_assert(sizeof(bf16) == sizeof(__nv_bfloat16), "bf16 layout");
-    QLORA_CUDA_CHECK(cudaMemcpyAsync(w.data(), hb.data(), hb.size() * sizeof(bf16), cudaMemcpyHostToDevice,
-                                     ctx.stream()));
+    QLORA_CUDA_CHECK(
+        cudaMemcpyAsync(w.data(), hb.data(), hb.size() * sizeof(bf16), cudaMemcpyHostToDevice, ctx.stream()));
     ctx.synchronize();
   }
   void forward(const Context& ctx, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
@@ -152,11 +155,11 @@ class LoraLinear<Quant, Rank, Cuda> {
   // What forward keeps for backward (see the top of this file). Reusable across steps.
   struct Context {
     std::int64_t tokens = 0;
-    float keep_scale = 1.0f;                    // 1 / (1 - p) with dropout, else 1
-    bool dropout = false;                       // whether keep holds a mask
-    cuda::DeviceBuffer<__nv_bfloat16> xm;       // (M, in) x ⊙ keep (x without dropout)
-    cuda::DeviceBuffer<float> h;                // (M, r)  dropout(x)·Aᵀ
-    cuda::DeviceBuffer<std::uint64_t> keep;     // ((M·in + 63) / 64) words, bit idx % 64 of word idx / 64
+    float keep_scale = 1.0f;                 // 1 / (1 - p) with dropout, else 1
+    bool dropout = false;                    // whether keep holds a mask
+    cuda::DeviceBuffer<__nv_bfloat16> xm;    // (M, in) x ⊙ keep (x without dropout)
+    cuda::DeviceBuffer<float> h;             // (M, r)  dropout(x)·Aᵀ
+    cuda::DeviceBuffer<std::uint64_t> keep;  // ((M·in + 63) / 64) words, bit idx % 64 of word idx / 64
     std::size_t bytes() const { return xm.bytes() + h.bytes() + keep.bytes(); }
   };
 
@@ -169,7 +172,8 @@ class LoraLinear<Quant, Rank, Cuda> {
                 ", Cuda>: config rank r = ", cfg_.r, ", expected ", Rank);
     QLORA_CHECK(out_ <= INT_MAX && in_ <= INT_MAX, "LoraLinear<..., Cuda>: shape (", out_, ", ", in_,
                 ") exceeds cuBLAS's int sizes");
-    const std::size_t na = std::size_t(cfg_.r) * std::size_t(in_), nb = std::size_t(out_) * std::size_t(cfg_.r);
+    const std::size_t na = std::size_t(cfg_.r) * std::size_t(in_),
+                      nb = std::size_t(out_) * std::size_t(cfg_.r);
     A_ = cuda::DeviceBuffer<float>(na);
     B_ = cuda::DeviceBuffer<float>(nb);
     dA_ = cuda::DeviceBuffer<float>(na);
@@ -189,7 +193,8 @@ class LoraLinear<Quant, Rank, Cuda> {
                                        : (2.0f * rng::uniform(cfg_.seed, rng::kInitA, i) - 1.0f) * a_bound;
     const float b_bound = 1.0f / std::sqrt(float(cfg_.r));
     for (std::size_t i = 0; i < b.size(); ++i)
-      b[i] = how == LoraInit::NonZero ? (2.0f * rng::uniform(cfg_.seed, rng::kInitB, i) - 1.0f) * b_bound : 0.0f;
+      b[i] =
+          how == LoraInit::NonZero ? (2.0f * rng::uniform(cfg_.seed, rng::kInitB, i) - 1.0f) * b_bound : 0.0f;
     set_A(dev, a);
     set_B(dev, b);
   }
@@ -225,7 +230,8 @@ class LoraLinear<Quant, Rank, Cuda> {
     forward_impl(dev, x, M, y, nullptr);
   }
   // Training: as above with dropout on the LoRA input; ctx keeps what backward needs.
-  void forward(const cuda::Context& dev, const __nv_bfloat16* x, std::int64_t M, __nv_bfloat16* y, Context& ctx) {
+  void forward(const cuda::Context& dev, const __nv_bfloat16* x, std::int64_t M, __nv_bfloat16* y,
+               Context& ctx) {
     forward_impl(dev, x, M, y, &ctx);
     ++calls_;
   }
@@ -235,9 +241,10 @@ class LoraLinear<Quant, Rank, Cuda> {
   void backward(const cuda::Context& dev, const Context& ctx, const __nv_bfloat16* dy, __nv_bfloat16* dx,
                 GradMode mode) {
     const int M = int(ctx.tokens), r = cfg_.r, in = int(in_), out = int(out_);
-    QLORA_CHECK(ctx.xm.size() >= std::size_t(M) * std::size_t(in) && ctx.h.size() >= std::size_t(M) * std::size_t(r),
-                "LoraLinear<..., Cuda>::backward: context holds ", ctx.xm.size(), " inputs, expected ",
-                std::int64_t(M) * in, " (was forward called with this context?)");
+    QLORA_CHECK(
+        ctx.xm.size() >= std::size_t(M) * std::size_t(in) && ctx.h.size() >= std::size_t(M) * std::size_t(r),
+        "LoraLinear<..., Cuda>::backward: context holds ", ctx.xm.size(), " inputs, expected ",
+        std::int64_t(M) * in, " (was forward called with this context?)");
     const float s = cfg_.scaling(), ks = ctx.keep_scale;
     const float beta = mode == GradMode::Overwrite ? 0.0f : 1.0f;
     if (M == 0) {
@@ -250,12 +257,12 @@ class LoraLinear<Quant, Rank, Cuda> {
     cuda::detail::ensure_size(dhb_, mr);
     // dB (out, r) = s · dyᵀ (out, M) · h (M, r)
     cuda::cast_to_bf16(dev, ctx.h.data(), mr, hb_.data());
-    cuda::gemm_rowmajor(dev, out, r, M, s, {dy, CUDA_R_16BF, out, cuda::Op::T}, {hb_.data(), CUDA_R_16BF, r}, beta,
-                        dB_.data(), CUDA_R_32F, r);
+    cuda::gemm_rowmajor(dev, out, r, M, s, {dy, CUDA_R_16BF, out, cuda::Op::T}, {hb_.data(), CUDA_R_16BF, r},
+                        beta, dB_.data(), CUDA_R_32F, r);
     // dh (M, r) = s · dy (M, out) · B (out, r)
     cuda::cast_to_bf16(dev, B_.data(), B_.size(), Bb_.data());
-    cuda::gemm_rowmajor(dev, M, r, out, s, {dy, CUDA_R_16BF, out}, {Bb_.data(), CUDA_R_16BF, r}, 0.0f, dh_.data(),
-                        CUDA_R_32F, r);
+    cuda::gemm_rowmajor(dev, M, r, out, s, {dy, CUDA_R_16BF, out}, {Bb_.data(), CUDA_R_16BF, r}, 0.0f,
+                        dh_.data(), CUDA_R_32F, r);
     // dA (r, in) = (1/(1-p)) · dhᵀ (r, M) · xm (M, in)
     cuda::cast_to_bf16(dev, dh_.data(), mr, dhb_.data());
     cuda::gemm_rowmajor(dev, r, in, M, ks, {dhb_.data(), CUDA_R_16BF, r, cuda::Op::T},
@@ -263,7 +270,8 @@ class LoraLinear<Quant, Rank, Cuda> {
     if (!dx) return;
     // dx (M, in) = dy · W0, then += (1/(1-p)) · keep ⊙ (dh (M, r) · A (r, in))
     base_.backward(dev, dy, M, dx, scratch());
-    cuda::lowrank_add(dev, dx, M, in, r, ks, dh_.data(), A_.data(), in, 1, ctx.dropout ? ctx.keep.data() : nullptr);
+    cuda::lowrank_add(dev, dx, M, in, r, ks, dh_.data(), A_.data(), in, 1,
+                      ctx.dropout ? ctx.keep.data() : nullptr);
   }
 
   // The trainable parameters for cuda::AdamW, named as PEFT names them under `module`; value and
@@ -281,9 +289,10 @@ class LoraLinear<Quant, Rank, Cuda> {
  private:
   cuda::DeviceBuffer<__nv_bfloat16>& scratch() { return shared_scratch_ ? *shared_scratch_ : own_scratch_; }
 
-  void set(const cuda::Context& dev, cuda::DeviceBuffer<float>& d, const std::vector<float>& h, const char* what) {
-    QLORA_CHECK(h.size() == d.size(), "LoraLinear<..., Cuda>: ", what, " has ", h.size(), " values, expected ",
-                d.size());
+  void set(const cuda::Context& dev, cuda::DeviceBuffer<float>& d, const std::vector<float>& h,
+           const char* what) {
+    QLORA_CHECK(h.size() == d.size(), "LoraLinear<..., Cuda>: ", what, " has ", h.size(),
+                " values, expected ", d.size());
     d.upload(h.data(), h.size(), dev.stream());
     dev.synchronize();
   }
@@ -311,8 +320,8 @@ class LoraLinear<Quant, Rank, Cuda> {
         cuda::detail::ensure_size(ctx->keep, (n + 63) / 64);
         cuda::dropout_mask(dev, x, n, cfg_.seed, calls_, cfg_.dropout, ctx->xm.data(), ctx->keep.data());
       } else if (n) {
-        QLORA_CUDA_CHECK(cudaMemcpyAsync(ctx->xm.data(), x, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToDevice,
-                                         dev.stream()));
+        QLORA_CUDA_CHECK(cudaMemcpyAsync(ctx->xm.data(), x, n * sizeof(__nv_bfloat16),
+                                         cudaMemcpyDeviceToDevice, dev.stream()));
       }
       xin = ctx->xm.data();
     }
@@ -326,19 +335,19 @@ class LoraLinear<Quant, Rank, Cuda> {
     }
     // h (M, r) = (1/(1-p)) · xm (M, in) · Aᵀ (in, r); y (M, out) += s · h · Bᵀ
     cuda::cast_to_bf16(dev, A_.data(), A_.size(), Ab_.data());
-    cuda::gemm_rowmajor(dev, M, r, in, ks, {xin, CUDA_R_16BF, in}, {Ab_.data(), CUDA_R_16BF, in, cuda::Op::T}, 0.0f,
-                        h, CUDA_R_32F, r);
+    cuda::gemm_rowmajor(dev, M, r, in, ks, {xin, CUDA_R_16BF, in}, {Ab_.data(), CUDA_R_16BF, in, cuda::Op::T},
+                        0.0f, h, CUDA_R_32F, r);
     cuda::lowrank_add(dev, y, M, out, r, cfg_.scaling(), h, B_.data(), 1, r);
   }
 
   LoraConfig cfg_;
   cuda::detail::DeviceBase<Quant> base_;
   std::int64_t out_ = 0, in_ = 0;
-  cuda::DeviceBuffer<float> A_, B_, dA_, dB_;          // (r, in), (out, r) fp32 masters and gradients
-  cuda::DeviceBuffer<__nv_bfloat16> Ab_, Bb_;          // bf16 compute copies of A and B
-  cuda::DeviceBuffer<float> dh_, h_infer_;             // (M, r) backward's dh, inference's h
-  cuda::DeviceBuffer<__nv_bfloat16> hb_, dhb_;         // (M, r) bf16 operands of dB and dA
-  cuda::DeviceBuffer<__nv_bfloat16> own_scratch_;      // dequantized W0 (out, in), grown on first use
+  cuda::DeviceBuffer<float> A_, B_, dA_, dB_;      // (r, in), (out, r) fp32 masters and gradients
+  cuda::DeviceBuffer<__nv_bfloat16> Ab_, Bb_;      // bf16 compute copies of A and B
+  cuda::DeviceBuffer<float> dh_, h_infer_;         // (M, r) backward's dh, inference's h
+  cuda::DeviceBuffer<__nv_bfloat16> hb_, dhb_;     // (M, r) bf16 operands of dB and dA
+  cuda::DeviceBuffer<__nv_bfloat16> own_scratch_;  // dequantized W0 (out, in), grown on first use
   cuda::DeviceBuffer<__nv_bfloat16>* shared_scratch_ = nullptr;  // share_scratch(), else own_scratch_
   std::uint64_t calls_ = 0;
 };

@@ -25,8 +25,8 @@ constexpr int kLowrankRows = 16;   // rows of dst per block
 constexpr int kLowrankChunk = 16;  // values of the rank dimension per pass
 
 __global__ void __launch_bounds__(256)
-    lowrank_add_kernel(__nv_bfloat16* __restrict__ dst, int M, int N, int r, float alpha, const float* __restrict__ P,
-                       const float* __restrict__ Q, long long q_k, long long q_n,
+    lowrank_add_kernel(__nv_bfloat16* __restrict__ dst, int M, int N, int r, float alpha,
+                       const float* __restrict__ P, const float* __restrict__ Q, long long q_k, long long q_n,
                        const std::uint64_t* __restrict__ mask) {
   __shared__ float s_p[kLowrankRows][kLowrankChunk];
   const int col = blockIdx.x * 256 + threadIdx.x;
@@ -64,8 +64,9 @@ __global__ void __launch_bounds__(256)
 }  // namespace detail
 
 // dst: (M, N) bf16; P: (M, r) fp32 row-major; Q(k, n) = Q[k·q_k + n·q_n]; mask: (M·N) bits or null.
-inline void lowrank_add(const Context& ctx, __nv_bfloat16* dst, int M, int N, int r, float alpha, const float* P,
-                        const float* Q, long long q_k, long long q_n, const std::uint64_t* mask = nullptr) {
+inline void lowrank_add(const Context& ctx, __nv_bfloat16* dst, int M, int N, int r, float alpha,
+                        const float* P, const float* Q, long long q_k, long long q_n,
+                        const std::uint64_t* mask = nullptr) {
   if (M == 0 || N == 0 || r == 0) return;
   ctx.activate();
   const dim3 grid(unsigned((N + 255) / 256), unsigned((M + detail::kLowrankRows - 1) / detail::kLowrankRows));

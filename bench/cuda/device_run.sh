@@ -85,7 +85,7 @@ if has memcheck; then
     echo "memcheck gemv rc=$?"
     timeout 60 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "racecheck gemv rc=$?"
-    timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
+    timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
     echo "memcheck lora rc=$?"
     timeout 300 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_llama "*BF16, all-linear*"
     echo "memcheck llama rc=$?"

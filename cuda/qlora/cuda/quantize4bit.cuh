@@ -27,13 +27,11 @@
 #include "qlora/cuda/codes4bit.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
+#include "qlora/cuda/to_f32.cuh"
 
 namespace qlora {
 namespace cuda {
 namespace detail {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // v[0..8) = x[i0 .. i0 + 8), 0 beyond n.
 __device__ __forceinline__ void load8(const float* x, std::size_t i0, std::size_t n, float v[8]) {

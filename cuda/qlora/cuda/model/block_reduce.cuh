@@ -6,6 +6,8 @@
 // must be whole warps (blockDim.x a multiple of 32, at most 1024).
 #include <cuda_bf16.h>
 
+#include "qlora/cuda/to_f32.cuh"
+
 namespace qlora {
 namespace cuda {
 namespace detail {
@@ -44,8 +46,6 @@ __device__ T block_max(T v) {
   return block_reduce(v, MaxOp{});
 }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <class T>
 __device__ __forceinline__ T from_f32(float x);
 template <>

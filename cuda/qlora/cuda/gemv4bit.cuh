@@ -29,6 +29,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <string>
 
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
@@ -80,7 +81,8 @@ __device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* 
     float sum = 0.0f;
     bool owned = false;
     for (int w = 0; w < kGemvWarps; ++w) {
-      const int wb0 = int(std::int64_t(w) * work / kGemvWarps), we0 = int(std::int64_t(w + 1) * work / kGemvWarps);
+      const int wb0 = int(std::int64_t(w) * work / kGemvWarps),
+                we0 = int(std::int64_t(w + 1) * work / kGemvWarps);
       if (wb0 >= we0 || wb0 >= (t_l + 1) * per_tile || we0 <= t_l * per_tile) continue;
       if (wb0 <= t_l * per_tile && (t_l + 1) * per_tile <= we0) {
         owned = true;  // stored by that warp
@@ -352,10 +354,11 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   reduce_partials<NT>(a, s_slot, tile_begin, tile_end, groups, KG, tid);
 }
 
-template <int NT, bool DQ>
-void launch_gemv4g(const Context& ctx, const GemvArgs& args) {
-  const auto kernel = gemv4g_kernel<NT, DQ>;
-  const std::size_t smem = gemv_smem_bytes(NT);
+// One persistent block per SM (as many as fit), each owning a contiguous range of tiles: the
+// launch of both register-fed kernels.
+template <class Kernel>
+void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, int nt, const char* name) {
+  const std::size_t smem = gemv_smem_bytes(nt);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
@@ -363,7 +366,13 @@ void launch_gemv4g(const Context& ctx, const GemvArgs& args) {
               " bytes of shared memory)");
   const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
   kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
-  QLORA_CUDA_CHECK_LAUNCH("gemv4g_kernel");
+  const cudaError_t e = cudaGetLastError();  // QLORA_CUDA_CHECK_LAUNCH with a run-time name
+  if (e != cudaSuccess) throw_cuda(e, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
+}
+
+template <int NT, bool DQ>
+void launch_gemv4g(const Context& ctx, const GemvArgs& args) {
+  launch_persistent(ctx, gemv4g_kernel<NT, DQ>, args, NT, "gemv4g_kernel");
 }
 
 template <int NT>
@@ -376,16 +385,7 @@ void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq) {
 
 template <int NT, int U, int MINB, bool DQ>
 void launch_gemv4(const Context& ctx, const GemvArgs& args) {
-  const auto kernel = gemv4_kernel<NT, U, MINB, DQ>;
-  const std::size_t smem = gemv_smem_bytes(NT);
-  QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int per_sm = 0;
-  QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
-  QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
-              " bytes of shared memory)");
-  const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
-  kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
-  QLORA_CUDA_CHECK_LAUNCH("gemv4_kernel");
+  launch_persistent(ctx, gemv4_kernel<NT, U, MINB, DQ>, args, NT, "gemv4_kernel");
 }
 
 template <int NT, int U, int MINB>

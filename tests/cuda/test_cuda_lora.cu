@@ -613,7 +613,12 @@ void merge_case(const char* name, const BaseWeight<Quant>& base, MakeCpu make_cp
       CHECK(b.values.max_rel < 1e-6);
     } else {
       CHECK(rel < 1e-3);
-      CHECK(b.codes <= 2 + b.n / 10000);
+      // Codes that moved: a merged value within the two sides' ~1e-7 relative difference (summation
+      // order) of a rounding boundary may land on the neighbouring code. bf16's grid (2⁻⁸ relative)
+      // is far finer than the 4-bit and int8 ones, so more values sit that close: measured on an
+      // H200 6 (merge) and 15 (unmerge, which also starts from the 6) of 98304; bound n / 2000.
+      // The 4-bit and int8 bases moved none.
+      CHECK(b.codes <= 2 + b.n / (std::is_same_v<Quant, format::BF16> ? 2000 : 10000));
       CHECK(b.scale_codes <= 2 + b.nscale_codes / 1000);
       CHECK(b.scale_rel < 1e-6);
       // A sanity bound only: one moved 4-bit code near ±1 changes the weight by ~2e-3 of its norm, so

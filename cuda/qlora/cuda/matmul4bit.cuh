@@ -21,7 +21,10 @@
 namespace qlora {
 namespace cuda {
 
-constexpr int kGemvMaxTokens = 64;
+// Up to 32 tokens the GEMV wins; at 64 the dequantize + cuBLAS path does (H200, 14336x4096: the
+// register GEMV took 99 µs at M = 64, the dequantize + cuBLAS path 86 µs at M = 128;
+// docs/performance.md).
+constexpr int kGemvMaxTokens = 32;
 
 // y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64).
 inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,

@@ -236,10 +236,30 @@ int cmd_finetune(int argc, char** argv) {
     opt.load_state(cli::TrainLoop::checkpoint_optimizer(o.out));
     std::fprintf(stderr, "resumed at step %lld of %lld\n", (long long)run.start_step(), (long long)o.steps);
   }
-  std::fprintf(stderr,
-               "LoRA r=%d alpha=%g dropout=%g on %s: %zu trainable parameters in %zu tensors; tokenizer %s\n",
-               lo.lora.r, double(lo.lora.alpha), double(lo.lora.dropout), target.c_str(), trainable,
-               params.size(), tok.name());
+  // Resuming, the LoRA settings are the checkpoint adapter's (the flags' r, alpha, dropout and
+  // target are not used), so that is what is printed.
+  int shown_r = lo.lora.r;
+  double shown_alpha = lo.lora.alpha, shown_dropout = lo.lora.dropout;
+  std::string shown_target = target;
+  if (resume) {
+    const qlora::peft::LoraConfig c = qlora::peft::read_config(cli::TrainLoop::checkpoint_weights(o.out));
+    shown_r = c.r;
+    shown_alpha = c.lora_alpha;
+    shown_dropout = c.lora_dropout;
+    shown_target = "the checkpoint's modules";
+    const std::vector<std::string>& names = c.target_modules.names;
+    if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::List && names.size() > 4) {
+      shown_target = std::to_string(names.size()) + " modules (the checkpoint's)";  // all-linear, expanded
+    } else if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::List && !names.empty()) {
+      shown_target.clear();
+      for (const std::string& n : names) shown_target += (shown_target.empty() ? "" : ",") + n;
+    } else if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::Regex) {
+      shown_target = c.target_modules.regex;
+    }
+  }
+  std::fprintf(
+      stderr, "LoRA r=%d alpha=%g dropout=%g on %s: %zu trainable parameters in %zu tensors; tokenizer %s\n",
+      shown_r, shown_alpha, shown_dropout, shown_target.c_str(), trainable, params.size(), tok.name());
   std::fprintf(stderr, "%lld steps x %lld sequences x %lld tokens (accum %lld)\n", (long long)o.steps,
                (long long)o.batch, (long long)o.seq, (long long)o.accum);
   if (cuda) return m.finetune_cuda({o, adam_options(a, o, 2e-4, 10), &d.train, d.evals, model_dir, resume});

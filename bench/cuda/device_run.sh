@@ -81,9 +81,9 @@ if has memcheck; then
     timeout 100 compute-sanitizer --tool memcheck --leak-check full ./build-cuda/test_cuda_quant8 \
       "cuda quantize_rowwise_int8 equals the CPU bytes","cuda dequantize_rowwise_int8 equals*","*refuses NaN*","*all-zero input*"
     echo "memcheck quant8 rc=$?"
-    timeout 100 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
+    timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "memcheck gemv rc=$?"
-    timeout 60 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
+    timeout 200 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "racecheck gemv rc=$?"
     timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
     echo "memcheck lora rc=$?"

@@ -178,13 +178,18 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   const int N = 4096, K = 4096, M = 4;
   const auto wf = cudatest::gaussian(std::size_t(N) * K, 1);
   const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
-  auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 2, 1.0f)));
-  cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N);
-  for (int m : {M, 1}) {  // Auto's kernel for 4 tokens and for 1 (the streaming kernel on sm_90)
-    cuda::gemv_4bit(ctx, dw, dx.data(), m, y1.data());
-    cuda::gemv_4bit(ctx, dw, dx.data(), m, y2.data());
-    ctx.synchronize();
-    const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
-    for (std::size_t i = 0; i < std::size_t(m) * N; ++i) REQUIRE(a[i].bits == b[i].bits);
-  }
+  auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(24) * K, 2, 1.0f)));
+  cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(24) * N), y2(std::size_t(24) * N);
+  const bool sm90 = ctx.props().major >= 9;
+  for (auto kernel : {cuda::GemvKernel::Auto, cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped,
+                      cuda::GemvKernel::Stream})
+    for (int m : {M, 1, 24}) {  // every kernel, with tiles owned by one warp and split across warps
+      if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
+      INFO("kernel " << int(kernel) << " M " << m);
+      cuda::gemv_4bit(ctx, dw, dx.data(), m, y1.data(), false, kernel);
+      cuda::gemv_4bit(ctx, dw, dx.data(), m, y2.data(), false, kernel);
+      ctx.synchronize();
+      const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+      for (std::size_t i = 0; i < std::size_t(m) * N; ++i) REQUIRE(a[i].bits == b[i].bits);
+    }
 }

@@ -70,28 +70,35 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, float (&acc)[NT][4
 // After the block's barrier: for each tile of [tile_begin, tile_end) that no single warp owned,
 // the partials of the warps that touched it (slot 0 where it was a warp's first tile, else slot 1),
 // added in warp order (deterministic) and stored. Warp w's work is [w·work/W, (w+1)·work/W) in
-// steps of which `per_tile` make a tile.
+// steps of which `per_tile` make a tile. Each sum visits only the tile's warps, from the one
+// holding its first step to the one holding its last (found by one division each). (It visited
+// all W warps, with two products each: ~1.7 M of the 11.7 M warp instructions at 14336×4096,
+// M = 16, run after the loads are done.)
 template <int NT>
 __device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* s_slot, int tile_begin,
                                                 int tile_end, int work, int per_tile, int tid) {
   constexpr int kCols = 8 * NT;
+  auto start = [&](int w) { return int(std::int64_t(w) * work / kGemvWarps); };  // warp w's first step
+  // The last warp starting at or before step u, floor((W·(u + 1) − 1) / work): an empty warp starts
+  // where the next one does, so this is the warp holding u. 32-bit where it fits (cheap), else 64.
+  const bool narrow = work < (1 << 27);
+  auto holder = [&](std::int64_t u) {
+    return narrow ? int((std::uint32_t(kGemvWarps) * std::uint32_t(u + 1) - 1u) / std::uint32_t(work))
+                  : int((kGemvWarps * (u + 1) - 1) / work);
+  };
   const int rows_b = (tile_end - tile_begin) * 16;
   for (int idx = tid; idx < rows_b * a.M; idx += kGemvThreads) {
-    const int tok = idx / rows_b, rl = idx % rows_b, t_l = rl / 16, r = rl % 16;
+    const int tok = idx / rows_b, rl = idx - tok * rows_b, t_l = rl >> 4, r = rl & 15;
+    const std::int64_t u0 = std::int64_t(t_l) * per_tile;
+    const int w0 = holder(u0), w1 = holder(u0 + per_tile - 1);
+    if (w0 == w1) continue;  // one warp held the whole tile and stored it
     float sum = 0.0f;
-    bool owned = false;
-    for (int w = 0; w < kGemvWarps; ++w) {
-      const int wb0 = int(std::int64_t(w) * work / kGemvWarps),
-                we0 = int(std::int64_t(w + 1) * work / kGemvWarps);
-      if (wb0 >= we0 || wb0 >= (t_l + 1) * per_tile || we0 <= t_l * per_tile) continue;
-      if (wb0 <= t_l * per_tile && (t_l + 1) * per_tile <= we0) {
-        owned = true;  // stored by that warp
-        break;
-      }
+    for (int w = w0; w <= w1; ++w) {
+      const int wb0 = start(w);
+      if (wb0 >= start(w + 1)) continue;  // an empty warp
       const int sg = wb0 / per_tile == t_l ? 0 : 1;
       sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
     }
-    if (owned) continue;
     const std::size_t o = std::size_t(tok) * a.N + std::size_t(tile_begin) * 16 + rl;
     a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
   }
@@ -408,10 +415,10 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
          N / 16 < (std::int64_t(1) << 30);
 }
 
-// Which kernel gemv_4bit runs: Auto picks by the measured rule below (the streaming sm_90 kernel of
-// gemv4bit_stream.cuh, or one of this header's register-fed kernels: per unit, or grouped by 4
-// units); the others force one (tests, the benchmarks' kernel lab). Stream or Grouped on a device
-// or shape it does not take is an error.
+// Which kernel gemv_4bit runs: Auto picks by the measured rule below between this header's two
+// register-fed kernels (per unit, or grouped by 4 units); the others force one, the streaming sm_90
+// kernel of gemv4bit_stream.cuh included (tests, the benchmarks' kernel lab). Stream or Grouped on a
+// device or shape it does not take is an error.
 enum class GemvKernel { Auto, Registers, Stream, Grouped };
 
 // The grouped register kernel's shapes: blocksize 64 and K % 256 == 0 (beside gemv_4bit_supported's).
@@ -454,14 +461,14 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;
-  // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): up to 16 tokens,
-  // the streaming kernel on matrices of at most two 16-row tiles per SM (4096 rows there), where its
-  // lower start-up cost shows, and the grouped kernel on taller ones (8–16% faster than the
-  // register kernel at 11008 and 14336 rows); the register kernel for more tokens (x for 4 units
-  // of 4–8 token tiles costs the grouped kernel registers) and for the shapes the others refuse.
-  const bool stream_auto = stream_ok && M <= 16 && w.rows() <= std::int64_t(32) * ctx.sm_count();
+  // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): the grouped kernel
+  // up to 16 tokens (at 4096, 11008 and 14336 rows it matched or beat the streaming kernel at every
+  // M ≤ 16 once the partial sums' reduction was cut down, and the register kernel by 8–16%); the
+  // register kernel for more tokens (x for 4 units of 4–8 token tiles costs the grouped kernel
+  // registers) and for the shapes the grouped kernel refuses. The streaming kernel is run only when
+  // asked for.
   const bool grouped_auto = grouped_ok && M <= 16;
-  if (kernel == GemvKernel::Stream || (kernel == GemvKernel::Auto && stream_auto)) {
+  if (kernel == GemvKernel::Stream) {
     if (M <= 8)
       detail::dispatch_gemv4_stream<1>(ctx, args, dq, stage_k);
     else if (M <= 16)

@@ -274,6 +274,22 @@ TEST_CASE("LlamaModel with fresh LoRA targets and an NF4 base", "[llama]") {
   CHECK(std::isfinite(lq));
 }
 
+// Layer 0 of weights() for a model whose LoRA targets are q_proj and v_proj: q carries LoRA with
+// the A, B of `lora_src` (the model itself, or the one whose adapter was loaded), k is frozen and
+// hands out the base weight of `m`.
+static void check_layer0_weights(const LlamaWeights<format::F32>& w, LlamaModel<format::F32>& m,
+                                 LlamaModel<format::F32>& lora_src) {  // find() is not const
+  const auto& q = w.layers[0].proj[kQ];
+  const auto& k = w.layers[0].proj[kK];
+  REQUIRE(q.lora.has_value());
+  CHECK(!k.lora.has_value());
+  REQUIRE(k.base != nullptr);
+  CHECK(k.base->w == m.find("model.layers.0.self_attn.k_proj")->frozen_base().w);
+  const auto& lo = lora_src.find("model.layers.0.self_attn.q_proj")->lora_layer();
+  CHECK(q.A == std::vector<float>(lo.A().data(), lo.A().data() + lo.A().size()));
+  CHECK(q.B == std::vector<float>(lo.B().data(), lo.B().data() + lo.B().size()));
+}
+
 // weights() is what another backend (cuda::LlamaModel) is built from; set_lora takes trained A, B
 // back. Frozen projections hand out their base weights only when the model was loaded to keep them.
 TEST_CASE("LlamaModel::weights hands out the model; set_lora takes A, B back", "[llama]") {
@@ -287,15 +303,8 @@ TEST_CASE("LlamaModel::weights hands out the model; set_lora takes A, B back", "
   auto m = LlamaModel<format::F32>::load(data("tiny_untied"), opt);
   const LlamaWeights<format::F32> w = m.weights();
   REQUIRE(w.layers.size() == std::size_t(m.config().num_hidden_layers));
+  check_layer0_weights(w, m, m);
   const auto& q = w.layers[0].proj[kQ];
-  const auto& k = w.layers[0].proj[kK];
-  REQUIRE(q.lora.has_value());
-  CHECK(!k.lora.has_value());
-  REQUIRE(k.base != nullptr);
-  CHECK(k.base->w == m.find("model.layers.0.self_attn.k_proj")->frozen_base().w);
-  const auto& lo = m.find("model.layers.0.self_attn.q_proj")->lora_layer();
-  CHECK(q.A == std::vector<float>(lo.A().data(), lo.A().data() + lo.A().size()));
-  CHECK(q.B == std::vector<float>(lo.B().data(), lo.B().data() + lo.B().size()));
 
   std::vector<float> A2(q.A.size(), 0.25f), B2(q.B.size(), -0.5f);
   m.set_lora({{"model.layers.0.self_attn.q_proj", A2, B2, 7}});
@@ -321,16 +330,7 @@ TEST_CASE("LlamaModel::load_with_adapter keeps the frozen bases on request", "[l
   auto plain = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path);
   REQUIRE_THROWS_WITH(plain.weights(), Catch::Contains("keep_frozen_bases"));
   auto m = LlamaModel<format::F32>::load_with_adapter(data("tiny_untied"), dir.path, 0, true);
-  const LlamaWeights<format::F32> w = m.weights();
-  const auto& q = w.layers[0].proj[kQ];
-  const auto& k = w.layers[0].proj[kK];
-  REQUIRE(q.lora.has_value());
-  CHECK(!k.lora.has_value());
-  REQUIRE(k.base != nullptr);
-  CHECK(k.base->w == m.find("model.layers.0.self_attn.k_proj")->frozen_base().w);
-  const auto& lo = trained.find("model.layers.0.self_attn.q_proj")->lora_layer();
-  CHECK(q.A == std::vector<float>(lo.A().data(), lo.A().data() + lo.A().size()));
-  CHECK(q.B == std::vector<float>(lo.B().data(), lo.B().data() + lo.B().size()));
+  check_layer0_weights(m.weights(), m, trained);
 }
 
 TEST_CASE("LlamaModel refuses bad token ids and labels", "[llama]") {

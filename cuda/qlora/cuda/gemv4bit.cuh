@@ -78,7 +78,7 @@ template <int NT>
 __device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* s_slot, int tile_begin,
                                                 int tile_end, int work, int per_tile, int tid) {
   constexpr int kCols = 8 * NT;
-  auto start = [&](int w) { return int(std::int64_t(w) * work / kGemvWarps); };  // warp w's first step
+  auto start = [&](int w) { return split_point(w, work, kGemvWarps); };  // warp w's first step
   // The last warp starting at or before step u, floor((W·(u + 1) − 1) / work): an empty warp starts
   // where the next one does, so this is the warp holding u. 32-bit where it fits (cheap), else 64.
   const bool narrow = work < (1 << 27);
@@ -115,18 +115,14 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   constexpr int kCols = 8 * NT;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  fill_pair_lut(s_lut, a.code, tid, kGemvThreads);
-  if (DQ)
-    for (int i = warp; i < 256; i += kGemvWarps)
-      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
   __syncthreads();
 
-  const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
-  const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const int tile_begin = split_point(blockIdx.x, a.tiles, gridDim.x);
+  const int tile_end = split_point(blockIdx.x + 1, a.tiles, gridDim.x);
   const int KC = a.K / 64;  // units per tile
   const int units = (tile_end - tile_begin) * KC;
-  const int ub = int(std::int64_t(warp) * units / kGemvWarps);
-  const int ue = int(std::int64_t(warp + 1) * units / kGemvWarps);
+  const int ub = split_point(warp, units, kGemvWarps), ue = split_point(warp + 1, units, kGemvWarps);
   const int g = lane >> 2, t = lane & 3;
   const std::uint32_t lane4 = std::uint32_t(lane) * 4;
   const std::size_t row_bytes = std::size_t(a.K) / 2, K = std::size_t(a.K);
@@ -252,12 +248,11 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
-  const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const int tile_begin = split_point(blockIdx.x, a.tiles, gridDim.x);
+  const int tile_end = split_point(blockIdx.x + 1, a.tiles, gridDim.x);
   const int KC = a.K / 64, KG = a.K / 256;  // units and groups per tile
   const int groups = (tile_end - tile_begin) * KG;
-  const int gb = int(std::int64_t(warp) * groups / kGemvWarps);
-  const int ge = int(std::int64_t(warp + 1) * groups / kGemvWarps);
+  const int gb = split_point(warp, groups, kGemvWarps), ge = split_point(warp + 1, groups, kGemvWarps);
   const int g = lane >> 2, t = lane & 3;
   const std::uint32_t lane4 = std::uint32_t(lane) * 4;
   const std::size_t K = std::size_t(a.K), row_bytes = K / 2, far = 8 * row_bytes;  // row g + 8
@@ -306,10 +301,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   // The first group's loads fly while the table is filled.
   GroupLoads L;
   if (gb < ge) issue(L);
-  fill_pair_lut(s_lut, a.code, tid, kGemvThreads);
-  if (DQ)
-    for (int i = warp; i < 256; i += kGemvWarps)
-      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
   __syncthreads();
 
   float acc[NT][4];

@@ -70,6 +70,26 @@ __device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16
   }
 }
 
+// The tables every GEMV kernel decodes with: the lane copies of the pair table, and with double
+// quantization the 256 values of the absmax codes (s_map). The caller synchronizes the block.
+template <bool DQ>
+__device__ __forceinline__ void fill_tables(unsigned char* s_lut, float* s_map, const GemvArgs& a, int tid,
+                                            int threads) {
+  fill_pair_lut(s_lut, a.code, tid, threads);
+  if (DQ) {
+    const int warp = tid >> 5, lane = tid & 31;
+    for (int i = warp; i < 256; i += threads / 32)
+      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  }
+}
+
+// Where part i of `total` items cut into `parts` contiguous parts starts (part i is
+// [split_point(i), split_point(i + 1)), sizes differing by at most one): the blocks' tile ranges
+// and the warps' ranges of units or groups.
+__device__ __forceinline__ int split_point(int i, int total, int parts) {
+  return int(std::int64_t(i) * total / parts);
+}
+
 // tmp[j] (16 rows × 8 tokens of tile j, mma C layout) += unit · x. wa / wb: this lane's 8 packed
 // bytes of rows g and g + 8 (g = lane / 4) at byte 8·(lane % 4) of the unit; xa / xb: its 16 x
 // values of token 8j + g at k = 16·(lane % 4) (two 16-byte loads, zero past M).

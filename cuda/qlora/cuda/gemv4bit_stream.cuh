@@ -104,14 +104,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
     }
     mbar_fence_init();
   }
-  fill_pair_lut(s_lut, a.code, tid, kStreamThreads);
-  if (DQ)
-    for (int i = warp; i < 256; i += kStreamThreads / 32)
-      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  fill_tables<DQ>(s_lut, s_map, a, tid, kStreamThreads);
   __syncthreads();
 
-  const int tile_begin = int(std::int64_t(blockIdx.x) * a.tiles / gridDim.x);
-  const int tile_end = int(std::int64_t(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const int tile_begin = split_point(blockIdx.x, a.tiles, gridDim.x);
+  const int tile_end = split_point(blockIdx.x + 1, a.tiles, gridDim.x);
   const int KS = a.K / L.k;  // stages per tile
   const int stages = (tile_end - tile_begin) * KS;
   const std::size_t K = std::size_t(a.K);

@@ -62,10 +62,10 @@ Sequences sequences_of(const cli::Args& a, const cli::Model& model, const std::s
   QLORA_CHECK(seq >= 2 && seq <= max_pos, "--seq must be in [2, ", max_pos,
               "] (the model's max_position_embeddings), got ", seq);
   const cli::AnyTokenizer tok = cli::AnyTokenizer::open(dir, V);
-  std::vector<std::int64_t> ids;
-  if (auto bos = tok.bos_id()) ids.push_back(*bos);
-  const std::vector<std::int64_t> body = tok.encode(read_text(a.get("text", "")));
-  ids.insert(ids.end(), body.begin(), body.end());
+  // The text's tokens after the tokenizer's bos, if it has one. (Built as one vector: GCC 13's
+  // -Warray-bounds misfires on a push_back followed by a range insert.)
+  std::vector<std::int64_t> ids = tok.encode(read_text(a.get("text", "")));
+  if (auto bos = tok.bos_id()) ids.insert(ids.begin(), *bos);
   for (std::size_t at = 0; at + 1 < ids.size(); at += std::size_t(seq))
     s.rows.emplace_back(ids.begin() + std::ptrdiff_t(at),
                         ids.begin() + std::ptrdiff_t(std::min(ids.size(), at + std::size_t(seq))));

@@ -23,9 +23,10 @@
 //   slices) before it computes the first of them; its position advances by pointer increments.
 //   (A cp.async ring through shared memory measured slower here: more instructions per unit.)
 // - Work split: one persistent block per SM (occupancy permitting); block b owns a contiguous range
-//   of 16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp, so
-//   a warp touches at most two tiles. Each warp leaves its partial sums in shared memory; they are
-//   added in warp order (deterministic) and written as bf16.
+//   of 16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp.
+//   A warp stores the tiles it holds whole itself, and leaves its partial sums of the first and
+//   last tile it shares in shared memory (two slots); after the block's barrier those are added in
+//   warp order (deterministic) and written as bf16.
 #include <cuda_bf16.h>
 
 #include <cstdint>

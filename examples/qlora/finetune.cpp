@@ -246,16 +246,10 @@ int cmd_finetune(int argc, char** argv) {
     shown_r = c.r;
     shown_alpha = c.lora_alpha;
     shown_dropout = c.lora_dropout;
-    shown_target = "the checkpoint's modules";
-    const std::vector<std::string>& names = c.target_modules.names;
-    if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::List && names.size() > 4) {
-      shown_target = std::to_string(names.size()) + " modules (the checkpoint's)";  // all-linear, expanded
-    } else if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::List && !names.empty()) {
-      shown_target.clear();
-      for (const std::string& n : names) shown_target += (shown_target.empty() ? "" : ",") + n;
-    } else if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::Regex) {
-      shown_target = c.target_modules.regex;
-    }
+    shown_target.clear();
+    if (c.target_modules.kind == qlora::peft::ModuleSet::Kind::Regex) shown_target = c.target_modules.regex;
+    for (const std::string& n : c.target_modules.names) shown_target += (shown_target.empty() ? "" : ",") + n;
+    if (shown_target.empty()) shown_target = "the checkpoint's modules";
   }
   std::fprintf(
       stderr, "LoRA r=%d alpha=%g dropout=%g on %s: %zu trainable parameters in %zu tensors; tokenizer %s\n",

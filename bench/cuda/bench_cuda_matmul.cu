@@ -23,6 +23,7 @@
 #include "qlora/cuda/dequantize8bit.cuh"
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/gemv4bit.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/cuda/quantize8bit.cuh"
@@ -57,7 +58,7 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   cuda::DeviceQuantized4bit c;
   c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
   c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
-  c.nested_code = q.nested_code;
+  c.nested_code = q.nested_code, c.layout = q.layout;
   auto cp = [&](auto& dst, const auto& src) {
     using T = std::remove_reference_t<decltype(*src.data())>;
     dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
@@ -160,6 +161,11 @@ int main(int argc, char** argv) {
     const int nq =
         int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));
     for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
+    // wq: the tiles layout LoraLinear<..., Cuda> keeps its 4-bit weights in (layout4bit.cuh); wr: the
+    // same bytes in bitsandbytes' rows, for the lab rows (and the streaming kernel, which reads rows)
+    std::vector<cuda::DeviceQuantized4bit> wr;
+    for (int i = 0; i < nq; ++i) wr.push_back(clone(ctx, wq[i]));
+    for (auto& w : wq) cuda::use_gemv_layout(ctx, w);
     ctx.synchronize();
 
     DeviceBuffer<__nv_bfloat16> scratch(nk);
@@ -168,7 +174,12 @@ int main(int argc, char** argv) {
           time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
       const double bytes = double(qbytes) + 2.0 * nk;
       report("dequantize/cuda/nf4dq/" + shape + "/bf16", us,
-             fmt("%.3f TB/s = %.0f%% of copy", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
+             fmt("%.3f TB/s = %.0f%% of copy; tiles layout", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
+      const double us_r =
+          time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wr[i % nq], scratch.data()); });
+      report("dequantize/cuda/nf4dq/" + shape + "/bf16_rows", us_r,
+             fmt("%.3f TB/s = %.0f%% of copy; rows layout", bytes / us_r * 1e-6,
+                 100.0 * bytes / us_r * 1e-6 / copy_tbs));
     }
     {  // int8, row-wise (LLM.int8 SCB) and blockwise (dynamic map, blocks of 256): the bytes moved
        // count the bf16 input once, though the row-wise kernel reads each row twice (the second time
@@ -239,7 +250,7 @@ int main(int argc, char** argv) {
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
         for (int sk : {1024, 2048, 4096}) {  // the streaming kernel, by values of K per stage
           const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Stream, sk);
+            cuda::gemv_4bit(ctx, wr[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Stream, sk);
           });
           report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/stream_k" + std::to_string(sk), us,
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
@@ -250,6 +261,13 @@ int main(int argc, char** argv) {
         });
         report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped", us_g,
                rate(us_g, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_g / t_bf16));
+        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // bitsandbytes' rows
+          const double us_r = time_graph(
+              ctx, [&](int i) { cuda::gemv_4bit(ctx, wr[i % nq], x.data(), M, y.data(), false, kern); });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix +
+                     (kern == cuda::GemvKernel::Grouped ? "/grouped_rows" : "/registers_rows"),
+                 us_r, rate(us_r, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_r / t_bf16));
+        }
       }
     }
   }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda_test_util.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/quant/blockwise4bit.hpp"
 
@@ -146,6 +147,51 @@ TEST_CASE("cuda gemv_4bit: streaming, register and grouped kernels meet the boun
         REQUIRE(e.rel_norm < 5e-3);
       }
     }
+}
+
+// The tiles layout only moves bytes: every kernel that reads it, and the dequantize + cuBLAS path,
+// gives y bit for bit as from the rows layout (same values, same order of arithmetic).
+TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for bit", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
+  const std::vector<Case> cases = {{4096, 1024, 1, 64, NF4, true},  {2064, 3072, 2, 64, NF4, false},
+                                   {1040, 2048, 13, 64, FP4, true}, {3072, 2048, 27, 64, NF4, true},
+                                   {48, 1088, 1, 64, NF4, true},    {4112, 4096, 32, 128, NF4, true},
+                                   {69632, 256, 3, 64, FP4, false}, {512, 1024, 64, 64, NF4, true}};
+  for (const auto& c : cases) {
+    const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 21 + c.N, 0.02f);
+    const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
+    const auto rows = cuda::to_device(q, ctx);
+    auto tiles = cuda::to_device(q, ctx);
+    cuda::set_layout(ctx, tiles, cuda::Packed4Layout::Tiles);
+    REQUIRE(tiles.layout == cuda::Packed4Layout::Tiles);
+    auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.K, 3, 1.0f)));
+    cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(c.M) * c.N), y2(std::size_t(c.M) * c.N), scratch;
+    for (auto kernel : {cuda::GemvKernel::Auto, cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
+      if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
+      INFO("N " << c.N << " K " << c.K << " M " << c.M << " bs " << c.blocksize << " kernel " << int(kernel));
+      if (kernel == cuda::GemvKernel::Auto) {  // matmul_4bit: the GEMV, or dequantize + cuBLAS at M = 64
+        cuda::matmul_4bit(ctx, rows, dx.data(), c.M, y1.data(), scratch);
+        cuda::matmul_4bit(ctx, tiles, dx.data(), c.M, y2.data(), scratch);
+      } else {
+        cuda::gemv_4bit(ctx, rows, dx.data(), c.M, y1.data(), false, kernel);
+        cuda::gemv_4bit(ctx, tiles, dx.data(), c.M, y2.data(), false, kernel);
+      }
+      ctx.synchronize();
+      const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) differ += a[i].bits != b[i].bits;
+      REQUIRE(differ == 0);
+    }
+  }
+  // the streaming kernel reads rows only
+  const auto wf = cudatest::gaussian(std::size_t(64) * 1024, 5);
+  auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {64, 1024}, quant::Quant4Config{}), ctx);
+  cuda::set_layout(ctx, dw, cuda::Packed4Layout::Tiles);
+  cuda::DeviceBuffer<__nv_bfloat16> x(1024), y(64);
+  REQUIRE_THROWS_WITH(cuda::gemv_4bit(ctx, dw, x.data(), 1, y.data(), false, cuda::GemvKernel::Stream),
+                      Catch::Contains("tiles layout"));
 }
 
 TEST_CASE("cuda gemv_4bit refuses the streaming kernel where it does not apply", "[cuda][matmul]") {

@@ -9,6 +9,7 @@
 #include "cuda_test_util.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
 #include "qlora/cuda/error.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/quant/blockwise4bit.hpp"
 
@@ -171,6 +172,64 @@ TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda]
   REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, n - 8, 16, out.data()),
                       Catch::Contains("of 64040 values"));
 }
+// The tiles layout (quantized4bit.cuh) is a permutation of the packed bytes: there and back gives
+// the same bytes, to_host returns bitsandbytes' order, and dequantization (whole tensor and whole-tile
+// ranges) gives the rows layout's values bit for bit.
+TEST_CASE("cuda tiles layout: round trip, to_host and dequantization equal the rows layout", "[cuda][quant]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  struct Shape {
+    std::int64_t N, K;
+    int blocksize;
+    bool dq;
+  };
+  for (const Shape sh : {Shape{16, 64, 64, true}, Shape{48, 1088, 64, false}, Shape{160, 4096, 256, true},
+                         Shape{32, 192, 32, true}, Shape{4096, 1024, 4096, false}}) {
+    INFO("shape " << sh.N << " x " << sh.K << " blocksize " << sh.blocksize << " dq " << sh.dq);
+    const std::size_t n = std::size_t(sh.N * sh.K);
+    const auto x = probe_data(n, sh.blocksize, 9);
+    const auto q = quant::quantize_4bit(x.data(), {sh.N, sh.K},
+                                        quant::Quant4Config{quant::Quant4Type::NF4, sh.blocksize, sh.dq});
+    const auto rows = cuda::to_device(q, ctx);
+    auto tiles = cuda::to_device(q, ctx);
+    cuda::set_layout(ctx, tiles, cuda::Packed4Layout::Tiles);
+    const auto tb = tiles.packed.to_host(ctx.stream());
+    // the permutation itself, against its definition
+    for (std::size_t r = 0; r < std::size_t(sh.N); ++r)
+      for (std::size_t b = 0; b < std::size_t(sh.K) / 2; ++b)
+        REQUIRE(int(tb[cuda::tiles_offset(r, b, std::size_t(sh.K))]) == int(q.packed[r * (sh.K / 2) + b]));
+    REQUIRE(cuda::to_host(tiles, ctx).packed == q.packed);  // to_host: bitsandbytes' order
+    cuda::DeviceBuffer<float> a(n), b(n);
+    cuda::DeviceBuffer<__nv_bfloat16> ah(n), bh(n);
+    cuda::dequantize_4bit(ctx, rows, a.data());
+    cuda::dequantize_4bit(ctx, tiles, b.data());
+    cuda::dequantize_4bit(ctx, rows, ah.data());
+    cuda::dequantize_4bit(ctx, tiles, bh.data());
+    const auto fa = a.to_host(ctx.stream()), fb = b.to_host(ctx.stream());
+    for (std::size_t i = 0; i < n; ++i) REQUIRE(float_bits(fa[i]) == float_bits(fb[i]));
+    const auto ha = cudatest::download_bf16(ah), hb = cudatest::download_bf16(bh);
+    for (std::size_t i = 0; i < n; ++i) REQUIRE(ha[i].bits == hb[i].bits);
+    if (sh.N >= 32) {  // the second tile alone
+      const std::size_t tile = 16 * std::size_t(sh.K);
+      cuda::DeviceBuffer<float> part(tile);
+      cuda::dequantize_4bit_range(ctx, tiles, tile, tile, part.data());
+      const auto fp = part.to_host(ctx.stream());
+      for (std::size_t i = 0; i < tile; ++i) REQUIRE(float_bits(fp[i]) == float_bits(fa[tile + i]));
+      REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, tiles, 8, tile, part.data()),
+                          Catch::Contains("whole 16-row tiles"));
+    }
+    cuda::set_layout(ctx, tiles, cuda::Packed4Layout::Rows);
+    REQUIRE(tiles.packed.to_host(ctx.stream()) == q.packed);
+  }
+  // shapes the tiles do not fit are refused; use_gemv_layout leaves them in rows
+  const auto x = probe_data(24 * 64, 64, 3);
+  auto odd = cuda::to_device(quant::quantize_4bit(x.data(), {24, 64}, quant::Quant4Config{}), ctx);
+  REQUIRE_THROWS_WITH(cuda::set_layout(ctx, odd, cuda::Packed4Layout::Tiles),
+                      Catch::Contains("shape (24, 64)"));
+  cuda::use_gemv_layout(ctx, odd);
+  REQUIRE(odd.layout == cuda::Packed4Layout::Rows);
+}
+
 TEST_CASE("cuda quantize_4bit refuses NaN and inf, naming the index", "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();

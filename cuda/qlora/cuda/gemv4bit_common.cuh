@@ -41,6 +41,29 @@ __device__ __forceinline__ uint2 load_stream(const std::uint8_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint4 load_stream16(const std::uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// The lane's 8 bytes of rows g (wa) and g + 8 (wb) of the unit at p: two 8-byte loads 8 rows apart
+// (Rows layout; p at row g, byte 8t of the unit, `far` bytes to row g + 8) or one 16-byte load of
+// the lane's slice (Tiles layout; p at byte 16·lane of the unit).
+template <bool TL>
+__device__ __forceinline__ void load_unit(const std::uint8_t* p, std::size_t far, uint2& wa, uint2& wb) {
+  if (TL) {
+    const uint4 v = load_stream16(p);
+    wa = make_uint2(v.x, v.y);
+    wb = make_uint2(v.z, v.w);
+  } else {
+    wa = load_stream(p);
+    wb = load_stream(p + far);
+  }
+}
+
 // bf16 pair of packed byte J of `word`, from this lane's copy of the table.
 template <int J>
 __device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word,

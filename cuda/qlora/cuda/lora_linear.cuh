@@ -68,6 +68,7 @@
 #include "qlora/cuda/dropout.cuh"
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/gemm_rowmajor.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/lowrank_add.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
@@ -112,9 +113,11 @@ struct DeviceBase {
 
 template <class Fmt, quant::Quant4Type T>
 struct DeviceBase4bit {
-  DeviceQuantized4bit w;
+  DeviceQuantized4bit w;  // in the GEMV's tiles layout where the shape allows (layout4bit.cuh)
   DeviceBase4bit(const Context& ctx, const BaseWeight<Fmt>& base, bool /*keep_master*/ = false)
-      : w(to_device(base.q, ctx)) {}
+      : w(to_device(base.q, ctx)) {
+    use_gemv_layout(ctx, w);
+  }
   std::int64_t out() const { return w.shape[0]; }
   std::int64_t in() const { return w.shape[1]; }
   void forward(const Context& ctx, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
@@ -138,6 +141,7 @@ struct DeviceBase4bit {
     dequantize_4bit(ctx, nq, tmp.data());
     const double e = rms_error(ctx, tmp.data(), merged, n, DiffIn::Float);
     w = std::move(nq);
+    use_gemv_layout(ctx, w);
     return e;
   }
   BaseWeight<Fmt> to_host(const Context& ctx) const { return BaseWeight<Fmt>(cuda::to_host(w, ctx)); }

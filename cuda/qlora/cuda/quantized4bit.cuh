@@ -1,7 +1,10 @@
 #pragma once
 // DeviceQuantized4bit: a 4-bit NF4 / FP4 tensor in device memory, in bitsandbytes' layout (the
-// same bytes as quant::Quantized4bit, which docs/formats.md describes), and the copies between the
-// two. The code tables stay on the host side of the struct: launchers pass them to kernels by value.
+// same bytes as quant::Quantized4bit, which docs/formats.md describes) or with its packed bytes
+// reordered for the GEMV (Packed4Layout::Tiles, below), and the copies between the device and the
+// host (always bitsandbytes' layout on the host). The code tables stay on the host side of the
+// struct: launchers pass them to kernels by value.
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -13,13 +16,31 @@
 namespace qlora {
 namespace cuda {
 
+// The order of the packed bytes on the device.
+// - Rows: bitsandbytes' (row-major, two codes per byte, the first in the high nibble).
+// - Tiles: the same bytes permuted within each "unit" of 16 rows × 64 values (512 bytes) of an
+//   (N, K) matrix (N % 16 == 0, K % 64 == 0): unit (tile T, kc) sits at byte (T·K/64 + kc)·512, and
+//   inside it lane slice l = 4g + t (g < 8, t < 4) at bytes [16l, 16l + 16) holds row 16T + g's
+//   bytes [32kc + 8t, +8) then row 16T + g + 8's. That is the order in which the GEMV's lanes read
+//   their mma fragments, so a warp's load is 512 contiguous bytes instead of 16 rows × 32 bytes
+//   (at 14336×4096, M = 1: 15.0 against 18.2 µs, docs/performance.md). The absmax arrays are
+//   unchanged (bitsandbytes' block order). layout4bit.cuh converts between the two.
+enum class Packed4Layout { Rows, Tiles };
+
+// Byte offset in the Tiles layout of byte `b` of row `r` (Rows offset r·K/2 + b) of an (N, K) matrix.
+__host__ __device__ inline std::size_t tiles_offset(std::size_t r, std::size_t b, std::size_t K) {
+  const std::size_t kc = b / 32, in = b % 32, g = r % 16;
+  return ((r / 16) * (K / 64) + kc) * 512 + 16 * (4 * (g % 8) + in / 8) + (g >= 8 ? 8 : 0) + in % 8;
+}
+
 struct DeviceQuantized4bit {
   quant::Quant4Type type = quant::Quant4Type::NF4;
   int blocksize = 64;
   std::vector<std::int64_t> shape;  // e.g. (out, in)
   std::string dtype = "bfloat16";
   quant::Code16 code = quant::code4(quant::Quant4Type::NF4);
-  DeviceBuffer<std::uint8_t> packed;  // ((numel + 1) / 2)
+  DeviceBuffer<std::uint8_t> packed;  // ((numel + 1) / 2), in `layout`'s order
+  Packed4Layout layout = Packed4Layout::Rows;
 
   bool double_quant = false;
   DeviceBuffer<float> absmax;          // (blocks) when !double_quant
@@ -74,6 +95,13 @@ inline quant::Quantized4bit to_host(const DeviceQuantized4bit& d, const Context&
   q.dtype = d.dtype;
   q.code = d.code;
   q.packed = d.packed.to_host(ctx.stream());
+  if (d.layout == Packed4Layout::Tiles) {  // back to bitsandbytes' order
+    const std::size_t N = std::size_t(d.rows()), K = std::size_t(d.cols()), rb = K / 2;
+    std::vector<std::uint8_t> rows(q.packed.size());
+    for (std::size_t r = 0; r < N; ++r)
+      for (std::size_t b = 0; b < rb; ++b) rows[r * rb + b] = q.packed[tiles_offset(r, b, K)];
+    q.packed = std::move(rows);
+  }
   q.double_quant = d.double_quant;
   if (d.double_quant) {
     q.offset = d.offset;

@@ -174,7 +174,8 @@ int main(int argc, char** argv) {
           time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
       const double bytes = double(qbytes) + 2.0 * nk;
       report("dequantize/cuda/nf4dq/" + shape + "/bf16", us,
-             fmt("%.3f TB/s = %.0f%% of copy; tiles layout", bytes / us * 1e-6, 100.0 * bytes / us * 1e-6 / copy_tbs));
+             fmt("%.3f TB/s = %.0f%% of copy; tiles layout", bytes / us * 1e-6,
+                 100.0 * bytes / us * 1e-6 / copy_tbs));
       const double us_r =
           time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wr[i % nq], scratch.data()); });
       report("dequantize/cuda/nf4dq/" + shape + "/bf16_rows", us_r,

@@ -161,7 +161,8 @@ TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for 
                                    {69632, 256, 3, 64, FP4, false}, {512, 1024, 64, 64, NF4, true}};
   for (const auto& c : cases) {
     const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 21 + c.N, 0.02f);
-    const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
+    const auto q =
+        quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
     const auto rows = cuda::to_device(q, ctx);
     auto tiles = cuda::to_device(q, ctx);
     cuda::set_layout(ctx, tiles, cuda::Packed4Layout::Tiles);

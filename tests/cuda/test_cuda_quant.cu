@@ -175,7 +175,8 @@ TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda]
 // The tiles layout (quantized4bit.cuh) is a permutation of the packed bytes: there and back gives
 // the same bytes, to_host returns bitsandbytes' order, and dequantization (whole tensor and whole-tile
 // ranges) gives the rows layout's values bit for bit.
-TEST_CASE("cuda tiles layout: round trip, to_host and dequantization equal the rows layout", "[cuda][quant]") {
+TEST_CASE("cuda tiles layout: round trip, to_host and dequantization equal the rows layout",
+          "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
   struct Shape {

@@ -137,9 +137,9 @@ __global__ void __launch_bounds__(256)
 // matrix, out relative to the first unit's tile. Same arithmetic as above: bit for bit its values.
 template <class Out>
 __global__ void __launch_bounds__(256)
-    dequantize4_tiles_kernel(const std::uint8_t* __restrict__ packed, std::size_t unit_first, std::size_t units,
-                             std::size_t K, int block_shift, AbsmaxView am, Code16Param code, Code256Param map,
-                             Out* __restrict__ out) {
+    dequantize4_tiles_kernel(const std::uint8_t* __restrict__ packed, std::size_t unit_first,
+                             std::size_t units, std::size_t K, int block_shift, AbsmaxView am,
+                             Code16Param code, Code256Param map, Out* __restrict__ out) {
   constexpr int kChunks = 64 * int(sizeof(Out)) / 16;  // 16-byte chunks per row of a unit
   __shared__ float s_code[16];
   __shared__ float s_map[256];
@@ -241,25 +241,26 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
     QLORA_CHECK((reinterpret_cast<std::uintptr_t>(out) & 15) == 0,
                 "cuda::dequantize_4bit: the output of a tiles-layout weight must be 16-byte aligned");
     int per_sm = 0;
-    QLORA_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::dequantize4_tiles_kernel<Out>, 256, 0));
+    QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, detail::dequantize4_tiles_kernel<Out>, 256, 0));
     const std::size_t units = count / tile * (K / 64);
-    const unsigned grid = unsigned(
-        std::min<std::size_t>((units + 7) / 8, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
+    const unsigned grid =
+        unsigned(std::min<std::size_t>((units + 7) / 8, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
     detail::dequantize4_tiles_kernel<Out><<<grid, 256, 0, s>>>(
-        q.packed.data(), first / tile * (K / 64), units, K, detail::log2_exact(q.blocksize), detail::absmax_view(q),
-        detail::decode_table(q), detail::map_param(q), out);
+        q.packed.data(), first / tile * (K / 64), units, K, detail::log2_exact(q.blocksize),
+        detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);
     QLORA_CUDA_CHECK_LAUNCH("dequantize4_tiles_kernel");
     return;
   }
   int per_sm = 0;
-  QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::dequantize4_kernel<Out>, 256, 0));
+  QLORA_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::dequantize4_kernel<Out>, 256, 0));
   const std::size_t blocks = (count / 8 + 255) / 256 + 1;
   const unsigned grid =
       unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
-  detail::dequantize4_kernel<Out><<<grid, 256, 0, s>>>(q.packed.data(), first, count,
-                                                       detail::log2_exact(q.blocksize), detail::absmax_view(q),
-                                                       detail::decode_table(q), detail::map_param(q), out);
+  detail::dequantize4_kernel<Out>
+      <<<grid, 256, 0, s>>>(q.packed.data(), first, count, detail::log2_exact(q.blocksize),
+                            detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
 }
 

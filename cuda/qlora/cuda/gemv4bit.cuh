@@ -397,7 +397,8 @@ void dispatch_gemv4_dq(const Context& ctx, const GemvArgs& args, bool dq, bool t
   if (dq)
     tl ? launch_gemv4<NT, U, MINB, true, true>(ctx, args) : launch_gemv4<NT, U, MINB, true, false>(ctx, args);
   else
-    tl ? launch_gemv4<NT, U, MINB, false, true>(ctx, args) : launch_gemv4<NT, U, MINB, false, false>(ctx, args);
+    tl ? launch_gemv4<NT, U, MINB, false, true>(ctx, args)
+       : launch_gemv4<NT, U, MINB, false, false>(ctx, args);
 }
 
 }  // namespace detail

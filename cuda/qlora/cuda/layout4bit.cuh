@@ -26,7 +26,8 @@ __global__ void relayout4_kernel(const std::uint8_t* __restrict__ src, std::uint
     const std::size_t r = tile * 16 + l / 4, b = kc * 32 + (l % 4) * 8;
     const std::size_t lo = r * row_bytes + b, hi = lo + 8 * row_bytes;  // rows g and g + 8
     if (ToTiles) {
-      const uint2 a = *reinterpret_cast<const uint2*>(src + lo), c = *reinterpret_cast<const uint2*>(src + hi);
+      const uint2 a = *reinterpret_cast<const uint2*>(src + lo),
+                  c = *reinterpret_cast<const uint2*>(src + hi);
       *reinterpret_cast<uint4*>(dst + i * 16) = make_uint4(a.x, a.y, c.x, c.y);
     } else {
       const uint4 v = *reinterpret_cast<const uint4*>(src + i * 16);
@@ -40,20 +41,24 @@ __global__ void relayout4_kernel(const std::uint8_t* __restrict__ src, std::uint
 
 // Whether q can take the Tiles layout: an (N, K) matrix with N % 16 == 0 and K % 64 == 0.
 inline bool tiles_supported(const DeviceQuantized4bit& q) {
-  return q.shape.size() == 2 && q.shape[0] > 0 && q.shape[1] > 0 && q.shape[0] % 16 == 0 && q.shape[1] % 64 == 0;
+  return q.shape.size() == 2 && q.shape[0] > 0 && q.shape[1] > 0 && q.shape[0] % 16 == 0 &&
+         q.shape[1] % 64 == 0;
 }
 
 // q's packed bytes into `layout` (nothing to do when they already are).
 inline void set_layout(const Context& ctx, DeviceQuantized4bit& q, Packed4Layout layout) {
   if (q.layout == layout) return;
-  QLORA_CHECK(tiles_supported(q), "cuda::set_layout: the tiles layout needs an (N, K) matrix with N % 16 == 0 "
-              "and K % 64 == 0, got shape (", q.rows(), ", ", q.cols(), ")");
+  QLORA_CHECK(tiles_supported(q),
+              "cuda::set_layout: the tiles layout needs an (N, K) matrix with N % 16 == 0 "
+              "and K % 64 == 0, got shape (",
+              q.rows(), ", ", q.cols(), ")");
   const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
-  QLORA_CHECK(q.packed.size() == units * 512, "cuda::set_layout: packed has ", q.packed.size(), " bytes, expected ",
-              units * 512);
+  QLORA_CHECK(q.packed.size() == units * 512, "cuda::set_layout: packed has ", q.packed.size(),
+              " bytes, expected ", units * 512);
   ctx.activate();
   DeviceBuffer<std::uint8_t> out(q.packed.size());
-  const unsigned grid = unsigned(std::min<std::size_t>((units * 32 + 255) / 256, std::size_t(ctx.sm_count()) * 8));
+  const unsigned grid =
+      unsigned(std::min<std::size_t>((units * 32 + 255) / 256, std::size_t(ctx.sm_count()) * 8));
   if (layout == Packed4Layout::Tiles)
     detail::relayout4_kernel<true><<<grid, 256, 0, ctx.stream()>>>(q.packed.data(), out.data(), units, K);
   else

@@ -73,6 +73,30 @@ __device__ __forceinline__ void store8(float* out, const float v[8]) {
   reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
+// The 16 code values (and with double quantization the 256 of the nested map) into shared memory,
+// read with a warp-uniform index (a divergent index into the kernel parameters would serialize);
+// blockDim 256. Ends with the block's barrier.
+__device__ __forceinline__ void fill_tables(float* s_code, float* s_map, const Code16Param& code,
+                                            const Code256Param& map, bool nested, int lane, int warp) {
+  for (int i = warp; i < 16; i += 8)
+    if (lane == 0) s_code[i] = code.v[i];
+  if (nested)
+    for (int i = warp; i < 256; i += 8)
+      if (lane == 0) s_map[i] = map.v[i];
+  __syncthreads();
+}
+
+// The 8 values of 4 packed bytes (first value in the high nibble of the first byte), code · absmax
+// rounded once in float32.
+__device__ __forceinline__ void decode8(std::uint32_t word, const float* s_code, float amax, float v[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const std::uint32_t byte = (word >> (8 * j)) & 0xffu;
+    v[2 * j] = __fmul_rn(s_code[byte >> 4], amax);
+    v[2 * j + 1] = __fmul_rn(s_code[byte & 0xfu], amax);
+  }
+}
+
 // Values [first, first + n) of the tensor (first a multiple of 8) to out[0, n).
 template <class Out>
 __global__ void __launch_bounds__(256)
@@ -82,12 +106,7 @@ __global__ void __launch_bounds__(256)
   __shared__ float s_code[16];
   __shared__ float s_map[256];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int i = warp; i < 16; i += 8)
-    if (lane == 0) s_code[i] = code.v[i];
-  if (!am.absmax)
-    for (int i = warp; i < 256; i += 8)
-      if (lane == 0) s_map[i] = map.v[i];
-  __syncthreads();
+  fill_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
   constexpr int kUnroll = 4;
   const std::size_t groups = n / 8;  // whole groups of 8; the rest is the tail below
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
@@ -108,12 +127,7 @@ __global__ void __launch_bounds__(256)
         const std::size_t gi = g0 + u * stride;
         if (gi >= groups) break;
         float v[8];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const std::uint32_t byte = (w[u] >> (8 * j)) & 0xffu;
-          v[2 * j] = __fmul_rn(s_code[byte >> 4], amax[u]);
-          v[2 * j + 1] = __fmul_rn(s_code[byte & 0xfu], amax[u]);
-        }
+        decode8(w[u], s_code, amax[u], v);
         store8(out + gi * 8, v);
       }
     }
@@ -145,12 +159,7 @@ __global__ void __launch_bounds__(256)
   __shared__ float s_map[256];
   __shared__ __align__(16) Out s_unit[8][16 * 64];  // a unit per warp
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int i = warp; i < 16; i += 8)
-    if (lane == 0) s_code[i] = code.v[i];
-  if (!am.absmax)
-    for (int i = warp; i < 256; i += 8)
-      if (lane == 0) s_map[i] = map.v[i];
-  __syncthreads();
+  fill_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
   const std::size_t KC = K / 64, row0 = unit_first / KC * 16;
   Out* su = s_unit[warp];
   const std::size_t warps = std::size_t(gridDim.x) * 8;
@@ -166,12 +175,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         float f[8];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const std::uint32_t byte = (w[2 * h + q] >> (8 * j)) & 0xffu;
-          f[2 * j] = __fmul_rn(s_code[byte >> 4], amax);
-          f[2 * j + 1] = __fmul_rn(s_code[byte & 0xfu], amax);
-        }
+        decode8(w[2 * h + q], s_code, amax, f);
         store8(su + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
       }
     }

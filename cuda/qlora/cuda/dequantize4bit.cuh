@@ -76,8 +76,8 @@ __device__ __forceinline__ void store8(float* out, const float v[8]) {
 // The 16 code values (and with double quantization the 256 of the nested map) into shared memory,
 // read with a warp-uniform index (a divergent index into the kernel parameters would serialize);
 // blockDim 256. Ends with the block's barrier.
-__device__ __forceinline__ void fill_tables(float* s_code, float* s_map, const Code16Param& code,
-                                            const Code256Param& map, bool nested, int lane, int warp) {
+__device__ __forceinline__ void fill_code_tables(float* s_code, float* s_map, const Code16Param& code,
+                                                 const Code256Param& map, bool nested, int lane, int warp) {
   for (int i = warp; i < 16; i += 8)
     if (lane == 0) s_code[i] = code.v[i];
   if (nested)
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(256)
   __shared__ float s_code[16];
   __shared__ float s_map[256];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  fill_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
+  fill_code_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
   constexpr int kUnroll = 4;
   const std::size_t groups = n / 8;  // whole groups of 8; the rest is the tail below
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(256)
   __shared__ float s_map[256];
   __shared__ __align__(16) Out s_unit[8][16 * 64];  // a unit per warp
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  fill_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
+  fill_code_tables(s_code, s_map, code, map, !am.absmax, lane, warp);
   const std::size_t KC = K / 64, row0 = unit_first / KC * 16;
   Out* su = s_unit[warp];
   const std::size_t warps = std::size_t(gridDim.x) * 8;

@@ -100,9 +100,22 @@ step_end "1 deps" $t
 # --- 2. Release build + ctest ------------------------------------------------------------------
 banner "2/4 Release build (tests, examples, benchmarks) in build/ + ctest"
 t=$SECONDS
+# GCC's garbage collector (for GCC, the Release build's compiler, also nvcc's host compiler): it
+# collects once its heap has grown 30% past the previous collection, from a few hundred MB on.
+# Letting the heap reach 1 GiB first and grow 100% between collections leaves the object files
+# bit-identical and takes 10-14% less CPU (test_peft_adapter.cpp 33.4 s -> 30.0 s, qlora's
+# model.cpp 105 s -> 91 s) for more memory per compile (model.cpp: 1.8 -> 2.3 GB), so only with
+# at least 3 GiB of memory per build job (CI: 2 jobs).
+gcc_gc=()
+mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)
+if "${CXX:-c++}" -v 2>&1 | grep -q '^gcc version' && [ "${mem_kb:-0}" -ge $((JOBS * 3 * 1024 * 1024)) ]; then
+  gc="--param=ggc-min-expand=100 --param=ggc-min-heapsize=1048576"
+  gcc_gc=("-DCMAKE_CXX_FLAGS=${CXXFLAGS:-} $gc" "-DCMAKE_CUDA_FLAGS=${CUDAFLAGS:-} -Xcompiler=${gc// /,}")
+  echo "-- GCC's collector: $gc"
+fi
 if cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
      -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=ON -DQLORA_BUILD_BENCHMARKS=ON -DQLORA_SANITIZE=OFF \
-     "${cuda_arch[@]}"; then
+     "${cuda_arch[@]}" "${gcc_gc[@]}"; then
   build build || fail "release: build (see the compiler errors above)"
   step_end "2a release build" $t
   t=$SECONDS

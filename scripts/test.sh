@@ -201,7 +201,8 @@ else
   # 7% more compile time). CXX is read when build-asan/ is first configured; a build-asan/
   # configured earlier keeps its compiler.
   if CXX=$CLANGXX cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG=-g1 \
-       -DQLORA_SANITIZE=ON -DQLORA_CUDA=OFF -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF; then
+       -DQLORA_SANITIZE=ON -DQLORA_CUDA=OFF \
+       -DQLORA_BUILD_TESTS=ON -DQLORA_BUILD_EXAMPLES=OFF -DQLORA_BUILD_BENCHMARKS=OFF; then
     build build-asan || fail "asan: build (see the compiler errors above)"
     step_end "3a asan build" $t
     t=$SECONDS
@@ -212,7 +213,6 @@ else
     step_end "3 asan" $t
   fi
 fi
-
 
 # --- step 4's output and results ------------------------------------------------------------------
 wait "$fuzz_pid"

@@ -1,5 +1,6 @@
 // A minimal driver for Nsight Compute: one 4-bit GEMV shape, launched a few times.
-//   prof_gemv N K M [stream|registers|grouped]    (defaults 14336 4096 1, Auto's kernel)
+//   prof_gemv N K M [stream|registers|grouped|auto [rows]]    (defaults 14336 4096 1, Auto's kernel;
+//   the tiles layout LoraLinear keeps its weights in, or bitsandbytes' rows; stream reads rows)
 //   ncu --kernel-name regex:gemv4 --launch-skip 1 --launch-count 1 ./prof_gemv
 #include <cuda_bf16.h>
 
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "qlora/cuda/gemv4bit.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 
 namespace {
@@ -30,14 +32,17 @@ int main(int argc, char** argv) {
   cuda::DeviceBuffer<__nv_bfloat16> w(std::size_t(N) * K), x(std::size_t(M) * K), y(std::size_t(M) * N);
   fill<<<1024, 256, 0, ctx.stream()>>>(w.data(), w.size(), 0.05f);
   fill<<<64, 256, 0, ctx.stream()>>>(x.data(), x.size(), 2.0f);
-  const auto q = cuda::quantize_4bit(ctx, w.data(), {N, K}, quant::Quant4Config{});
+  auto q = cuda::quantize_4bit(ctx, w.data(), {N, K}, quant::Quant4Config{});
   const std::string which = argc > 4 ? argv[4] : "";
+  const bool rows = argc > 5 && std::string(argv[5]) == "rows";
+  if (!rows && which != "stream") cuda::use_gemv_layout(ctx, q);  // the layout LoraLinear keeps
   const auto kernel = which == "stream"      ? cuda::GemvKernel::Stream
                       : which == "registers" ? cuda::GemvKernel::Registers
                       : which == "grouped"   ? cuda::GemvKernel::Grouped
                                              : cuda::GemvKernel::Auto;
   for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
   ctx.synchronize();
-  std::printf("gemv %dx%d m%d done\n", N, K, M);
+  std::printf("gemv %dx%d m%d (%s layout) done\n", N, K, M,
+              q.layout == cuda::Packed4Layout::Tiles ? "tiles" : "rows");
   return 0;
 }

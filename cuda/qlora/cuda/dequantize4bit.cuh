@@ -190,6 +190,15 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The grid of a grid-stride kernel of 256 threads: `blocks` (what the work needs), at most as many as
+// are resident on the device at once (more would run in waves; measured slower, docs/performance.md).
+template <class Kernel>
+unsigned resident_grid(const Context& ctx, Kernel kernel, std::size_t blocks) {
+  int per_sm = 0;
+  QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0));
+  return unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
+}
+
 inline int log2_exact(int v) {
   int s = 0;
   while ((1 << s) < v) ++s;
@@ -244,24 +253,16 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
                 first, ", ", first + count, ") of a (", q.rows(), ", ", q.cols(), ") matrix");
     QLORA_CHECK((reinterpret_cast<std::uintptr_t>(out) & 15) == 0,
                 "cuda::dequantize_4bit: the output of a tiles-layout weight must be 16-byte aligned");
-    int per_sm = 0;
-    QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, detail::dequantize4_tiles_kernel<Out>, 256, 0));
     const std::size_t units = count / tile * (K / 64);
-    const unsigned grid =
-        unsigned(std::min<std::size_t>((units + 7) / 8, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
+    const unsigned grid = detail::resident_grid(ctx, detail::dequantize4_tiles_kernel<Out>, (units + 7) / 8);
     detail::dequantize4_tiles_kernel<Out><<<grid, 256, 0, s>>>(
         q.packed.data(), first / tile * (K / 64), units, K, detail::log2_exact(q.blocksize),
         detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);
     QLORA_CUDA_CHECK_LAUNCH("dequantize4_tiles_kernel");
     return;
   }
-  int per_sm = 0;
-  QLORA_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, detail::dequantize4_kernel<Out>, 256, 0));
-  const std::size_t blocks = (count / 8 + 255) / 256 + 1;
   const unsigned grid =
-      unsigned(std::min<std::size_t>(blocks, std::size_t(ctx.sm_count()) * std::max(per_sm, 1)));
+      detail::resident_grid(ctx, detail::dequantize4_kernel<Out>, (count / 8 + 255) / 256 + 1);
   detail::dequantize4_kernel<Out>
       <<<grid, 256, 0, s>>>(q.packed.data(), first, count, detail::log2_exact(q.blocksize),
                             detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);

@@ -8,11 +8,13 @@
 //   name  time  [bytes or FLOP rate, fraction of the measured ceiling, baseline from this run]
 // with the names matmul/cuda/<type>/<N>x<K>/m<M>; the ceilings (device-to-device copy bandwidth,
 // read + write counted, and cuBLAS bf16 8192³) are measured first, in the same run.
-// Usage: bench_cuda_matmul [csv-output-path]
+// Usage: bench_cuda_matmul [csv-output-path]; QLORA_BENCH_SHAPES / QLORA_BENCH_MS (see main) keep
+// some shapes and token counts only (lab runs).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -73,6 +75,18 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   return c;
 }
 
+// "a,b,c" -> {"a", "b", "c"} (empty items dropped).
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::size_t b = 0;
+  while (b <= s.size()) {
+    const std::size_t e = std::min(s.find(',', b), s.size());
+    if (e > b) out.push_back(s.substr(b, e - b));
+    b = e + 1;
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -131,8 +145,26 @@ int main(int argc, char** argv) {
     report("gemm/cuda/bf16/8192x8192/m8192", us, fmt("%.1f TFLOP/s", gemm_tflops));
   }
 
-  const std::vector<std::pair<int, int>> shapes = {{4096, 4096}, {11008, 4096}, {14336, 4096}};
-  const std::vector<int> Ms = {1, 2, 8, 16, 32, 64, 128, 512, 4096};
+  std::vector<std::pair<int, int>> shapes = {{4096, 4096}, {11008, 4096}, {14336, 4096}};
+  std::vector<int> Ms = {1, 2, 8, 16, 32, 64, 128, 512, 4096};
+  // A lab run may keep some of them: QLORA_BENCH_SHAPES="14336x4096,4096x4096", QLORA_BENCH_MS="1,32".
+  if (const char* e = std::getenv("QLORA_BENCH_SHAPES")) {
+    shapes.clear();
+    for (const std::string& item : split_list(e)) {
+      int n = 0, k = 0;
+      QLORA_CHECK(std::sscanf(item.c_str(), "%dx%d", &n, &k) == 2 && n > 0 && k > 0,
+                  "QLORA_BENCH_SHAPES: item '", item, "', expected NxK");
+      shapes.emplace_back(n, k);
+    }
+  }
+  if (const char* e = std::getenv("QLORA_BENCH_MS")) {
+    Ms.clear();
+    for (const std::string& item : split_list(e)) {
+      const int m = std::atoi(item.c_str());
+      QLORA_CHECK(m > 0, "QLORA_BENCH_MS: item '", item, "', expected a positive token count");
+      Ms.push_back(m);
+    }
+  }
   const std::size_t rotate_bytes = std::size_t(512) << 20;
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;

@@ -7,6 +7,7 @@
 // error ≤ 2⁻⁹, so the measure is at most 2⁻⁸ plus fp32 accumulation error; that is the bound.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
@@ -239,4 +240,80 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
       const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
       for (std::size_t i = 0; i < std::size_t(m) * N; ++i) REQUIRE(a[i].bits == b[i].bits);
     }
+}
+
+namespace {
+// x = src + add, after spinning for `spin` cycles: a slow producer that, like a PDL-aware kernel,
+// lets the next kernel start at once (griddepcontrol.launch_dependents), so a GEMV launched with
+// PDL that read x before its wait would read the previous x.
+__global__ void slow_fill(__nv_bfloat16* x, const __nv_bfloat16* src, int n, float add, long long spin) {
+  cuda::detail::pdl_launch_dependents();
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {
+  }
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    x[i] = __float2bfloat16_rn(__bfloat162float(src[i]) + add);
+}
+}  // namespace
+
+// gemv_4bit launches its register-fed kernels as programmatic dependent launches on sm_90: they may
+// start while the kernel before is running. Chains where each kernel reads what the one before wrote
+// (a producer of x, then y1 = W1·x, then y2 = W2·y1, all on one stream, and the same chain replayed
+// from a CUDA graph) must give the y of plain launches run one at a time, bit for bit. W1 has 64
+// tiles, so on a 132-SM GPU the second GEMV's blocks find free SMs while the first one runs.
+TEST_CASE("cuda gemv_4bit: PDL launches wait for the kernel before them", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const int N1 = 1024, K1 = 2048, N2 = 512;
+  const auto w1f = cudatest::gaussian(std::size_t(N1) * K1, 41, 0.02f);
+  const auto w2f = cudatest::gaussian(std::size_t(N2) * N1, 42, 0.02f);
+  auto w1 = cuda::to_device(quant::quantize_4bit(w1f.data(), {N1, K1}, quant::Quant4Config{}), ctx);
+  auto w2 = cuda::to_device(quant::quantize_4bit(w2f.data(), {N2, N1}, quant::Quant4Config{}), ctx);
+  cuda::use_gemv_layout(ctx, w1);
+  cuda::use_gemv_layout(ctx, w2);
+  constexpr int kIters = 4;
+  for (int M : {1, 24}) {  // the grouped kernel, the register kernel
+    INFO("M " << M);
+    auto src = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K1, 43, 1.0f)));
+    cuda::DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K1), y1(std::size_t(M) * N1);
+    std::vector<cuda::DeviceBuffer<__nv_bfloat16>> y2;
+    for (int i = 0; i < kIters; ++i) y2.emplace_back(std::size_t(M) * N2);
+    auto chain = [&](bool pdl, bool one_at_a_time) {
+      for (int i = 0; i < kIters; ++i) {
+        slow_fill<<<8, 256, 0, ctx.stream()>>>(x.data(), src.data(), M * K1, 0.25f * float(i + 1), 20000);
+        QLORA_CUDA_CHECK_LAUNCH("slow_fill");
+        if (one_at_a_time) ctx.synchronize();
+        cuda::gemv_4bit(ctx, w1, x.data(), M, y1.data(), false, cuda::GemvKernel::Auto, 0, pdl);
+        if (one_at_a_time) ctx.synchronize();
+        cuda::gemv_4bit(ctx, w2, y1.data(), M, y2[i].data(), false, cuda::GemvKernel::Auto, 0, pdl);
+        if (one_at_a_time) ctx.synchronize();
+      }
+    };
+    auto results = [&] {
+      ctx.synchronize();
+      std::vector<std::vector<std::uint16_t>> r;
+      for (auto& y : y2) {
+        r.emplace_back();
+        for (const bf16 v : cudatest::download_bf16(y)) r.back().push_back(v.bits);
+      }
+      return r;
+    };
+    chain(false, true);
+    const auto want = results();
+    REQUIRE(want[0] != want[1]);  // each iteration's x differs, so a stale read would show
+    chain(true, false);
+    CHECK(results() == want);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+    chain(true, false);
+    QLORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
+    QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (auto& y : y2) QLORA_CUDA_CHECK(cudaMemsetAsync(y.data(), 0xff, y.bytes(), ctx.stream()));
+    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
+    const auto got = results();
+    QLORA_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    QLORA_CUDA_CHECK(cudaGraphDestroy(graph));
+    CHECK(got == want);
+  }
 }

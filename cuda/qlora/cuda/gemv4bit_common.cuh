@@ -25,6 +25,7 @@ struct GemvArgs {
   int block_shift;  // log2(blocksize)
   int tiles;        // N / 16
   int stage_k;      // values of K per stage (the streaming kernel)
+  bool pdl;         // register-fed kernels: launched as programmatic dependent launches (sm_90)
   bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
   Code16Param code;
   Code256Param map;
@@ -62,6 +63,21 @@ __device__ __forceinline__ void load_unit(const std::uint8_t* p, std::size_t far
     wa = load_stream(p);
     wb = load_stream(p + far);
   }
+}
+
+// Programmatic dependent launch (sm_90; no-ops before): a kernel launched with the attribute may
+// start while the kernel before it on the stream is still running, and must not touch what that
+// kernel writes before pdl_wait() returns (it waits for the whole previous grid and its memory).
+// pdl_launch_dependents() lets the next such kernel start as soon as the SMs have room.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // bf16 pair of packed byte J of `word`, from this lane's copy of the table.

@@ -50,9 +50,11 @@ namespace detail {
 constexpr int kGemvWarps = 16;
 constexpr int kGemvThreads = kGemvWarps * 32;
 
+// The register-fed kernels' shared memory: the lane copies of the pair table, the absmax code map,
+// the partial-sum slots (warp, segment 2, row 16, token 8·nt) and each warp's first tile.
 inline std::size_t gemv_smem_bytes(int nt) {
   return std::size_t(kLutBytes) + 256 * sizeof(float) +
-         std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float);
+         std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float) + kGemvWarps * sizeof(int);
 }
 
 // acc (mma C layout, tile `tile` of the matrix) stored into y (or added, with a.accumulate): the
@@ -76,15 +78,16 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, float (&acc)[NT][4
 // After the block's barrier: for each tile of [tile_begin, tile_end) that no single warp owned,
 // the partials of the warps that touched it (slot 0 where it was a warp's first tile, else slot 1),
 // added in warp order (deterministic) and stored. Warp w's work is [w·work/W, (w+1)·work/W) in
-// steps of which `per_tile` make a tile. Each sum visits only the tile's warps, from the one
-// holding its first step to the one holding its last (found by one division each). (It visited
-// all W warps, with two products each: ~1.7 M of the 11.7 M warp instructions at 14336×4096,
-// M = 16, run after the loads are done.)
+// steps of which `per_tile` make a tile; s_first[w] is its first block-local tile, −1 if it has no
+// work. Each sum visits only the tile's warps, from the one holding its first step to the one
+// holding its last (found by one division each). (It visited all W warps, with two products each:
+// ~1.7 M of the 11.7 M warp instructions at 14336x4096, M = 16, run after the loads are done; and
+// it recomputed each warp's first tile with a division per warp visited, which s_first replaced.)
 template <int NT>
-__device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* s_slot, int tile_begin,
-                                                int tile_end, int work, int per_tile, int tid) {
+__device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* s_slot, const int* s_first,
+                                                int tile_begin, int tile_end, int work, int per_tile,
+                                                int tid) {
   constexpr int kCols = 8 * NT;
-  auto start = [&](int w) { return split_point(w, work, kGemvWarps); };  // warp w's first step
   // The last warp starting at or before step u, floor((W·(u + 1) − 1) / work): an empty warp starts
   // where the next one does, so this is the warp holding u. 32-bit where it fits (cheap), else 64.
   const bool narrow = work < (1 << 27);
@@ -100,10 +103,9 @@ __device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* 
     if (w0 == w1) continue;  // one warp held the whole tile and stored it
     float sum = 0.0f;
     for (int w = w0; w <= w1; ++w) {
-      const int wb0 = start(w);
-      if (wb0 >= start(w + 1)) continue;  // an empty warp
-      const int sg = wb0 / per_tile == t_l ? 0 : 1;
-      sum += s_slot[(std::size_t(w * 2 + sg) * 16 + r) * kCols + tok];
+      const int first = s_first[w];
+      if (first < 0) continue;  // an empty warp
+      sum += s_slot[(std::size_t(w * 2 + (first == t_l ? 0 : 1)) * 16 + r) * kCols + tok];
     }
     const std::size_t o = std::size_t(tok) * a.N + std::size_t(tile_begin) * 16 + rl;
     a.y[o] = __float2bfloat16_rn(a.accumulate ? __bfloat162float(a.y[o]) + sum : sum);
@@ -120,6 +122,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
   float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
   constexpr int kCols = 8 * NT;
+  int* s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * kCols);  // (warp)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   pdl_launch_dependents();
@@ -222,8 +225,9 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
     }
   }
   if (ub < ue) finish_tile(cur_tile);
+  if (lane == 0) s_first[warp] = ub < ue ? ub / KC : -1;
   __syncthreads();
-  reduce_partials<NT>(a, s_slot, tile_begin, tile_end, units, KC, tid);
+  reduce_partials<NT>(a, s_slot, s_first, tile_begin, tile_end, units, KC, tid);
 }
 
 // The register kernel's work in groups of 4 consecutive units of one tile (16 rows × 256 values of
@@ -255,6 +259,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   unsigned char* s_lut = smem;
   float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
   float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
+  int* s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * 8 * NT);  // (warp)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile_begin = split_point(blockIdx.x, a.tiles, gridDim.x);
@@ -361,8 +366,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
     if (gi + 1 < ge) issue(L);
   }
   if (gb < ge) finish_tile(cur_tile);
+  if (lane == 0) s_first[warp] = gb < ge ? gb / KG : -1;
   __syncthreads();
-  reduce_partials<NT>(a, s_slot, tile_begin, tile_end, groups, KG, tid);
+  reduce_partials<NT>(a, s_slot, s_first, tile_begin, tile_end, groups, KG, tid);
 }
 
 // One persistent block per SM (as many as fit), each owning a contiguous range of tiles: the

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -73,18 +74,6 @@ cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuan
   cp(c.qabsmax, q.qabsmax);
   cp(c.absmax2, q.absmax2);
   return c;
-}
-
-// "a,b,c" -> {"a", "b", "c"} (empty items dropped).
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::size_t b = 0;
-  while (b <= s.size()) {
-    const std::size_t e = std::min(s.find(',', b), s.size());
-    if (e > b) out.push_back(s.substr(b, e - b));
-    b = e + 1;
-  }
-  return out;
 }
 
 }  // namespace
@@ -150,7 +139,9 @@ int main(int argc, char** argv) {
   // A lab run may keep some of them: QLORA_BENCH_SHAPES="14336x4096,4096x4096", QLORA_BENCH_MS="1,32".
   if (const char* e = std::getenv("QLORA_BENCH_SHAPES")) {
     shapes.clear();
-    for (const std::string& item : split_list(e)) {
+    std::istringstream in(e);
+    for (std::string item; std::getline(in, item, ',');) {
+      if (item.empty()) continue;
       int n = 0, k = 0;
       QLORA_CHECK(std::sscanf(item.c_str(), "%dx%d", &n, &k) == 2 && n > 0 && k > 0,
                   "QLORA_BENCH_SHAPES: item '", item, "', expected NxK");
@@ -159,7 +150,9 @@ int main(int argc, char** argv) {
   }
   if (const char* e = std::getenv("QLORA_BENCH_MS")) {
     Ms.clear();
-    for (const std::string& item : split_list(e)) {
+    std::istringstream in(e);
+    for (std::string item; std::getline(in, item, ',');) {
+      if (item.empty()) continue;
       const int m = std::atoi(item.c_str());
       QLORA_CHECK(m > 0, "QLORA_BENCH_MS: item '", item, "', expected a positive token count");
       Ms.push_back(m);

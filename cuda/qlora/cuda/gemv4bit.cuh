@@ -382,6 +382,7 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
               " bytes of shared memory)");
   const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
+  cudaError_t e = cudaSuccess;
   if (args.pdl) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(unsigned(grid));
@@ -393,12 +394,11 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args);
-    if (e != cudaSuccess) throw_cuda(e, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
+    e = cudaLaunchKernelEx(&cfg, kernel, args);
   } else {
     kernel<<<grid, kGemvThreads, smem, ctx.stream()>>>(args);
   }
-  const cudaError_t e = cudaGetLastError();  // QLORA_CUDA_CHECK_LAUNCH with a run-time name
+  if (e == cudaSuccess) e = cudaGetLastError();  // QLORA_CUDA_CHECK_LAUNCH with a run-time name
   if (e != cudaSuccess) throw_cuda(e, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
 }
 
@@ -457,8 +457,8 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // pdl (the two register-fed kernels, sm_90): launched as a programmatic dependent launch, so that the
 // launch and the table fill overlap the end of the kernel before on the stream; every access to
 // memory waits for that kernel to finish (griddepcontrol.wait), so the result and the ordering are
-// a plain launch's. Measured 0.6–2.6 µs (4–30%) faster in back-to-back GEMVs (docs/performance.md);
-// false launches plainly (the benchmarks' lab).
+// a plain launch's. Measured 0.2–2.3 µs faster per call in back-to-back GEMVs, the most on small
+// matrices (docs/performance.md); false launches plainly (the benchmarks' lab).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,

@@ -295,6 +295,14 @@ int main(int argc, char** argv) {
                      (kern == cuda::GemvKernel::Grouped ? "/grouped_nopdl" : "/registers_nopdl"),
                  us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         }
+        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // table anywhere
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, kern, 0, true, false);
+          });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix +
+                     (kern == cuda::GemvKernel::Grouped ? "/grouped_plainlut" : "/registers_plainlut"),
+                 us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // bitsandbytes' rows
           const double us_r = time_graph(
               ctx, [&](int i) { cuda::gemv_4bit(ctx, wr[i % nq], x.data(), M, y.data(), false, kern); });

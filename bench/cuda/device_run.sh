@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, test and benchmark the CUDA backend on a GPU machine with plain nvcc and g++ (no CMake):
 #   bash bench/cuda/device_run.sh OUTDIR [steps]
-# steps: any of build test memcheck bench tool (default: all). Catch reads a comma in a test-name
+# steps: any of build test memcheck bench tool (default: all); QLORA_CUDA_ARCHS, below. Catch reads a comma in a test-name
 # filter as "or", so a name that contains one is matched by a wildcard. tool: the qlora command-line tool with
 # --device cuda, as build-cuda/qlora (examples/qlora/*.cpp by g++, finetune_cuda.cu by nvcc). Needs Catch2 v2's single header in
 # .deps/catch2/catch.hpp (copied from /usr/include/catch2 on the build machine), and for the LoRA
@@ -13,7 +13,9 @@ OUT=${1:?usage: device_run.sh OUTDIR [steps]}
 shift
 STEPS=${*:-build test memcheck bench tool}
 mkdir -p "$OUT" build-cuda
-ARCH="-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90"
+# QLORA_CUDA_ARCHS="90": build for those architectures only (a short lab run; default 80 and 90)
+ARCH=""
+for a in ${QLORA_CUDA_ARCHS:-80 90}; do ARCH="$ARCH -gencode=arch=compute_$a,code=sm_$a"; done
 FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 rc=0
@@ -88,6 +90,8 @@ if has memcheck; then
     echo "racecheck gemv rc=$?"
     timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "*PDL launches wait*"
     echo "memcheck gemv pdl rc=$?"
+    timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "*aligned and the plain table*"
+    echo "memcheck gemv tables rc=$?"
     timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_lora "[cuda]"
     echo "memcheck lora rc=$?"
     timeout 300 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_llama "*CPU model (BF16*"

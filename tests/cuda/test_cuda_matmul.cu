@@ -196,6 +196,42 @@ TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for 
                       Catch::Contains("tiles layout"));
 }
 
+// The table's place in shared memory changes how a lookup's address is formed, not what it reads:
+// the 64 KB-aligned table (the default up to 16 tokens) and the plain one give y bit for bit.
+TEST_CASE("cuda gemv_4bit: the aligned and the plain table give the same y", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
+  const std::vector<Case> cases = {{4096, 1024, 1, 64, NF4, true},   {2064, 3072, 2, 64, NF4, false},
+                                   {1040, 2048, 13, 64, FP4, true},  {3072, 2048, 27, 64, NF4, true},
+                                   {4112, 4096, 32, 128, NF4, true}, {512, 1024, 40, 64, NF4, true}};
+  for (const auto& c : cases) {
+    const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 31 + c.N, 0.02f);
+    auto dw = cuda::to_device(
+        quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq}), ctx);
+    cuda::use_gemv_layout(ctx, dw);
+    auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.K, 4, 1.0f)));
+    cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(c.M) * c.N), y2(std::size_t(c.M) * c.N);
+    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
+      if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
+      INFO("N " << c.N << " K " << c.K << " M " << c.M << " kernel " << int(kernel));
+      QLORA_CUDA_CHECK(cudaMemset(y1.data(), 0xff, y1.size() * 2));  // NaN poison
+      QLORA_CUDA_CHECK(cudaMemset(y2.data(), 0xff, y2.size() * 2));
+      cuda::gemv_4bit(ctx, dw, dx.data(), c.M, y1.data(), false, kernel, 0, true, true);
+      cuda::gemv_4bit(ctx, dw, dx.data(), c.M, y2.data(), false, kernel, 0, true, false);
+      ctx.synchronize();
+      const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+      std::size_t differ = 0, nan = 0;
+      for (std::size_t i = 0; i < a.size(); ++i) {
+        differ += a[i].bits != b[i].bits;
+        nan += (a[i].bits & 0x7fff) > 0x7f80;
+      }
+      REQUIRE(nan == 0);
+      REQUIRE(differ == 0);
+    }
+  }
+}
+
 TEST_CASE("cuda gemv_4bit refuses the streaming kernel where it does not apply", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();

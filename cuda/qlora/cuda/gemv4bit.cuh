@@ -20,7 +20,10 @@
 // - Codes -> bf16 pairs through a 256-entry table indexed by the packed byte (two values per
 //   lookup), replicated once per lane (entry e of lane l at byte 256e + 4l) so that a warp's 32
 //   lookups always fall in 32 different banks; the byte offset is one byte-permute of the packed
-//   word and the lane's offset. The 16 code values are therefore rounded to bf16
+//   word and the lane's offset. Up to 16 tokens the table sits at a 64 KB boundary of the shared
+//   window, so that byte permute yields the lookup's whole address (AlignedLut,
+//   gemv4bit_common.cuh): one add fewer per lookup, as the compiler otherwise adds the table's
+//   address in a register of its own. The 16 code values are therefore rounded to bf16
 //   (an NF4 value moves by ≤ 2⁻⁹ relative); absmax is applied in fp32 to each unit's four mma
 //   results, so it is never rounded: accuracy is that of dequantizing to bf16 and a bf16 GEMM
 //   (tests/cuda/test_cuda_matmul.cu checks the bound).
@@ -36,6 +39,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
@@ -50,12 +54,64 @@ namespace detail {
 constexpr int kGemvWarps = 16;
 constexpr int kGemvThreads = kGemvWarps * 32;
 
-// The register-fed kernels' shared memory: the lane copies of the pair table, the absmax code map,
-// the partial-sum slots (warp, segment 2, row 16, token 8·nt) and each warp's first tile.
-inline std::size_t gemv_smem_bytes(int nt) {
-  return std::size_t(kLutBytes) + 256 * sizeof(float) +
-         std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float) + kGemvWarps * sizeof(int);
+// The register-fed kernels' shared memory: the lane copies of the pair table, and the rest: the
+// absmax code map, the partial-sum slots (warp, segment 2, row 16, token 8·nt) and each warp's
+// first tile.
+__host__ __device__ constexpr std::size_t gemv_rest_bytes(int nt) {
+  return 256 * sizeof(float) + std::size_t(kGemvWarps) * 2 * 16 * 8 * nt * sizeof(float) +
+         kGemvWarps * sizeof(int);
 }
+
+// Whether the kernels for nt token tiles keep the table 64 KB-aligned (AlignedLut): the rest comes
+// first and the table at the next 64 KB boundary of the shared window (127 KB a block up to nt = 2).
+// Measured on an H100 (docs/performance.md): 1-3% faster up to 16 tokens at 11008 and 14336 rows; at
+// nt = 4 (M = 17-32) the 191 KB block was 2.5% slower at 14336x4096 and 1-2% faster at 4096 and
+// 11008 rows (less room is left for L1, which holds x): no clear gain for 64 KB more a block.
+constexpr bool gemv_aligned_lut(int nt) { return nt <= 2; }
+
+// Dynamic shared memory of a block. `reserved`: the shared memory the system keeps at the start of
+// each block's window (cudaDeviceProp::reservedSharedMemPerBlock, 1 KB on sm_80 and sm_90); the
+// dynamic allocation starts after it, so the table's 64 KB boundary is found from there.
+inline std::size_t gemv_smem_bytes(int nt, bool aligned, std::size_t reserved) {
+  if (!aligned) return std::size_t(kLutBytes) + gemv_rest_bytes(nt);
+  const std::size_t table = (reserved + gemv_rest_bytes(nt) + 0xffff) & ~std::size_t(0xffff);
+  return table - reserved + kLutBytes;
+}
+
+// The register-fed kernels' pointers into their dynamic shared memory, and the lookups of the table.
+template <int NT, bool AL>
+struct GemvSmem {
+  unsigned char* s_lut;
+  float* s_map;
+  float* s_slot;  // (warp, segment, row 16, token 8·NT)
+  int* s_first;   // (warp)
+  std::uint32_t lut_addr = 0;
+
+  __device__ explicit GemvSmem(unsigned char* smem) {
+    unsigned char* rest = smem + kLutBytes;
+    s_lut = smem;
+    if (AL) {
+      const std::uint32_t base = std::uint32_t(__cvta_generic_to_shared(smem));
+      lut_addr = (base + std::uint32_t(gemv_rest_bytes(NT)) + 0xffffu) & ~0xffffu;
+      s_lut = smem + (lut_addr - base);
+      rest = smem;
+      // gemv_smem_bytes sized the allocation for this placement from the reserved size the device
+      // reports; a window laid out otherwise would put the table past it.
+      std::uint32_t dyn;
+      asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+      if (lut_addr + kLutBytes > base + dyn) __trap();
+    }
+    s_map = reinterpret_cast<float*>(rest);
+    s_slot = s_map + 256;
+    s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * 8 * NT);
+  }
+  __device__ auto lut(int lane) const {
+    if constexpr (AL)
+      return AlignedLut{lut_addr + std::uint32_t(lane) * 4};
+    else
+      return PlainLut{s_lut, std::uint32_t(lane) * 4};
+  }
+};
 
 // acc (mma C layout, tile `tile` of the matrix) stored into y (or added, with a.accumulate): the
 // warp owned every unit of the tile, so no other warp has a partial for it.
@@ -115,14 +171,15 @@ __device__ __forceinline__ void reduce_partials(const GemvArgs& a, const float* 
 // NT: token tiles of 8 (M ≤ 8·NT); U: units whose loads are issued before the first is used;
 // MINB: blocks per SM the register budget is set for.
 // TL: the packed bytes are in the Tiles layout.
-template <int NT, int U, int MINB, bool DQ, bool TL>
+template <int NT, int U, int MINB, bool DQ, bool TL, bool AL>
 __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* s_lut = smem;
-  float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
-  float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
+  const GemvSmem<NT, AL> sm(smem);
+  unsigned char* s_lut = sm.s_lut;
+  float* s_map = sm.s_map;
+  float* s_slot = sm.s_slot;
+  int* s_first = sm.s_first;
   constexpr int kCols = 8 * NT;
-  int* s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * kCols);  // (warp)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   pdl_launch_dependents();
@@ -136,7 +193,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
   const int units = (tile_end - tile_begin) * KC;
   const int ub = split_point(warp, units, kGemvWarps), ue = split_point(warp + 1, units, kGemvWarps);
   const int g = lane >> 2, t = lane & 3;
-  const std::uint32_t lane4 = std::uint32_t(lane) * 4;
+  const auto lut = sm.lut(lane);
   const std::size_t row_bytes = std::size_t(a.K) / 2, K = std::size_t(a.K);
   const int shift = a.block_shift;
 
@@ -220,7 +277,7 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
       float tmp[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-      mma_unit<NT>(s_lut, lane4, wa[i], wb[i], xa[i], xb[i], tmp);
+      mma_unit<NT>(lut, wa[i], wb[i], xa[i], xb[i], tmp);
       scale_add<NT>(acc, tmp, am0, am1);
     }
   }
@@ -253,13 +310,14 @@ struct GroupLoads {
   float4 f0, f1;         // 4 float absmax of rows g, g + 8 (no DQ)
 };
 
-template <int NT, bool DQ, bool TL>
+template <int NT, bool DQ, bool TL, bool AL>
 __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* s_lut = smem;
-  float* s_map = reinterpret_cast<float*>(smem + kLutBytes);
-  float* s_slot = s_map + 256;  // (warp, segment, row 16, token 8·NT)
-  int* s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * 8 * NT);  // (warp)
+  const GemvSmem<NT, AL> sm(smem);
+  unsigned char* s_lut = sm.s_lut;
+  float* s_map = sm.s_map;
+  float* s_slot = sm.s_slot;
+  int* s_first = sm.s_first;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile_begin = split_point(blockIdx.x, a.tiles, gridDim.x);
@@ -268,7 +326,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   const int groups = (tile_end - tile_begin) * KG;
   const int gb = split_point(warp, groups, kGemvWarps), ge = split_point(warp + 1, groups, kGemvWarps);
   const int g = lane >> 2, t = lane & 3;
-  const std::uint32_t lane4 = std::uint32_t(lane) * 4;
+  const auto lut = sm.lut(lane);
   const std::size_t K = std::size_t(a.K), row_bytes = K / 2, far = 8 * row_bytes;  // row g + 8
   const std::size_t far_blocks = std::size_t(8) * std::size_t(KC);
 
@@ -353,7 +411,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       float tmp[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-      mma_unit<NT>(s_lut, lane4, L.wa[u], L.wb[u], xa, xb, tmp);
+      mma_unit<NT>(lut, L.wa[u], L.wb[u], xa, xb, tmp);
       scale_add<NT>(acc, tmp, am0, am1);
     }
   };
@@ -374,8 +432,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
 // One persistent block per SM (as many as fit), each owning a contiguous range of tiles: the
 // launch of both register-fed kernels.
 template <class Kernel>
-void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, int nt, const char* name) {
-  const std::size_t smem = gemv_smem_bytes(nt);
+void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, int nt, bool aligned,
+                       const char* name) {
+  const std::size_t smem = gemv_smem_bytes(nt, aligned, ctx.props().reservedSharedMemPerBlock);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
@@ -402,31 +461,38 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   if (e != cudaSuccess) throw_cuda(e, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
 }
 
-template <int NT, bool DQ, bool TL>
-void launch_gemv4g(const Context& ctx, const GemvArgs& args) {
-  launch_persistent(ctx, gemv4g_kernel<NT, DQ, TL>, args, NT, "gemv4g_kernel");
+// Calls launch(std::integral_constant<bool, DQ>, ..TL, ..AL) with the run-time flags as types.
+template <int NT, class Launch>
+void dispatch_flags(const GemvArgs& args, bool dq, bool tl, Launch launch) {
+  using T = std::true_type;
+  using F = std::false_type;
+  auto al = [&](auto d, auto l) {
+    if constexpr (gemv_aligned_lut(NT)) {
+      if (args.aligned_lut) return launch(d, l, T{});
+    }
+    launch(d, l, F{});
+  };
+  if (dq)
+    tl ? al(T{}, T{}) : al(T{}, F{});
+  else
+    tl ? al(F{}, T{}) : al(F{}, F{});
 }
 
 template <int NT>
 void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
-  if (dq)
-    tl ? launch_gemv4g<NT, true, true>(ctx, args) : launch_gemv4g<NT, true, false>(ctx, args);
-  else
-    tl ? launch_gemv4g<NT, false, true>(ctx, args) : launch_gemv4g<NT, false, false>(ctx, args);
-}
-
-template <int NT, int U, int MINB, bool DQ, bool TL>
-void launch_gemv4(const Context& ctx, const GemvArgs& args) {
-  launch_persistent(ctx, gemv4_kernel<NT, U, MINB, DQ, TL>, args, NT, "gemv4_kernel");
+  dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
+    launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
+                      args, NT, al.value, "gemv4g_kernel");
+  });
 }
 
 template <int NT, int U, int MINB>
 void dispatch_gemv4_dq(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
-  if (dq)
-    tl ? launch_gemv4<NT, U, MINB, true, true>(ctx, args) : launch_gemv4<NT, U, MINB, true, false>(ctx, args);
-  else
-    tl ? launch_gemv4<NT, U, MINB, false, true>(ctx, args)
-       : launch_gemv4<NT, U, MINB, false, false>(ctx, args);
+  dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
+    launch_persistent(ctx,
+                      gemv4_kernel<NT, U, MINB, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
+                      args, NT, al.value, "gemv4_kernel");
+  });
 }
 
 }  // namespace detail
@@ -459,10 +525,13 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // memory waits for that kernel to finish (griddepcontrol.wait), so the result and the ordering are
 // a plain launch's. Measured 0.2–2.3 µs faster per call in back-to-back GEMVs, the most on small
 // matrices (docs/performance.md); false launches plainly (the benchmarks' lab).
+// aligned_lut (the register-fed kernels, M ≤ 16 where the block fits the device's shared memory):
+// the pair table at a 64 KB boundary (AlignedLut); false keeps it anywhere (PlainLut: the lab, and
+// the test that both give the same y).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,
-               int stage_k = 0, bool pdl = true) {
+               int stage_k = 0, bool pdl = true, bool aligned_lut = true) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
               "), blocksize ", w.blocksize, ", M = ", M,
               " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
@@ -494,6 +563,12 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.tiles = args.N / 16;
   args.accumulate = accumulate;
   args.pdl = pdl && ctx.props().major >= 9;
+  {  // the aligned table up to 16 tokens, where its 127 KB block fits the device (sm_80, sm_90)
+    const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+    args.aligned_lut = aligned_lut && detail::gemv_aligned_lut(nt) &&
+                       detail::gemv_smem_bytes(nt, true, ctx.props().reservedSharedMemPerBlock) <=
+                           ctx.props().sharedMemPerBlockOptin;
+  }
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;

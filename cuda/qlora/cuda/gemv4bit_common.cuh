@@ -22,11 +22,12 @@ struct GemvArgs {
   const __nv_bfloat16* x;  // (M, K)
   __nv_bfloat16* y;        // (M, N)
   int M, N, K;
-  int block_shift;  // log2(blocksize)
-  int tiles;        // N / 16
-  int stage_k;      // values of K per stage (the streaming kernel)
-  bool pdl;         // register-fed kernels: launched as programmatic dependent launches (sm_90)
-  bool accumulate;  // y += x · Wᵀ instead of y = x · Wᵀ
+  int block_shift;   // log2(blocksize)
+  int tiles;         // N / 16
+  int stage_k;       // values of K per stage (the streaming kernel)
+  bool pdl;          // register-fed kernels: launched as programmatic dependent launches (sm_90)
+  bool accumulate;   // y += x · Wᵀ instead of y = x · Wᵀ
+  bool aligned_lut;  // register-fed kernels, M ≤ 16: the table at a 64 KB boundary (AlignedLut)
   Code16Param code;
   Code256Param map;
 };
@@ -80,13 +81,36 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// bf16 pair of packed byte J of `word`, from this lane's copy of the table.
-template <int J>
-__device__ __forceinline__ std::uint32_t lut(const unsigned char* s_lut, std::uint32_t word,
-                                             std::uint32_t lane4) {
-  const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
-  return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
-}
+// The pair table's lookups. Entry e of lane l lies at byte 256e + 4l of the table, so a lookup's
+// address is the table's, with byte 1 replaced by the packed byte and byte 0 the lane's offset.
+//
+// PlainLut: the table anywhere in shared memory: one byte permute builds 256e + 4l, one add the
+// table's address (the compiler keeps that address in an ordinary register in these kernels, so the
+// add is one instruction per lookup, and the load takes the sum).
+struct PlainLut {
+  const unsigned char* s_lut;
+  std::uint32_t lane4;  // 4 · lane
+  template <int J>
+  __device__ __forceinline__ std::uint32_t get(std::uint32_t word) const {
+    const std::uint32_t off = __byte_perm(word, lane4, 0x5504u | (J << 4));  // byte J · 256 + lane · 4
+    return *reinterpret_cast<const std::uint32_t*>(s_lut + off);
+  }
+};
+
+// AlignedLut: the table at a 64 KB-aligned shared-memory address (bytes 0 and 1 of its address
+// zero), so the byte permute of the packed word and `lane_addr` (the table's shared address + 4l)
+// yields the lookup's whole address: no add (16 instructions fewer per unit of 16 × 64 weights, of
+// ~110). The cost is shared memory: the table's 64 KB must start at the next 64 KB boundary.
+struct AlignedLut {
+  std::uint32_t lane_addr;  // shared-window address of the table + 4 · lane
+  template <int J>
+  __device__ __forceinline__ std::uint32_t get(std::uint32_t word) const {
+    const std::uint32_t addr = __byte_perm(word, lane_addr, 0x7604u | (J << 4));
+    std::uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+  }
+};
 
 __device__ __forceinline__ void mma_bf16(float c[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
                                          std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
@@ -132,19 +156,19 @@ __device__ __forceinline__ int split_point(int i, int total, int parts) {
 // tmp[j] (16 rows × 8 tokens of tile j, mma C layout) += unit · x. wa / wb: this lane's 8 packed
 // bytes of rows g and g + 8 (g = lane / 4) at byte 8·(lane % 4) of the unit; xa / xb: its 16 x
 // values of token 8j + g at k = 16·(lane % 4) (two 16-byte loads, zero past M).
-template <int NT>
-__device__ __forceinline__ void mma_unit(const unsigned char* s_lut, std::uint32_t lane4, uint2 wa, uint2 wb,
-                                         const uint4 (&xa)[NT], const uint4 (&xb)[NT], float (&tmp)[NT][4]) {
+template <int NT, class Lut>
+__device__ __forceinline__ void mma_unit(const Lut& lut, uint2 wa, uint2 wb, const uint4 (&xa)[NT],
+                                         const uint4 (&xb)[NT], float (&tmp)[NT][4]) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const std::uint32_t wA = q < 2 ? wa.x : wa.y, wB = q < 2 ? wb.x : wb.y;
     std::uint32_t a0, a1, a2, a3;
     if (q % 2 == 0) {
-      a0 = lut<0>(s_lut, wA, lane4), a2 = lut<1>(s_lut, wA, lane4);
-      a1 = lut<0>(s_lut, wB, lane4), a3 = lut<1>(s_lut, wB, lane4);
+      a0 = lut.template get<0>(wA), a2 = lut.template get<1>(wA);
+      a1 = lut.template get<0>(wB), a3 = lut.template get<1>(wB);
     } else {
-      a0 = lut<2>(s_lut, wA, lane4), a2 = lut<3>(s_lut, wA, lane4);
-      a1 = lut<2>(s_lut, wB, lane4), a3 = lut<3>(s_lut, wB, lane4);
+      a0 = lut.template get<2>(wA), a2 = lut.template get<3>(wA);
+      a1 = lut.template get<2>(wB), a3 = lut.template get<3>(wB);
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -184,18 +208,20 @@ __device__ __forceinline__ void store_partials(float* s, float (&acc)[NT][4], in
 }
 
 // The 8 x values of token tile j that mma_unit wants, for the unit whose first k is at `px`
-// (token g's row; tokens at or past M read as zero).
+// (token g's row). Tokens at or past M read token M − 1's values instead of zeros: an mma's output
+// column depends on its own column of x alone, and the columns of tokens past M are never stored
+// (store_tile, reduce_partials and the streaming kernel's sum read tok < M only). Unconditional
+// loads spare each unit the zeroing and the predicate (24 of ~250 instructions per group of 4 units
+// at M = 1).
 template <int NT>
 __device__ __forceinline__ void load_x(const __nv_bfloat16* px, std::size_t K, int g, int M, uint4 (&xa)[NT],
                                        uint4 (&xb)[NT]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    xa[j] = xb[j] = make_uint4(0, 0, 0, 0);
-    if (8 * j + g < M) {
-      const uint4* p = reinterpret_cast<const uint4*>(px + std::size_t(8 * j) * K);
-      xa[j] = __ldg(p);
-      xb[j] = __ldg(p + 1);
-    }
+    const int skip = min(8 * j + g, M - 1) - g;  // token rows from token g's
+    const uint4* p = reinterpret_cast<const uint4*>(px + std::ptrdiff_t(skip) * std::ptrdiff_t(K));
+    xa[j] = __ldg(p);
+    xb[j] = __ldg(p + 1);
   }
 }
 

@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
         float tmp[NT][4];
 #pragma unroll
         for (int j = 0; j < NT; ++j) tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0.0f;
-        mma_unit<NT>(s_lut, lane4, wa[i], wb[i], xa[ix], xb[ix], tmp);
+        mma_unit<NT>(PlainLut{s_lut, lane4}, wa[i], wb[i], xa[ix], xb[ix], tmp);
         scale_add<NT>(acc, tmp, am0[i], am1[i]);
       }
 

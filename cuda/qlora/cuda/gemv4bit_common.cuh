@@ -155,7 +155,7 @@ __device__ __forceinline__ int split_point(int i, int total, int parts) {
 
 // tmp[j] (16 rows × 8 tokens of tile j, mma C layout) += unit · x. wa / wb: this lane's 8 packed
 // bytes of rows g and g + 8 (g = lane / 4) at byte 8·(lane % 4) of the unit; xa / xb: its 16 x
-// values of token 8j + g at k = 16·(lane % 4) (two 16-byte loads, zero past M).
+// values of token 8j + g at k = 16·(lane % 4) (two 16-byte loads; token M − 1's past M, load_x).
 template <int NT, class Lut>
 __device__ __forceinline__ void mma_unit(const Lut& lut, uint2 wa, uint2 wb, const uint4 (&xa)[NT],
                                          const uint4 (&xb)[NT], float (&tmp)[NT][4]) {
@@ -211,8 +211,7 @@ __device__ __forceinline__ void store_partials(float* s, float (&acc)[NT][4], in
 // (token g's row). Tokens at or past M read token M − 1's values instead of zeros: an mma's output
 // column depends on its own column of x alone, and the columns of tokens past M are never stored
 // (store_tile, reduce_partials and the streaming kernel's sum read tok < M only). Unconditional
-// loads spare each unit the zeroing and the predicate (24 of ~250 instructions per group of 4 units
-// at M = 1).
+// loads spare each unit the zeroing of its x registers and the predicate.
 template <int NT>
 __device__ __forceinline__ void load_x(const __nv_bfloat16* px, std::size_t K, int g, int M, uint4 (&xa)[NT],
                                        uint4 (&xb)[NT]) {

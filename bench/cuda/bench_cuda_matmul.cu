@@ -287,6 +287,13 @@ int main(int argc, char** argv) {
         });
         report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped", us_g,
                rate(us_g, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_g / t_bf16));
+        if (M <= 16) {  // two groups' loads in flight per warp
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Grouped2);
+          });
+          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped2", us,
+                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // plain launches
           const double us = time_graph(ctx, [&](int i) {
             cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, kern, 0, false);

@@ -134,12 +134,17 @@ TEST_CASE("cuda gemv_4bit: streaming, register and grouped kernels meet the boun
     std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major,
                 ctx.props().minor);
   for (const auto& c : cases)
-    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped}) {
+    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped,
+                        cuda::GemvKernel::Grouped2}) {
       if (kernel == cuda::GemvKernel::Stream && (!sm90 || c.K % 1024 != 0 || c.blocksize != 64)) continue;
-      if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
+      if ((kernel == cuda::GemvKernel::Grouped || kernel == cuda::GemvKernel::Grouped2) &&
+          !cuda::gemv_grouped_supported(c.blocksize, c.K))
+        continue;
+      if (kernel == cuda::GemvKernel::Grouped2 && c.M > 16) continue;
       const char* name = kernel == cuda::GemvKernel::Stream      ? "stream"
                          : kernel == cuda::GemvKernel::Registers ? "registers"
-                                                                 : "grouped";
+                         : kernel == cuda::GemvKernel::Grouped   ? "grouped"
+                                                                 : "grouped2";
       for (bool acc : {false, true}) {
         INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq "
                   << c.dq << " accumulate " << acc << " kernel " << name);
@@ -266,9 +271,10 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(24) * N), y2(std::size_t(24) * N);
   const bool sm90 = ctx.props().major >= 9;
   for (auto kernel : {cuda::GemvKernel::Auto, cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped,
-                      cuda::GemvKernel::Stream})
+                      cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped2})
     for (int m : {M, 1, 24}) {  // every kernel, with tiles owned by one warp and split across warps
       if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
+      if (kernel == cuda::GemvKernel::Grouped2 && m > 16) continue;
       INFO("kernel " << int(kernel) << " M " << m);
       cuda::gemv_4bit(ctx, dw, dx.data(), m, y1.data(), false, kernel);
       cuda::gemv_4bit(ctx, dw, dx.data(), m, y2.data(), false, kernel);

@@ -310,7 +310,11 @@ struct GroupLoads {
   float4 f0, f1;         // 4 float absmax of rows g, g + 8 (no DQ)
 };
 
-template <int NT, bool DQ, bool TL, bool AL>
+// P: groups whose loads a warp has in flight. 1 (Auto): a group's loads are issued after the group
+// before is computed. 2 (GemvKernel::Grouped2, a lab kernel written on 2026-12-07 and not yet run on
+// a GPU): the next group's loads fly while this one is computed, for the latency the H100 figures
+// point to (docs/performance.md, "CUDA (H100)"); ptxas: 128 registers, 4 bytes of spill at M ≤ 8.
+template <int NT, bool DQ, bool TL, bool AL, int P = 1>
 __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const GemvSmem<NT, AL> sm(smem);
@@ -371,12 +375,25 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   // The first group's loads fly while the table is filled; launched with PDL, they come after the
   // wait instead (the kernel before may have written the weights: a requantize, a layout change),
   // and the table fill is what overlaps the kernel before.
-  GroupLoads L;
+  // P groups' loads in flight: L0 (and L1), each with its tile and x position.
+  GroupLoads L0, L1;
+  int tl0 = 0, tl1 = 0;
+  const __nv_bfloat16 *px0 = nullptr, *px1 = nullptr;
+  auto issue_at = [&](GroupLoads& L, int& tlx, const __nv_bfloat16*& pxx) {
+    tlx = tile;
+    pxx = px;
+    issue(L);
+    advance();
+  };
+  int cur_tile = tile;
+  // P = 1: the position stays at the group in L0 until the loop has read it (fewer live registers)
+  auto first = [&]() { P == 1 ? issue(L0) : issue_at(L0, tl0, px0); };
   pdl_launch_dependents();
-  if (!a.pdl && gb < ge) issue(L);
+  if (!a.pdl && gb < ge) first();
   fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
   pdl_wait();  // every load of x, W and absmax, and every store, come after
-  if (a.pdl && gb < ge) issue(L);
+  if (a.pdl && gb < ge) first();
+  if (P == 2 && gb + 1 < ge) issue_at(L1, tl1, px1);
   __syncthreads();
 
   float acc[NT][4];
@@ -389,9 +406,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       store_partials<NT>(s_slot + std::size_t(warp * 2 + (tl == gb / KG ? 0 : 1)) * 16 * 8 * NT, acc, g, t);
   };
 
-  int cur_tile = tile;
   // Computes the group in L (tile tl, x at pxg), whose loads were issued before.
-  auto compute = [&](int tl, const __nv_bfloat16* pxg) {
+  auto compute = [&](const GroupLoads& L, int tl, const __nv_bfloat16* pxg) {
     if (tl != cur_tile) {
       finish_tile(cur_tile);
       cur_tile = tl;
@@ -416,12 +432,23 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
     }
   };
 
-  for (int gi = gb; gi < ge; ++gi) {
-    const int tl = tile;
-    const __nv_bfloat16* pxg = px;
-    advance();
-    compute(tl, pxg);
-    if (gi + 1 < ge) issue(L);
+  if (P == 1) {
+    for (int gi = gb; gi < ge; ++gi) {
+      const int tl = tile;
+      const __nv_bfloat16* pxg = px;
+      advance();
+      compute(L0, tl, pxg);
+      if (gi + 1 < ge) issue(L0);
+    }
+  } else {  // two sets: the next group's loads fly while this one is computed
+    for (int gi = gb; gi < ge; gi += 2) {
+      compute(L0, tl0, px0);
+      if (gi + 2 < ge) issue_at(L0, tl0, px0);
+      if (gi + 1 < ge) {
+        compute(L1, tl1, px1);
+        if (gi + 3 < ge) issue_at(L1, tl1, px1);
+      }
+    }
   }
   if (gb < ge) finish_tile(cur_tile);
   if (lane == 0) s_first[warp] = gb < ge ? gb / KG : -1;
@@ -478,10 +505,10 @@ void dispatch_flags(const GemvArgs& args, bool dq, bool tl, Launch launch) {
     tl ? al(F{}, T{}) : al(F{}, F{});
 }
 
-template <int NT>
+template <int NT, int P = 1>
 void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
   dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
-    launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
+    launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value, P>,
                       args, NT, al.value, "gemv4g_kernel");
   });
 }
@@ -511,7 +538,8 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
 // register-fed kernels (per unit, or grouped by 4 units); the others force one, the streaming sm_90
 // kernel of gemv4bit_stream.cuh included (tests, the benchmarks' kernel lab). Stream or Grouped on a
 // device or shape it does not take is an error.
-enum class GemvKernel { Auto, Registers, Stream, Grouped };
+// Grouped2 (lab, M ≤ 16): the grouped kernel with two groups' loads in flight per warp.
+enum class GemvKernel { Auto, Registers, Stream, Grouped, Grouped2 };
 
 // The grouped register kernel's shapes: blocksize 64 and K % 256 == 0 (beside gemv_4bit_supported's).
 inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return blocksize == 64 && K % 256 == 0; }
@@ -588,6 +616,13 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
       detail::dispatch_gemv4_stream<4>(ctx, args, dq, stage_k);
     else
       detail::dispatch_gemv4_stream<8>(ctx, args, dq, stage_k);
+    return;
+  }
+  if (kernel == GemvKernel::Grouped2) {
+    QLORA_CHECK(grouped_ok && M <= 16, "cuda::gemv_4bit: Grouped2 takes M <= 16 (M = ", M,
+                "), blocksize 64 and K % 256 == 0");
+    M <= 8 ? detail::dispatch_gemv4g<1, 2>(ctx, args, dq, tl)
+           : detail::dispatch_gemv4g<2, 2>(ctx, args, dq, tl);
     return;
   }
   if (kernel == GemvKernel::Grouped || (kernel == GemvKernel::Auto && grouped_auto)) {

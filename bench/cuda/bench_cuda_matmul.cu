@@ -274,48 +274,25 @@ int main(int argc, char** argv) {
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
-        for (int sk : {1024, 2048, 4096}) {  // the streaming kernel, by values of K per stage
+        // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options
+        auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
+                       cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true) {
           const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, wr[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Stream, sk);
+            cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned);
           });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/stream_k" + std::to_string(sk), us,
+          report("gemv_lab/cuda/nf4dq/" + suffix + "/" + name, us,
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        }
+        };
+        for (int sk : {1024, 2048, 4096})  // the streaming kernel (rows only), by values of K per stage
+          row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
-        const double us_g = time_graph(ctx, [&](int i) {  // the grouped register kernel
-          cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Grouped);
-        });
-        report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped", us_g,
-               rate(us_g, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_g / t_bf16));
-        if (M <= 16) {  // two groups' loads in flight per warp
-          const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Grouped2);
-          });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/grouped2", us,
-                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        }
-        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // plain launches
-          const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, kern, 0, false);
-          });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix +
-                     (kern == cuda::GemvKernel::Grouped ? "/grouped_nopdl" : "/registers_nopdl"),
-                 us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        }
-        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // table anywhere
-          const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), M, y.data(), false, kern, 0, true, false);
-          });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix +
-                     (kern == cuda::GemvKernel::Grouped ? "/grouped_plainlut" : "/registers_plainlut"),
-                 us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        }
-        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {  // bitsandbytes' rows
-          const double us_r = time_graph(
-              ctx, [&](int i) { cuda::gemv_4bit(ctx, wr[i % nq], x.data(), M, y.data(), false, kern); });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix +
-                     (kern == cuda::GemvKernel::Grouped ? "/grouped_rows" : "/registers_rows"),
-                 us_r, rate(us_r, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_r / t_bf16));
+        row("grouped", wq, cuda::GemvKernel::Grouped);
+        if (M <= 16) row("grouped2", wq, cuda::GemvKernel::Grouped2);  // two groups' loads in flight
+        for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
+          const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
+          row(k + "_nopdl", wq, kern, 0, false);           // plain launches
+          row(k + "_plainlut", wq, kern, 0, true, false);  // the table anywhere in shared memory
+          row(k + "_rows", wr, kern);                      // bitsandbytes' rows
         }
       }
     }

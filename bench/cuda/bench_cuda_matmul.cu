@@ -194,6 +194,19 @@ int main(int argc, char** argv) {
     ctx.synchronize();
 
     DeviceBuffer<__nv_bfloat16> scratch(nk);
+    {  // what streaming these packed bytes costs in this framing (a read-only kernel, weights rotated,
+       // one launch per call): the practical floor of a GEMV at small M, beside the ceiling's bytes / rate
+      const int blocks = ctx.sm_count() * 8;
+      DeviceBuffer<unsigned> sink(std::size_t(blocks) * 512);
+      const double us = time_graph(ctx, [&](int i) {
+        read_kernel<<<blocks, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(wq[i % nq].packed.data()),
+                                                      nk / 32, sink.data());
+        QLORA_CUDA_CHECK_LAUNCH("read_kernel");
+      });
+      report("read/cuda/kernel/" + shape + "/packed", us,
+             fmt("%.3f TB/s = %.0f%% of read; a read-only kernel over the %.1f MB of packed weights",
+                 nk / 2.0 / us * 1e-6, 100.0 * nk / 2.0 / us * 1e-6 / read_tbs, nk / 2.0 * 1e-6));
+    }
     {
       const double us =
           time_graph(ctx, [&](int i) { cuda::dequantize_4bit(ctx, wq[i % nq], scratch.data()); });
@@ -283,11 +296,24 @@ int main(int argc, char** argv) {
           report("gemv_lab/cuda/nf4dq/" + suffix + "/" + name, us,
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
+        if (M > 32) {  // the GEMV in two calls of ≤ 32 tokens (the second finds much of W in L2)
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::gemv_4bit(ctx, wq[i % nq], x.data(), 32, y.data());
+            cuda::gemv_4bit(ctx, wq[i % nq], x.data() + std::size_t(32) * K, M - 32,
+                            y.data() + std::size_t(32) * N);
+          });
+          report("gemv_lab/cuda/nf4dq/" + suffix + "/halves", us,
+                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+        }
         for (int sk : {1024, 2048, 4096})  // the streaming kernel (rows only), by values of K per stage
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
         if (M <= 16) row("grouped2", wq, cuda::GemvKernel::Grouped2);  // two groups' loads in flight
+        if (M <= 16 && !std::getenv("QLORA_BENCH_SKIP_RING")) {  // copy-engine ring: 3 slots a warp, 4 with
+          row("grouped_ring", wq, cuda::GemvKernel::GroupedRing);     // the plain table
+          row("grouped_ring_plainlut", wq, cuda::GemvKernel::GroupedRing, 0, true, false);
+        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
           const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
           row(k + "_nopdl", wq, kern, 0, false);           // plain launches

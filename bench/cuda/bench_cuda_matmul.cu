@@ -199,8 +199,8 @@ int main(int argc, char** argv) {
       const int blocks = ctx.sm_count() * 8;
       DeviceBuffer<unsigned> sink(std::size_t(blocks) * 512);
       const double us = time_graph(ctx, [&](int i) {
-        read_kernel<<<blocks, 512, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(wq[i % nq].packed.data()),
-                                                      nk / 32, sink.data());
+        read_kernel<<<blocks, 512, 0, ctx.stream()>>>(
+            reinterpret_cast<const uint4*>(wq[i % nq].packed.data()), nk / 32, sink.data());
         QLORA_CUDA_CHECK_LAUNCH("read_kernel");
       });
       report("read/cuda/kernel/" + shape + "/packed", us,
@@ -310,8 +310,8 @@ int main(int argc, char** argv) {
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
         if (M <= 16) row("grouped2", wq, cuda::GemvKernel::Grouped2);  // two groups' loads in flight
-        if (M <= 16 && !std::getenv("QLORA_BENCH_SKIP_RING")) {  // copy-engine ring: 3 slots a warp, 4 with
-          row("grouped_ring", wq, cuda::GemvKernel::GroupedRing);     // the plain table
+        if (M <= 16 && !std::getenv("QLORA_BENCH_SKIP_RING")) {    // copy-engine ring: 3 slots a warp, 4 with
+          row("grouped_ring", wq, cuda::GemvKernel::GroupedRing);  // the plain table
           row("grouped_ring_plainlut", wq, cuda::GemvKernel::GroupedRing, 0, true, false);
         }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {

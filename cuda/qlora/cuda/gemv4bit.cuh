@@ -118,7 +118,8 @@ struct GemvSmem {
   // The ring (P ≥ 3): its barriers (warp, slot) and then its slots (warp, slot, 2 KB), after the
   // table and the rest, from a 128-byte boundary; the kernel traps if the allocation is smaller.
   __device__ unsigned char* ring(unsigned char* smem, int p) const {
-    const unsigned char* end = AL ? s_lut + kLutBytes : reinterpret_cast<const unsigned char*>(s_first + kGemvWarps);
+    const unsigned char* end =
+        AL ? s_lut + kLutBytes : reinterpret_cast<const unsigned char*>(s_first + kGemvWarps);
     const std::uint32_t base = std::uint32_t(__cvta_generic_to_shared(smem));
     const std::uint32_t at = (std::uint32_t(__cvta_generic_to_shared(end)) + 127u) & ~127u;
     std::uint32_t dyn;
@@ -428,7 +429,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (lane == 0) {
       mbar_arrive_expect_tx(bars + slot, kGroupBytes);
-      bulk_copy_g2s(slots + slot * kGroupBytes, gsrc + std::size_t(k) * kGroupBytes, kGroupBytes, bars + slot);
+      bulk_copy_g2s(slots + slot * kGroupBytes, gsrc + std::size_t(k) * kGroupBytes, kGroupBytes,
+                    bars + slot);
     }
 #endif
   };
@@ -599,7 +601,8 @@ template <int NT, int P = 1>
 void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
   dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
     if constexpr (P < 3 || decltype(l)::value)  // the ring reads the tiles layout only
-      launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value, P>,
+      launch_persistent(ctx,
+                        gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value, P>,
                         args, NT, al.value, "gemv4g_kernel", P);
   });
 }
@@ -721,8 +724,8 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   if (kernel == GemvKernel::GroupedRing) {
     QLORA_CHECK(grouped_ok && M <= 16 && tl && ctx.props().major >= 9,
                 "cuda::gemv_4bit: GroupedRing takes M <= 16 (M = ", M,
-                "), blocksize 64, K % 256 == 0, the tiles layout and sm_90 (device has sm_", ctx.props().major,
-                ctx.props().minor, ")");
+                "), blocksize 64, K % 256 == 0, the tiles layout and sm_90 (device has sm_",
+                ctx.props().major, ctx.props().minor, ")");
     // 3 slots a warp beside the aligned table (the block's 227 KB), 4 beside the plain one
     if (M <= 8)
       args.aligned_lut ? detail::dispatch_gemv4g<1, 3>(ctx, args, dq, tl)

@@ -274,9 +274,12 @@ int main(int argc, char** argv) {
       const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
       report("matmul/cuda/nf4dq/" + suffix, t_q,
              rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
-                 (M > cuda::kGemvMaxTokens ? "; dequantize + cuBLAS"
-                  : M <= 16                ? "; grouped register tensor-core GEMV"
-                                           : "; register tensor-core GEMV"));
+                 (M > 2 * cuda::kGemvMaxTokens ||
+                          (M > cuda::kGemvMaxTokens && double(nk) < double(cuda::kGemvTwiceMinValues))
+                      ? "; dequantize + cuBLAS"
+                  : M > cuda::kGemvMaxTokens ? "; the GEMV twice (32 tokens, then the rest)"
+                  : M <= 16                  ? "; grouped register tensor-core GEMV"
+                                             : "; register tensor-core GEMV"));
       if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;

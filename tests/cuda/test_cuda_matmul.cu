@@ -96,12 +96,14 @@ TEST_CASE("cuda matmul_4bit matches the fp32 reference (GEMV and cuBLAS paths)",
       {4096, 4096, 8, 64, NF4, true},       {1024, 11008, 1, 64, NF4, true},
       {512, 4096, 12, 4096, FP4, false},    {2048, 2048, 24, 128, NF4, true},
       {256, 11008, 8, 64, NF4, true},       {256, 11008, 7, 64, FP4, false},
+      {8192, 4096, 40, 64, NF4, true},  // kGemvTwiceMinValues: the GEMV for tokens 0..31, then 32..39
   };
   for (const auto& c : cases)
     for (bool acc : {false, true}) {
       INFO("N " << c.N << " K " << c.K << " M " << c.M << " bs " << c.blocksize << " "
                 << quant::quant4_name(c.type) << " dq " << c.dq << " accumulate " << acc << " gemv "
-                << (c.M <= cuda::kGemvMaxTokens));
+                << (c.M <= cuda::kGemvMaxTokens || (c.M <= 2 * cuda::kGemvMaxTokens &&
+                                                    std::int64_t(c.N) * c.K >= cuda::kGemvTwiceMinValues)));
       const auto e = check_matmul(c, acc, false);
       std::printf(
           "matmul N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g (bound %.3g), rel norm %.3g\n",

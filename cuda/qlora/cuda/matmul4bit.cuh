@@ -1,6 +1,7 @@
 #pragma once
 // y = x · Wᵀ for a 4-bit W on the GPU, choosing the path by the number of tokens M:
 //   M ≤ kGemvMaxTokens (and a shape gemv_4bit takes): the tensor-core GEMV, reading W once;
+//   M ≤ 2 · kGemvMaxTokens on a weight of ≥ kGemvTwiceMinValues values: the GEMV twice;
 //   otherwise: dequantize W into the caller's reused bf16 scratch, then cuBLAS bf16 GEMM.
 // The scratch is grown on first use and kept (N·K bf16: the price of a large-M product is one
 // dequantized copy of the largest weight, shared by all layers that use the same scratch).
@@ -26,6 +27,13 @@ namespace cuda {
 // docs/performance.md).
 constexpr int kGemvMaxTokens = 32;
 
+// From 33 to 64 tokens on a large weight, the GEMV twice (32 tokens, then the rest) beats
+// dequantizing: on an H100 at M = 32 the GEMV took 36.8 µs at 14336x4096 and 32.4 at 11008x4096,
+// against 61 / 48 µs for the dequantization alone; at 4096x4096 (16.1 µs against 21.7 + cuBLAS's
+// 14.2) it does not (docs/performance.md, "CUDA (H100)"). Weights of at least this many values take
+// the two calls.
+constexpr long long kGemvTwiceMinValues = 32ll << 20;
+
 // y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64).
 inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
                                 int M, __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch,
@@ -45,6 +53,14 @@ inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const 
   QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
               " dimensions, expected 2");
   if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return gemv_4bit(ctx, w, x, M, y, accumulate);
+  if (M <= 2 * kGemvMaxTokens && gemv_4bit_supported(w, M) &&
+      w.shape[0] * w.shape[1] >= kGemvTwiceMinValues) {  // rows 0..31, then 32..M-1, of x and y
+    const int K = int(w.shape[1]), N = int(w.shape[0]);
+    gemv_4bit(ctx, w, x, kGemvMaxTokens, y, accumulate);
+    gemv_4bit(ctx, w, x + std::size_t(kGemvMaxTokens) * K, M - kGemvMaxTokens,
+              y + std::size_t(kGemvMaxTokens) * N, accumulate);
+    return;
+  }
   matmul_4bit_dequant(ctx, w, x, M, y, scratch, accumulate);
 }
 

@@ -312,11 +312,6 @@ int main(int argc, char** argv) {
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
-        if (M <= 16) row("grouped2", wq, cuda::GemvKernel::Grouped2);  // two groups' loads in flight
-        if (M <= 16 && !std::getenv("QLORA_BENCH_SKIP_RING")) {    // copy-engine ring: 3 slots a warp, 4 with
-          row("grouped_ring", wq, cuda::GemvKernel::GroupedRing);  // the plain table
-          row("grouped_ring_plainlut", wq, cuda::GemvKernel::GroupedRing, 0, true, false);
-        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
           const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
           row(k + "_nopdl", wq, kern, 0, false);           // plain launches

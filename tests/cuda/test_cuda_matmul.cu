@@ -40,8 +40,7 @@ Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
   const auto xb = cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.K, 5 + c.M, 1.0f));
   const auto y0 = cudatest::to_bf16(cudatest::gaussian(std::size_t(c.M) * c.N, 9, 0.5f));
 
-  auto dw = cuda::to_device(q, ctx);
-  if (kernel == cuda::GemvKernel::GroupedRing) cuda::use_gemv_layout(ctx, dw);  // it reads tiles only
+  const auto dw = cuda::to_device(q, ctx);
   auto dx = cudatest::upload_bf16(xb);
   auto dy =
       cudatest::upload_bf16(accumulate ? y0 : std::vector<bf16>(y0.size(), bf16{0xffff}));  // NaN poison
@@ -137,20 +136,12 @@ TEST_CASE("cuda gemv_4bit: streaming, register and grouped kernels meet the boun
     std::printf("device is sm_%d%d: the streaming kernel (sm_90) is not run\n", ctx.props().major,
                 ctx.props().minor);
   for (const auto& c : cases)
-    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped,
-                        cuda::GemvKernel::Grouped2, cuda::GemvKernel::GroupedRing}) {
-      const bool ring = kernel == cuda::GemvKernel::GroupedRing;
+    for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped}) {
       if (kernel == cuda::GemvKernel::Stream && (!sm90 || c.K % 1024 != 0 || c.blocksize != 64)) continue;
-      if ((kernel == cuda::GemvKernel::Grouped || kernel == cuda::GemvKernel::Grouped2 || ring) &&
-          !cuda::gemv_grouped_supported(c.blocksize, c.K))
-        continue;
-      if ((kernel == cuda::GemvKernel::Grouped2 || ring) && c.M > 16) continue;
-      if (ring && !sm90) continue;
+      if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
       const char* name = kernel == cuda::GemvKernel::Stream      ? "stream"
                          : kernel == cuda::GemvKernel::Registers ? "registers"
-                         : kernel == cuda::GemvKernel::Grouped   ? "grouped"
-                         : kernel == cuda::GemvKernel::Grouped2  ? "grouped2"
-                                                                 : "grouped_ring";
+                                                                 : "grouped";
       for (bool acc : {false, true}) {
         INFO("N " << c.N << " K " << c.K << " M " << c.M << " " << quant::quant4_name(c.type) << " dq "
                   << c.dq << " accumulate " << acc << " kernel " << name);
@@ -274,20 +265,16 @@ TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   const int N = 4096, K = 4096, M = 4;
   const auto wf = cudatest::gaussian(std::size_t(N) * K, 1);
   const auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
-  auto dwt = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
-  cuda::use_gemv_layout(ctx, dwt);  // GroupedRing reads the tiles layout only
   auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(24) * K, 2, 1.0f)));
   cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(24) * N), y2(std::size_t(24) * N);
   const bool sm90 = ctx.props().major >= 9;
   for (auto kernel : {cuda::GemvKernel::Auto, cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped,
-                      cuda::GemvKernel::Stream, cuda::GemvKernel::Grouped2, cuda::GemvKernel::GroupedRing})
+                      cuda::GemvKernel::Stream})
     for (int m : {M, 1, 24}) {  // every kernel, with tiles owned by one warp and split across warps
-      const bool ring = kernel == cuda::GemvKernel::GroupedRing;
-      if ((kernel == cuda::GemvKernel::Stream || ring) && !sm90) continue;
-      if ((kernel == cuda::GemvKernel::Grouped2 || ring) && m > 16) continue;
+      if (kernel == cuda::GemvKernel::Stream && !sm90) continue;
       INFO("kernel " << int(kernel) << " M " << m);
-      cuda::gemv_4bit(ctx, ring ? dwt : dw, dx.data(), m, y1.data(), false, kernel);
-      cuda::gemv_4bit(ctx, ring ? dwt : dw, dx.data(), m, y2.data(), false, kernel);
+      cuda::gemv_4bit(ctx, dw, dx.data(), m, y1.data(), false, kernel);
+      cuda::gemv_4bit(ctx, dw, dx.data(), m, y2.data(), false, kernel);
       ctx.synchronize();
       const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
       for (std::size_t i = 0; i < std::size_t(m) * N; ++i) REQUIRE(a[i].bits == b[i].bits);

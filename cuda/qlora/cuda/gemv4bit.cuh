@@ -41,7 +41,6 @@
 #include <string>
 #include <type_traits>
 
-#include "qlora/cuda/async_copy.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
 #include "qlora/cuda/gemv4bit_common.cuh"
@@ -70,22 +69,13 @@ __host__ __device__ constexpr std::size_t gemv_rest_bytes(int nt) {
 // 11008 rows (less room is left for L1, which holds x): no clear gain for 64 KB more a block.
 constexpr bool gemv_aligned_lut(int nt) { return nt <= 2; }
 
-// The grouped kernel's ring (P ≥ 3, GemvKernel::GroupedRing): P slots of one group (2 KB) per warp,
-// and their P transaction barriers, placed after the table (and the rest) at a 128-byte boundary.
-constexpr int kGroupBytes = 2048;  // 4 units × 512 bytes: a group of the tiles layout
-__host__ __device__ constexpr std::size_t gemv_ring_bytes(int p) {
-  return p < 3 ? 0
-               : 128 + ((std::size_t(kGemvWarps) * p * 8 + 127) & ~std::size_t(127)) +
-                     std::size_t(kGemvWarps) * p * kGroupBytes;
-}
-
 // Dynamic shared memory of a block. `reserved`: the shared memory the system keeps at the start of
 // each block's window (cudaDeviceProp::reservedSharedMemPerBlock, 1 KB on sm_80 and sm_90); the
 // dynamic allocation starts after it, so the table's 64 KB boundary is found from there.
-inline std::size_t gemv_smem_bytes(int nt, bool aligned, std::size_t reserved, int ring_p = 0) {
-  if (!aligned) return std::size_t(kLutBytes) + gemv_rest_bytes(nt) + gemv_ring_bytes(ring_p);
+inline std::size_t gemv_smem_bytes(int nt, bool aligned, std::size_t reserved) {
+  if (!aligned) return std::size_t(kLutBytes) + gemv_rest_bytes(nt);
   const std::size_t table = (reserved + gemv_rest_bytes(nt) + 0xffff) & ~std::size_t(0xffff);
-  return table - reserved + kLutBytes + gemv_ring_bytes(ring_p);
+  return table - reserved + kLutBytes;
 }
 
 // The register-fed kernels' pointers into their dynamic shared memory, and the lookups of the table.
@@ -114,18 +104,6 @@ struct GemvSmem {
     s_map = reinterpret_cast<float*>(rest);
     s_slot = s_map + 256;
     s_first = reinterpret_cast<int*>(s_slot + kGemvWarps * 2 * 16 * 8 * NT);
-  }
-  // The ring (P ≥ 3): its barriers (warp, slot) and then its slots (warp, slot, 2 KB), after the
-  // table and the rest, from a 128-byte boundary; the kernel traps if the allocation is smaller.
-  __device__ unsigned char* ring(unsigned char* smem, int p) const {
-    const unsigned char* end =
-        AL ? s_lut + kLutBytes : reinterpret_cast<const unsigned char*>(s_first + kGemvWarps);
-    const std::uint32_t base = std::uint32_t(__cvta_generic_to_shared(smem));
-    const std::uint32_t at = (std::uint32_t(__cvta_generic_to_shared(end)) + 127u) & ~127u;
-    std::uint32_t dyn;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (at + gemv_ring_bytes(p) - 128 > base + dyn) __trap();
-    return smem + (at - base);
   }
   __device__ auto lut(int lane) const {
     if constexpr (AL)
@@ -321,10 +299,13 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
 //
 // The first group's loads are issued before the table is filled (they arrive during the fill), and
 // x is read at compute time (L1-resident), not with the weights: its registers are what limits a
-// warp's loads in flight. Tried on the H200 and dropped (no faster, docs/performance.md): a table at
-// a 64 KB boundary of the shared window so that one byte permute yields the lookup address (5.6 M
-// instead of ~6 M warp instructions, but fewer issued per cycle), and two register sets with the
-// next group's loads issued before this group is computed.
+// warp's loads in flight. Tried and dropped (docs/performance.md): two register sets with the next
+// group's loads issued before this group is computed (H200, and again on the H100 with the current
+// code: 15.0-15.3 against 14.3-14.6 µs at 14336x4096, M = 1; 128 registers, a spill); the same
+// kernel fed through a ring of 3-4 group slots per warp that the copy engine fills (2 KB bulk
+// copies, one transaction barrier per slot; H100: 17.4 against 14.3 µs at M = 1, 32.6 against 22.5
+// at M = 16). More bytes in flight per warp did not help: at M = 1 this kernel takes 1.2x the time
+// of a bare read-only kernel over the same packed bytes (12.0 µs at 14336x4096).
 struct GroupLoads {
   uint2 wa[4], wb[4];
   std::uint32_t c0, c1;  // 4 absmax codes of rows g, g + 8 (DQ)
@@ -332,11 +313,7 @@ struct GroupLoads {
   float4 f0, f1;         // 4 float absmax of rows g, g + 8 (no DQ)
 };
 
-// P: groups whose loads a warp has in flight. 1 (Auto): a group's loads are issued after the group
-// before is computed. 2 (GemvKernel::Grouped2, a lab kernel written on 2026-12-07 and not yet run on
-// a GPU): the next group's loads fly while this one is computed, for the latency the H100 figures
-// point to (docs/performance.md, "CUDA (H100)"); ptxas: 128 registers, 4 bytes of spill at M ≤ 8.
-template <int NT, bool DQ, bool TL, bool AL, int P = 1>
+template <int NT, bool DQ, bool TL, bool AL>
 __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const GemvSmem<NT, AL> sm(smem);
@@ -369,7 +346,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
     px = a.x + std::size_t(g) * K + std::size_t(kg) * 256 + 16 * t;
   };
   seek();
-  auto issue_am = [&](GroupLoads& L) {  // the group's absmax
+  auto issue = [&](GroupLoads& L) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) load_unit<TL>(pw + (TL ? 512 : 32) * u, far, L.wa[u], L.wb[u]);
     if (DQ) {
       L.c0 = __ldg(reinterpret_cast<const std::uint32_t*>(a.am.qabsmax + b0));
       L.c1 = __ldg(reinterpret_cast<const std::uint32_t*>(a.am.qabsmax + b0 + far_blocks));
@@ -379,11 +358,6 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       L.f0 = __ldg(reinterpret_cast<const float4*>(a.am.absmax + b0));
       L.f1 = __ldg(reinterpret_cast<const float4*>(a.am.absmax + b0 + far_blocks));
     }
-  };
-  auto issue = [&](GroupLoads& L) {  // the group's weights and absmax
-#pragma unroll
-    for (int u = 0; u < 4; ++u) load_unit<TL>(pw + (TL ? 512 : 32) * u, far, L.wa[u], L.wb[u]);
-    issue_am(L);
   };
   auto advance = [&]() {
     if (++kg == KG) {
@@ -400,54 +374,12 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   // The first group's loads fly while the table is filled; launched with PDL, they come after the
   // wait instead (the kernel before may have written the weights: a requantize, a layout change),
   // and the table fill is what overlaps the kernel before.
-  // P groups' loads in flight: L0 (and L1), each with its tile and x position.
-  GroupLoads L0, L1;
-  int tl0 = 0, tl1 = 0;
-  const __nv_bfloat16 *px0 = nullptr, *px1 = nullptr;
-  auto issue_at = [&](GroupLoads& L, int& tlx, const __nv_bfloat16*& pxx) {
-    tlx = tile;
-    pxx = px;
-    issue(L);
-    advance();
-  };
-  int cur_tile = tile;
-  // P = 1: the position stays at the group in L0 until the loop has read it (fewer live registers)
-  auto first = [&]() { P == 1 ? issue(L0) : issue_at(L0, tl0, px0); };
-
-  // P ≥ 3: the warp's ring of P group slots; a warp's groups are one contiguous span of the tiles
-  // layout (tile-major, 2 KB a group), so group gb + k starts at gsrc + 2 KB · k.
-  std::uint64_t* bars = nullptr;
-  unsigned char* slots = nullptr;
-  const std::uint8_t* gsrc = nullptr;
-  if constexpr (P >= 3) {
-    unsigned char* r = sm.ring(smem, P);
-    bars = reinterpret_cast<std::uint64_t*>(r) + warp * P;
-    slots = r + ((kGemvWarps * P * 8 + 127) & ~127) + std::size_t(warp) * P * kGroupBytes;
-    gsrc = a.packed + std::size_t(tile_begin) * std::size_t(KC) * 512 + std::size_t(gb) * kGroupBytes;
-  }
-  auto ring_issue = [&](int k, int slot) {  // lane 0 starts the copy of group gb + k into `slot`
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (lane == 0) {
-      mbar_arrive_expect_tx(bars + slot, kGroupBytes);
-      bulk_copy_g2s(slots + slot * kGroupBytes, gsrc + std::size_t(k) * kGroupBytes, kGroupBytes,
-                    bars + slot);
-    }
-#endif
-  };
-
+  GroupLoads L;
   pdl_launch_dependents();
-  if (P < 3 && !a.pdl && gb < ge) first();
+  if (!a.pdl && gb < ge) issue(L);
   fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
   pdl_wait();  // every load of x, W and absmax, and every store, come after
-  if (P < 3 && a.pdl && gb < ge) first();
-  if (P == 2 && gb + 1 < ge) issue_at(L1, tl1, px1);
-  if constexpr (P >= 3) {  // the first P - 1 groups' copies (the barriers' init is the same lane's)
-    if (lane == 0) {
-      for (int s = 0; s < P; ++s) mbar_init(bars + s, 1);
-      mbar_fence_init();
-    }
-    for (int k = 0; k < P - 1 && gb + k < ge; ++k) ring_issue(k, k);
-  }
+  if (a.pdl && gb < ge) issue(L);
   __syncthreads();
 
   float acc[NT][4];
@@ -460,8 +392,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       store_partials<NT>(s_slot + std::size_t(warp * 2 + (tl == gb / KG ? 0 : 1)) * 16 * 8 * NT, acc, g, t);
   };
 
+  int cur_tile = tile;
   // Computes the group in L (tile tl, x at pxg), whose loads were issued before.
-  auto compute = [&](const GroupLoads& L, int tl, const __nv_bfloat16* pxg) {
+  auto compute = [&](int tl, const __nv_bfloat16* pxg) {
     if (tl != cur_tile) {
       finish_tile(cur_tile);
       cur_tile = tl;
@@ -486,61 +419,12 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
     }
   };
 
-  if (P == 1) {
-    for (int gi = gb; gi < ge; ++gi) {
-      const int tl = tile;
-      const __nv_bfloat16* pxg = px;
-      advance();
-      compute(L0, tl, pxg);
-      if (gi + 1 < ge) issue(L0);
-    }
-  } else if (P == 2) {  // two sets: the next group's loads fly while this one is computed
-    for (int gi = gb; gi < ge; gi += 2) {
-      compute(L0, tl0, px0);
-      if (gi + 2 < ge) issue_at(L0, tl0, px0);
-      if (gi + 1 < ge) {
-        compute(L1, tl1, px1);
-        if (gi + 3 < ge) issue_at(L1, tl1, px1);
-      }
-    }
-  } else {  // the ring: P - 1 groups' copies in flight while one is computed
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const int n = ge - gb;
-    int tln = tile;  // the next group's tile, x and absmax (loaded a group ahead, in L1)
-    const __nv_bfloat16* pxn = px;
-    if (n > 0) {
-      issue_am(L1);
-      advance();
-    }
-    int slot = 0, prev = P - 1;
-    std::uint32_t parity = 0;
-    for (int k = 0; k < n; ++k) {
-      const int tl = tln;
-      const __nv_bfloat16* pxg = pxn;
-      L0.c0 = L1.c0, L0.c1 = L1.c1, L0.n0 = L1.n0, L0.n1 = L1.n1, L0.f0 = L1.f0, L0.f1 = L1.f1;
-      if (k + 1 < n) {
-        tln = tile, pxn = px;
-        issue_am(L1);
-        advance();
-      }
-      // into the slot of group k - 1: its data went through that group's mma, so every lane's read
-      // of it has completed
-      if (k + P - 1 < n) ring_issue(k + P - 1, prev);
-      mbar_wait(bars + slot, parity);
-      const unsigned char* sl = slots + slot * kGroupBytes + 16 * lane;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const uint4 v = *reinterpret_cast<const uint4*>(sl + 512 * u);
-        L0.wa[u] = make_uint2(v.x, v.y);
-        L0.wb[u] = make_uint2(v.z, v.w);
-      }
-      compute(L0, tl, pxg);
-      prev = slot;
-      if (++slot == P) slot = 0, parity ^= 1u;
-    }
-#else
-    __trap();
-#endif
+  for (int gi = gb; gi < ge; ++gi) {
+    const int tl = tile;
+    const __nv_bfloat16* pxg = px;
+    advance();
+    compute(tl, pxg);
+    if (gi + 1 < ge) issue(L);
   }
   if (gb < ge) finish_tile(cur_tile);
   if (lane == 0) s_first[warp] = gb < ge ? gb / KG : -1;
@@ -552,8 +436,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
 // launch of both register-fed kernels.
 template <class Kernel>
 void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, int nt, bool aligned,
-                       const char* name, int ring_p = 0) {
-  const std::size_t smem = gemv_smem_bytes(nt, aligned, ctx.props().reservedSharedMemPerBlock, ring_p);
+                       const char* name) {
+  const std::size_t smem = gemv_smem_bytes(nt, aligned, ctx.props().reservedSharedMemPerBlock);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
@@ -597,13 +481,11 @@ void dispatch_flags(const GemvArgs& args, bool dq, bool tl, Launch launch) {
     tl ? al(F{}, T{}) : al(F{}, F{});
 }
 
-template <int NT, int P = 1>
+template <int NT>
 void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
   dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
-    if constexpr (P < 3 || decltype(l)::value)  // the ring reads the tiles layout only
-      launch_persistent(ctx,
-                        gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value, P>,
-                        args, NT, al.value, "gemv4g_kernel", P);
+    launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
+                      args, NT, al.value, "gemv4g_kernel");
   });
 }
 
@@ -632,10 +514,7 @@ inline bool gemv_4bit_supported(const DeviceQuantized4bit& w, int M) {
 // register-fed kernels (per unit, or grouped by 4 units); the others force one, the streaming sm_90
 // kernel of gemv4bit_stream.cuh included (tests, the benchmarks' kernel lab). Stream or Grouped on a
 // device or shape it does not take is an error.
-// Grouped2 (lab, M ≤ 16): the grouped kernel with two groups' loads in flight per warp.
-// GroupedRing (lab, sm_90, tiles layout, M ≤ 16): the grouped kernel fed through a ring of shared-memory
-// slots per warp that the copy engine fills, groups ahead, whatever the warp's registers.
-enum class GemvKernel { Auto, Registers, Stream, Grouped, Grouped2, GroupedRing };
+enum class GemvKernel { Auto, Registers, Stream, Grouped };
 
 // The grouped register kernel's shapes: blocksize 64 and K % 256 == 0 (beside gemv_4bit_supported's).
 inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return blocksize == 64 && K % 256 == 0; }
@@ -712,27 +591,6 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
       detail::dispatch_gemv4_stream<4>(ctx, args, dq, stage_k);
     else
       detail::dispatch_gemv4_stream<8>(ctx, args, dq, stage_k);
-    return;
-  }
-  if (kernel == GemvKernel::Grouped2) {
-    QLORA_CHECK(grouped_ok && M <= 16, "cuda::gemv_4bit: Grouped2 takes M <= 16 (M = ", M,
-                "), blocksize 64 and K % 256 == 0");
-    M <= 8 ? detail::dispatch_gemv4g<1, 2>(ctx, args, dq, tl)
-           : detail::dispatch_gemv4g<2, 2>(ctx, args, dq, tl);
-    return;
-  }
-  if (kernel == GemvKernel::GroupedRing) {
-    QLORA_CHECK(grouped_ok && M <= 16 && tl && ctx.props().major >= 9,
-                "cuda::gemv_4bit: GroupedRing takes M <= 16 (M = ", M,
-                "), blocksize 64, K % 256 == 0, the tiles layout and sm_90 (device has sm_",
-                ctx.props().major, ctx.props().minor, ")");
-    // 3 slots a warp beside the aligned table (the block's 227 KB), 4 beside the plain one
-    if (M <= 8)
-      args.aligned_lut ? detail::dispatch_gemv4g<1, 3>(ctx, args, dq, tl)
-                       : detail::dispatch_gemv4g<1, 4>(ctx, args, dq, tl);
-    else
-      args.aligned_lut ? detail::dispatch_gemv4g<2, 3>(ctx, args, dq, tl)
-                       : detail::dispatch_gemv4g<2, 4>(ctx, args, dq, tl);
     return;
   }
   if (kernel == GemvKernel::Grouped || (kernel == GemvKernel::Auto && grouped_auto)) {

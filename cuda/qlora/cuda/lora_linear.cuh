@@ -17,7 +17,8 @@
 // overwritten).
 //
 // Where each product runs, and what is formed:
-//   y  = x·W0ᵀ                 4-bit: cuda::matmul_4bit (GEMV for M ≤ 32, dequantize + cuBLAS above);
+//   y  = x·W0ᵀ                 4-bit: cuda::matmul_4bit (GEMV for M ≤ 32, twice up to 64 on large
+//                              weights, else dequantize + cuBLAS);
 //                              int8: dequantize_rowwise_int8 into the reused bf16 scratch + cuBLAS
 //                              (no int8 GEMV on the GPU yet); dense: cuBLAS on the bf16 copy
 //   h  = (1/(1-p))·xm·Aᵀ       cuBLAS, bf16 in, fp32 out (M, r); xm = x ⊙ keep, exact in bf16

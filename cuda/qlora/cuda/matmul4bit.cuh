@@ -27,14 +27,16 @@ namespace cuda {
 // docs/performance.md).
 constexpr int kGemvMaxTokens = 32;
 
-// From 33 to 64 tokens on a large weight, the GEMV twice (32 tokens, then the rest) beats
-// dequantizing: on an H100 at M = 32 the GEMV took 36.8 µs at 14336x4096 and 32.4 at 11008x4096,
-// against 61 / 48 µs for the dequantization alone; at 4096x4096 (16.1 µs against 21.7 + cuBLAS's
-// 14.2) it does not (docs/performance.md, "CUDA (H100)"). Weights of at least this many values take
-// the two calls.
+// From 33 to 64 tokens on a large weight, the GEMV twice (32 tokens, then the rest; the second call
+// finds part of W in L2) beats dequantizing. H100 (docs/performance.md, "CUDA (H100)", eighth
+// session): 14336x4096 M = 64 75.7 µs against 105.4 for dequantize + cuBLAS, M = 40 53.6; 11008x4096
+// M = 40 / 64 48.5 / 67.7 µs, where dequantizing alone takes 47.4. At 4096x4096 the two paths are
+// within 10% either way (M = 48: 26.1 twice against 29.1; M = 64: 32.2 against 29.2), so the smaller
+// weights keep dequantize + cuBLAS. Weights of at least this many values take the two calls.
 constexpr long long kGemvTwiceMinValues = 32ll << 20;
 
-// y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64).
+// y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64
+// tokens, and above 32 on weights under kGemvTwiceMinValues values).
 inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
                                 int M, __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch,
                                 bool accumulate = false) {

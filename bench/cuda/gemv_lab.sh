@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short GPU lab run of the GEMV (about 3 minutes of device time): builds test_cuda_matmul and
+# A short GPU lab run of the GEMV (about 90 s of device time on an H100): builds test_cuda_matmul and
 # bench_cuda_matmul for sm_90 only, runs the determinism test first (a new kernel that hangs or
 # races shows there in a minute), then the benchmark rows of the given shapes and token counts, then
 # every [cuda] matmul test. Usage: bash bench/cuda/gemv_lab.sh OUTDIR; SH= and MS= pick

@@ -464,14 +464,18 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   if (e != cudaSuccess) throw_cuda(e, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
 }
 
-// Calls launch(std::integral_constant<bool, DQ>, ..TL, ..AL) with the run-time flags as types.
+// Calls launch(std::integral_constant<bool, DQ>, ..TL, ..AL) with the run-time flags as types. AL:
+// the aligned table where asked for (args.aligned_lut), where NT takes it (gemv_aligned_lut) and
+// where its block fits the device's shared memory.
 template <int NT, class Launch>
-void dispatch_flags(const GemvArgs& args, bool dq, bool tl, Launch launch) {
+void dispatch_flags(const Context& ctx, const GemvArgs& args, bool dq, bool tl, Launch launch) {
   using T = std::true_type;
   using F = std::false_type;
   auto al = [&](auto d, auto l) {
     if constexpr (gemv_aligned_lut(NT)) {
-      if (args.aligned_lut) return launch(d, l, T{});
+      if (args.aligned_lut && gemv_smem_bytes(NT, true, ctx.props().reservedSharedMemPerBlock) <=
+                                  ctx.props().sharedMemPerBlockOptin)
+        return launch(d, l, T{});
     }
     launch(d, l, F{});
   };
@@ -483,7 +487,7 @@ void dispatch_flags(const GemvArgs& args, bool dq, bool tl, Launch launch) {
 
 template <int NT>
 void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
-  dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
+  dispatch_flags<NT>(ctx, args, dq, tl, [&](auto d, auto l, auto al) {
     launch_persistent(ctx, gemv4g_kernel<NT, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
                       args, NT, al.value, "gemv4g_kernel");
   });
@@ -491,7 +495,7 @@ void dispatch_gemv4g(const Context& ctx, const GemvArgs& args, bool dq, bool tl)
 
 template <int NT, int U, int MINB>
 void dispatch_gemv4_dq(const Context& ctx, const GemvArgs& args, bool dq, bool tl) {
-  dispatch_flags<NT>(args, dq, tl, [&](auto d, auto l, auto al) {
+  dispatch_flags<NT>(ctx, args, dq, tl, [&](auto d, auto l, auto al) {
     launch_persistent(ctx,
                       gemv4_kernel<NT, U, MINB, decltype(d)::value, decltype(l)::value, decltype(al)::value>,
                       args, NT, al.value, "gemv4_kernel");
@@ -566,12 +570,7 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.tiles = args.N / 16;
   args.accumulate = accumulate;
   args.pdl = pdl && ctx.props().major >= 9;
-  {  // the aligned table up to 16 tokens, where its 127 KB block fits the device (sm_80, sm_90)
-    const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-    args.aligned_lut = aligned_lut && detail::gemv_aligned_lut(nt) &&
-                       detail::gemv_smem_bytes(nt, true, ctx.props().reservedSharedMemPerBlock) <=
-                           ctx.props().sharedMemPerBlockOptin;
-  }
+  args.aligned_lut = aligned_lut;  // taken up to 16 tokens where the block fits (dispatch_flags)
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   const bool dq = w.double_quant;

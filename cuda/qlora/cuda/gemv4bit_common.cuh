@@ -27,7 +27,7 @@ struct GemvArgs {
   int stage_k;       // values of K per stage (the streaming kernel)
   bool pdl;          // register-fed kernels: launched as programmatic dependent launches (sm_90)
   bool accumulate;   // y += x · Wᵀ instead of y = x · Wᵀ
-  bool aligned_lut;  // register-fed kernels, M ≤ 16: the table at a 64 KB boundary (AlignedLut)
+  bool aligned_lut;  // register-fed kernels: the table at a 64 KB boundary where it applies (AlignedLut)
   Code16Param code;
   Code256Param map;
 };

@@ -24,6 +24,7 @@
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
 #include "qlora/cuda/dequantize8bit.cuh"
+#include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/layout4bit.cuh"
@@ -280,6 +281,18 @@ int main(int argc, char** argv) {
                   : M > cuda::kGemvMaxTokens ? "; the GEMV twice (32 tokens, then the rest)"
                   : M <= 16                  ? "; grouped register tensor-core GEMV"
                                              : "; register tensor-core GEMV"));
+      if (M > 32) {  // lab: the large-M paths, each forced (matmul_4bit's rows above pick one of them)
+        const double us_dq = time_graph(
+            ctx, [&](int i) { cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
+        report("gemm4_lab/cuda/nf4dq/" + suffix + "/dequant_cublas", us_dq,
+               rate(us_dq, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_dq / t_bf16));
+        if (cuda::gemm_4bit_sm90_supported(ctx, wq[0], x.data(), M, y.data())) {
+          const double us = time_graph(
+              ctx, [&](int i) { cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data()); });
+          report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_fused", us,
+                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+        }
+      }
       if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {
           constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;

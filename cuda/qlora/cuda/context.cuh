@@ -30,6 +30,19 @@ inline int device_count() {
   return n;
 }
 
+namespace detail {
+// Reports whether the image of the device code loaded for the current device was compiled for
+// sm_90a (Context's constructor asks once; the sm_90a kernels need wgmma / setmaxnreg).
+template <int = 0>
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+}  // namespace detail
+
 class Context {
  public:
   // 32 MiB: what cuBLAS recommends for Hopper's GEMM kernels.
@@ -47,6 +60,12 @@ class Context {
       QLORA_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
       workspace_ = DeviceBuffer<unsigned char>(workspace_bytes);
       QLORA_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace_.data(), workspace_.bytes()));
+      if (props_.major == 9 && props_.minor == 0) {  // an sm_90 GPU: is there sm_90a code for it?
+        DeviceBuffer<int> flag(1);
+        detail::sm90a_probe_kernel<<<1, 1, 0, stream_>>>(flag.data());
+        QLORA_CUDA_CHECK_LAUNCH("sm90a_probe_kernel");
+        sm90a_code_ = flag.to_host(stream_)[0] == 1;
+      }
     } catch (...) {
       release();
       throw;
@@ -60,7 +79,8 @@ class Context {
         props_(o.props_),
         stream_(std::exchange(o.stream_, nullptr)),
         cublas_(std::exchange(o.cublas_, nullptr)),
-        workspace_(std::move(o.workspace_)) {}
+        workspace_(std::move(o.workspace_)),
+        sm90a_code_(o.sm90a_code_) {}
   Context& operator=(Context&&) = delete;
 
   int device() const { return device_; }
@@ -69,6 +89,9 @@ class Context {
   std::string name() const { return props_.name; }
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
+  // Whether the device is sm_90 and this program carries sm_90a code for it (built with CUDA
+  // architecture 90a; the Hopper-only kernels, e.g. gemm4bit_sm90.cuh, need it).
+  bool sm90a_code() const { return sm90a_code_; }
 
   // Makes this context's device current for the calling thread (launchers call it first).
   void activate() const { QLORA_CUDA_CHECK(cudaSetDevice(device_)); }
@@ -87,6 +110,7 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   DeviceBuffer<unsigned char> workspace_;
+  bool sm90a_code_ = false;
 };
 
 }  // namespace cuda

@@ -1,0 +1,444 @@
+#pragma once
+// y (M, N) = x (M, K) · Wᵀ for a 4-bit W (NF4 / FP4, plain or double-quantized absmax, tiles layout)
+// and many tokens, on Hopper's warpgroup tensor cores (wgmma; sm_90a), W dequantized in registers as
+// it is multiplied: no bf16 copy of W is written or read.
+//
+// The product computed is yᵀ (N × M) = W (N × K) · xᵀ (K × M), because wgmma takes its A operand
+// from registers and its B operand from shared memory only: W is the A operand, decoded by the
+// warps that multiply it, and x the B operand, staged by the copy engine (TMA, 128-byte swizzle).
+//
+// A block owns 256 rows of W × 128 tokens (CTA tile) and runs 3 warpgroups:
+// - warpgroup 0, one thread: the producer. It streams x in stages of 128 tokens × 64 values (16 KB,
+//   kG4Stages of them in a ring) with one TMA copy each, on full/empty transaction barriers. Tokens
+//   past M arrive as zeros (the tensor map's bounds) and are never stored.
+// - warpgroups 1 and 2: the consumers, 128 rows of W each, as two halves of 64 (one wgmma
+//   m64n128k16 each per 16 values of K; accumulators 2 × 64 fp32 per thread). Each warp owns 16 rows
+//   of each half and reads them unit by unit (16 rows × 64 values = 512 contiguous bytes in the
+//   tiles layout, quantized4bit.cuh), one 16-byte load per lane per unit, two units ahead.
+//
+// Decoding (per unit, per half, per lane). The tiles layout gives lane (g, t) bytes [8t, 8t + 8) of
+// rows g and g + 8 of the unit, i.e. k ∈ [16t, 16t + 16), which is what the GEMV's permuted k wants
+// (gemv4bit.cuh). wgmma's B operand is x in memory order, so here the 16 values of K of slab s must
+// be k ∈ [16s, 16s + 16), and lane t needs rows g / g + 8's bytes 8s + t (its fragment register
+// a0 / a1) and 8s + t + 4 (a2 / a3) for s = 0..3. Those are byte t (and t + 4) of each of the four
+// lanes of its quad: a 4 × 4 byte transpose of each of the lane's 4 words across the quad (two
+// shuffles and two byte permutes per word). Then each byte (two codes) goes through the GEMV's
+// lane-replicated pair table (256 entries of bf16 pairs, conflict-free) and is multiplied by its
+// block's absmax, rounded to bf16, with one bf16x2 multiply (HMUL2).
+//
+// Accuracy: the code value, the absmax and their product are each rounded to bf16 (relative error ≤
+// 2⁻⁹ each), then the tensor cores accumulate in fp32 and y is rounded to bf16 once. The dequantize +
+// cuBLAS path rounds the weight once (code · absmax in fp32); the bound of
+// tests/cuda/test_cuda_matmul.cu (2⁻⁸ of Σ|x·w| per output) holds for both.
+//
+// Epilogue: each consumer warpgroup writes its 128 rows × 128 tokens through shared memory (the x
+// ring, free by then): stmatrix.trans turns the accumulators' column pairs into token rows of 8
+// contiguous outputs, then 16-byte stores (or load-add-stores with accumulate) of y's rows.
+//
+// Needs sm_90a code in the binary (CMake's CUDA architectures "90a"; plain "90" has no wgmma):
+// gemm_4bit_sm90_supported says whether this binary and device can run it.
+#include <cuda.h>  // CUtensorMap (types only; the encoder is reached through the runtime)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "qlora/cuda/async_copy.cuh"
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemv4bit_common.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+namespace detail {
+
+constexpr int kG4Rows = 256;      // rows of W per block (2 consumer warpgroups × 2 halves × 64)
+constexpr int kG4Tokens = 128;    // tokens per block: wgmma's N
+constexpr int kG4Stages = 6;      // x ring: stages of 128 tokens × 64 values
+constexpr int kG4Threads = 384;   // producer warpgroup + 2 consumer warpgroups
+constexpr int kG4StageBytes = kG4Tokens * 64 * 2;   // 16 KB, 128-byte token rows (swizzled)
+constexpr int kG4OutStride = kG4Tokens * 2 + 16;    // epilogue: bytes per token row of a warpgroup's
+                                                    // 128 outputs (+16: stmatrix rows hit 8 bank groups)
+// Dynamic shared memory: x ring, pair table, absmax code map, barriers; +1 KB to align the ring to
+// 1024 bytes (the 128-byte swizzle's period, which the wgmma descriptor's base offset 0 assumes).
+constexpr std::size_t kG4SmemBytes =
+    1024 + std::size_t(kG4Stages) * kG4StageBytes + kLutBytes + 256 * sizeof(float) + 2 * kG4Stages * 8;
+static_assert(2 * kG4Tokens * kG4OutStride <= kG4Stages * kG4StageBytes, "epilogue tiles must fit in the ring");
+
+struct Gemm4Args {
+  const std::uint8_t* packed;  // tiles layout
+  AbsmaxView am;
+  __nv_bfloat16* y;  // (M, N)
+  int M, N, K;
+  int block_shift;  // log2(blocksize)
+  bool accumulate;  // y += x · Wᵀ
+  Code16Param code;
+  Code256Param map;
+};
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// d (64 rows × 128 tokens of fp32, wgmma's accumulator layout) += A (64 × 16 bf16 from registers: this
+// lane's a0..a3, in mma.m16n8k16's A layout for the warp's 16 rows) · B (16 × 128, the descriptor's
+// shared-memory tile). The accumulator is always added to (scale-d true: d starts at zero).
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const std::uint32_t (&a)[4],
+                                                    std::uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#endif
+}
+
+// The shared-memory descriptor of a K-major bf16 tile with 128-byte swizzle (rows of 64 values, 8-row
+// groups 1024 bytes apart): start address >> 4, leading offset 16 B (unused when swizzled), stride
+// offset 1024 B, layout type 1 (128B swizzle) in bits 62-63.
+__device__ __forceinline__ std::uint64_t sw128_desc(std::uint32_t saddr) {
+  return std::uint64_t((saddr & 0x3ffff) >> 4) | (std::uint64_t(16 >> 4) << 16) |
+         (std::uint64_t(1024 >> 4) << 32) | (std::uint64_t(1) << 62);
+}
+
+// One TMA copy of the box at (c0 = k, c1 = token) of x's tensor map into shared memory, counted on bar.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                            std::uint64_t* bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+
+// Column q of a 4 × 4 byte matrix held one row per lane of a quad (lane t of the quad holds row t in
+// w): returns (row 0 byte t, row 1 byte t, row 2 byte t, row 3 byte t). sel_a / sel_b: the lane's
+// byte-permute selectors (g4_transpose_selectors).
+__device__ __forceinline__ std::uint32_t quad_transpose(std::uint32_t w, std::uint32_t sel_a, std::uint32_t sel_b) {
+  const std::uint32_t a = __byte_perm(w, __shfl_xor_sync(0xffffffffu, w, 2), sel_a);
+  return __byte_perm(a, __shfl_xor_sync(0xffffffffu, a, 1), sel_b);
+}
+
+// Step a (partner t ^ 2): lanes 0, 1 keep bytes 0, 1 and take the partner's 0, 1; lanes 2, 3 take the
+// partner's bytes 2, 3 and keep theirs. Step b (partner t ^ 1): even lanes (own 0, partner 0, own 2,
+// partner 2), odd lanes (partner 1, own 1, partner 3, own 3).
+__device__ __forceinline__ void g4_transpose_selectors(int t, std::uint32_t& sel_a, std::uint32_t& sel_b) {
+  sel_a = t < 2 ? 0x5410u : 0x3276u;
+  sel_b = (t & 1) ? 0x3715u : 0x6240u;
+}
+
+// One unit of one half, as loaded: the lane's 16 packed bytes and the absmax of rows g and g + 8.
+struct G4Unit {
+  uint4 w;
+  float am0, am1;
+};
+
+__device__ __forceinline__ void g4_load(G4Unit& u, const Gemm4Args& a, const float* s_map, const std::uint8_t* p,
+                                        std::size_t e0, std::size_t e1, bool valid) {
+  if (!valid) {
+    u.w = make_uint4(0, 0, 0, 0);
+    u.am0 = u.am1 = 0.0f;
+    return;
+  }
+  u.w = load_stream16(p);
+  u.am0 = block_absmax(a.am, s_map, e0 >> a.block_shift);
+  u.am1 = block_absmax(a.am, s_map, e1 >> a.block_shift);
+}
+
+// The unit's fragments, decoded: words q[0..3] (row g bytes 8s + t, row g bytes 8s + t + 4, row g + 8
+// likewise, byte s of each for slab s) and the absmax pairs of rows g and g + 8.
+struct G4Frag {
+  std::uint32_t q[4];
+  __nv_bfloat162 s0, s1;
+};
+
+__device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, std::uint32_t sel_a, std::uint32_t sel_b) {
+  f.q[0] = quad_transpose(u.w.x, sel_a, sel_b);
+  f.q[1] = quad_transpose(u.w.y, sel_a, sel_b);
+  f.q[2] = quad_transpose(u.w.z, sel_a, sel_b);
+  f.q[3] = quad_transpose(u.w.w, sel_a, sel_b);
+  f.s0 = __float2bfloat162_rn(u.am0);
+  f.s1 = __float2bfloat162_rn(u.am1);
+}
+
+__device__ __forceinline__ std::uint32_t bf16x2_mul(std::uint32_t v, __nv_bfloat162 s) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), s);
+  return *reinterpret_cast<const std::uint32_t*>(&r);
+}
+
+// Slab S's A fragment of the unit: a0 (row g, k 16S + 2t, +1), a1 (row g + 8, same k), a2 (row g,
+// k + 8), a3 (row g + 8, k + 8).
+template <int S>
+__device__ __forceinline__ void g4_slab(std::uint32_t (&ra)[4], const G4Frag& f, const PlainLut& lut) {
+  ra[0] = bf16x2_mul(lut.template get<S>(f.q[0]), f.s0);
+  ra[1] = bf16x2_mul(lut.template get<S>(f.q[2]), f.s1);
+  ra[2] = bf16x2_mul(lut.template get<S>(f.q[1]), f.s0);
+  ra[3] = bf16x2_mul(lut.template get<S>(f.q[3]), f.s1);
+}
+
+__device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint32_t r0, std::uint32_t r1,
+                                                  std::uint32_t r2, std::uint32_t r3) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(saddr), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
+__global__ void __launch_bounds__(kG4Threads, 1)
+    gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Aligned by an offset from the shared array itself (not by rounding a generic pointer), so that
+  // the compiler still knows every pointer below is shared memory and emits LDS, not generic loads.
+  const std::uint32_t raw = smem_addr(smem_raw);
+  unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+  unsigned char* s_x = smem;                                  // (stage, token 128, k 64) swizzled
+  unsigned char* s_lut = smem + kG4Stages * kG4StageBytes;    // pair table, lane copies
+  float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);  // absmax codes (double quantization)
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(s_map + 256);
+  std::uint64_t* empty = full + kG4Stages;
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < kG4Stages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_fence_init();
+  }
+  fill_pair_lut(s_lut, a.code, tid, kG4Threads);
+  if (!a.am.absmax)
+    for (int i = tid >> 5; i < 256; i += kG4Threads / 32)
+      if ((tid & 31) == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  __syncthreads();
+
+  const int KC = a.K / 64;  // units (stages) along K
+  const int row0 = blockIdx.x * kG4Rows, tok0 = blockIdx.y * kG4Tokens;
+  const int wg = tid / 128;
+
+  if (wg == 0) {  // the producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      for (int kc = 0; kc < KC; ++kc) {
+        const int s = kc % kG4Stages;
+        mbar_wait(&empty[s], ((kc / kG4Stages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[s], kG4StageBytes);
+        tma_load_2d(s_x + s * kG4StageBytes, &xmap, kc * 64, tok0, &full[s]);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+
+  const int c = wg - 1, wt = tid % 128, wi = wt / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  std::uint32_t sel_a, sel_b;
+  g4_transpose_selectors(t, sel_a, sel_b);
+  const PlainLut lut{s_lut, std::uint32_t(lane) * 4};
+  const int tiles = a.N / 16;
+  const std::size_t K = std::size_t(a.K);
+
+  // This warp's two 16-row tiles (half h: rows row0 + 128c + 64h + 16wi ..): packed pointer at the
+  // lane's slice of unit 0, element index of (row g, k 0), whether the tile exists.
+  const std::uint8_t* pw[2];
+  std::size_t e[2];
+  bool valid[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int tile = (row0 + 128 * c + 64 * h + 16 * wi) / 16;
+    valid[h] = tile < tiles;
+    pw[h] = a.packed + std::size_t(valid[h] ? tile : 0) * KC * 512 + lane * 16;
+    e[h] = (std::size_t(valid[h] ? tile : 0) * 16 + g) * K;
+  }
+  const std::size_t far = 8 * K;  // row g + 8
+
+  float acc[2][64];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
+
+  // Units kc and kc + 1 in flight (ring of two per half, by the parity of kc).
+  G4Unit u[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    g4_load(u[0][h], a, s_map, pw[h], e[h], e[h] + far, valid[h]);
+    if (KC > 1) g4_load(u[1][h], a, s_map, pw[h] + 512, e[h] + 64, e[h] + far + 64, valid[h]);
+  }
+
+  const std::uint32_t x_base = smem_addr(s_x);
+  auto unit = [&](int kc, G4Unit (&uu)[2]) {
+    G4Frag f[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      g4_decode(f[h], uu[h], sel_a, sel_b);
+      if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
+        g4_load(uu[h], a, s_map, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
+                e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
+    }
+    const int s = kc % kG4Stages;
+    mbar_wait(&full[s], (kc / kG4Stages) & 1);
+    const std::uint64_t desc = sw128_desc(x_base + s * kG4StageBytes);
+    std::uint32_t ra[2][4];
+#define QLORA_G4_SLAB(S)                                                              \
+  g4_slab<S>(ra[0], f[0], lut);                                                       \
+  g4_slab<S>(ra[1], f[1], lut);                                                       \
+  wgmma_fence();                                                                      \
+  wgmma_m64n128k16_rs(acc[0], ra[0], desc + 2 * (S));                                 \
+  wgmma_m64n128k16_rs(acc[1], ra[1], desc + 2 * (S));                                 \
+  wgmma_commit();                                                                     \
+  wgmma_wait<1>();                                                                    \
+  if ((S) == 0 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % kG4Stages]);
+    QLORA_G4_SLAB(0)
+    QLORA_G4_SLAB(1)
+    QLORA_G4_SLAB(2)
+    QLORA_G4_SLAB(3)
+#undef QLORA_G4_SLAB
+  };
+  int kc = 0;
+  for (; kc + 1 < KC; kc += 2) {
+    unit(kc, u[0]);
+    unit(kc + 1, u[1]);
+  }
+  if (kc < KC) unit(kc, u[0]);
+  wgmma_wait<0>();
+
+  // Epilogue. Every consumer warp is done with the ring (its last wgmma has completed) before either
+  // warpgroup overwrites it.
+  named_barrier(1, 256);
+  unsigned char* s_out = smem + std::size_t(c) * kG4Tokens * kG4OutStride;  // (token 128, row 128) bf16
+  const std::uint32_t out_base = smem_addr(s_out);
+  {
+    const int mat = lane >> 3, r = lane & 7;  // the stmatrix row this lane addresses
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 16; i += 2) {
+        const int tok = 8 * (i + (mat >> 1)) + r, row = 64 * h + 16 * wi + 8 * (mat & 1);
+        stmatrix_x4_trans(out_base + tok * kG4OutStride + row * 2, bf16_pair(acc[h][4 * i], acc[h][4 * i + 1]),
+                          bf16_pair(acc[h][4 * i + 2], acc[h][4 * i + 3]),
+                          bf16_pair(acc[h][4 * i + 4], acc[h][4 * i + 5]),
+                          bf16_pair(acc[h][4 * i + 6], acc[h][4 * i + 7]));
+      }
+  }
+  named_barrier(2 + c, 128);
+  const int n0 = row0 + 128 * c;
+  for (int idx = wt; idx < kG4Tokens * 16; idx += 128) {
+    const int tok = idx >> 4, ch = idx & 15, n = n0 + 8 * ch;
+    if (tok0 + tok >= a.M || n >= a.N) continue;
+    uint4 v = *reinterpret_cast<const uint4*>(s_out + tok * kG4OutStride + ch * 16);
+    uint4* dst = reinterpret_cast<uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n);
+    if (a.accumulate) {  // y + (x · Wᵀ rounded to bf16), summed in fp32 and rounded once more
+      const uint4 old = *dst;
+      const __nv_bfloat162* o = reinterpret_cast<const __nv_bfloat162*>(&old);
+      __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 fo = __bfloat1622float2(o[j]), fp = __bfloat1622float2(p[j]);
+        p[j] = __floats2bfloat162_rn(fo.x + fp.x, fo.y + fp.y);
+      }
+    }
+    *dst = v;
+  }
+#else
+  __trap();  // launched only where gemm_4bit_sm90_supported found sm_90a code
+#endif
+}
+
+}  // namespace detail
+
+namespace detail {
+
+// x (M, K) row-major bf16 as a TMA tensor map: boxes of 128 tokens × 64 values, 128-byte swizzle,
+// zeros past M.
+inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    QLORA_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    QLORA_CHECK(q == cudaDriverEntryPointSuccess && fn != nullptr,
+                "cuda::gemm_4bit_sm90: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
+  const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
+  const cuuint32_t box[2] = {64, cuuint32_t(kG4Tokens)};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(x), dims, strides,
+                            box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  QLORA_CHECK(r == CUDA_SUCCESS, "cuda::gemm_4bit_sm90: cuTensorMapEncodeTiled failed (CUresult ", int(r),
+              ") for x of (", M, ", ", K, ")");
+  return map;
+}
+
+}  // namespace detail
+
+// Whether gemm_4bit_sm90 takes this product: sm_90a code on an sm_90 device, W in the tiles layout
+// (N % 16 == 0, K % 64 == 0), blocksize ≥ 64 dividing K, nested blocksize 256, M ≥ 1, x and y with
+// 16-byte aligned rows.
+inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
+                                     int M, const __nv_bfloat16* y) {
+  if (w.shape.size() != 2 || M < 1 || w.layout != Packed4Layout::Tiles) return false;
+  const std::int64_t N = w.shape[0], K = w.shape[1];
+  if (!(N > 0 && K > 0 && N % 16 == 0 && K % 64 == 0 && w.blocksize >= 64 && K % w.blocksize == 0 &&
+        N * K < (std::int64_t(1) << 40) && N < (std::int64_t(1) << 30) && K < (std::int64_t(1) << 30) &&
+        (!w.double_quant || w.nested_blocksize == 256)))
+    return false;
+  if ((reinterpret_cast<std::uintptr_t>(x) & 15) || (reinterpret_cast<std::uintptr_t>(y) & 15)) return false;
+  return ctx.sm90a_code();
+}
+
+// y (M, N) = x (M, K) · Wᵀ (or y += with accumulate) through the kernel above. Asynchronous on ctx's
+// stream; throws where gemm_4bit_sm90_supported is false.
+inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
+                           __nv_bfloat16* y, bool accumulate = false) {
+  QLORA_CHECK(gemm_4bit_sm90_supported(ctx, w, x, M, y), "cuda::gemm_4bit_sm90: unsupported product: W (",
+              w.rows(), ", ", w.cols(), "), blocksize ", w.blocksize, ", layout ",
+              w.layout == Packed4Layout::Tiles ? "tiles" : "rows", ", M = ", M, ", device sm_", ctx.props().major,
+              ctx.props().minor, " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
+  ctx.activate();
+  detail::Gemm4Args args;
+  args.packed = w.packed.data();
+  args.am = detail::absmax_view(w);
+  args.y = y;
+  args.M = M;
+  args.N = int(w.shape[0]);
+  args.K = int(w.shape[1]);
+  args.block_shift = detail::log2_exact(w.blocksize);
+  args.accumulate = accumulate;
+  args.code = detail::decode_table(w);
+  args.map = detail::map_param(w);
+  const CUtensorMap map = detail::g4_x_map(x, M, args.K);
+  QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::gemm4_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(detail::kG4SmemBytes)));
+  const dim3 grid(unsigned((args.N + detail::kG4Rows - 1) / detail::kG4Rows),
+                  unsigned((M + detail::kG4Tokens - 1) / detail::kG4Tokens));
+  QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y, " token tiles, at most 65535");
+  detail::gemm4_sm90_kernel<<<grid, detail::kG4Threads, detail::kG4SmemBytes, ctx.stream()>>>(map, args);
+  QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
+}
+
+}  // namespace cuda
+}  // namespace qlora

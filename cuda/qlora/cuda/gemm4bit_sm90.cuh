@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "qlora/cuda/async_copy.cuh"
 #include "qlora/cuda/context.cuh"
@@ -54,18 +55,26 @@ namespace qlora {
 namespace cuda {
 namespace detail {
 
-constexpr int kG4Rows = 256;      // rows of W per block (2 consumer warpgroups × 2 halves × 64)
-constexpr int kG4Tokens = 128;    // tokens per block: wgmma's N
-constexpr int kG4Stages = 6;      // x ring: stages of 128 tokens × 64 values
-constexpr int kG4Threads = 384;   // producer warpgroup + 2 consumer warpgroups
-constexpr int kG4StageBytes = kG4Tokens * 64 * 2;   // 16 KB, 128-byte token rows (swizzled)
-constexpr int kG4OutStride = kG4Tokens * 2 + 16;    // epilogue: bytes per token row of a warpgroup's
-                                                    // 128 outputs (+16: stmatrix rows hit 8 bank groups)
-// Dynamic shared memory: x ring, pair table, absmax code map, barriers; +1 KB to align the ring to
-// 1024 bytes (the 128-byte swizzle's period, which the wgmma descriptor's base offset 0 assumes).
-constexpr std::size_t kG4SmemBytes =
-    1024 + std::size_t(kG4Stages) * kG4StageBytes + kLutBytes + 256 * sizeof(float) + 2 * kG4Stages * 8;
-static_assert(2 * kG4Tokens * kG4OutStride <= kG4Stages * kG4StageBytes, "epilogue tiles must fit in the ring");
+// A block's shape: H halves of 64 rows per consumer warpgroup (2 warpgroups: 128·H rows of W) × T
+// tokens (wgmma's N), with 64·H·T = 16384 (the accumulators: 2 · 64 · H · T / 128... = 128 fp32 per
+// thread either way). H = 2, T = 128: x costs half the L2 traffic per product; H = 1, T = 256: each
+// decoded weight serves twice the tokens (half the decoding and table reads per product).
+template <int H>
+struct G4Config {
+  static constexpr int kHalves = H;
+  static constexpr int kRows = 128 * H;         // rows of W per block
+  static constexpr int kTokens = 256 / H;       // tokens per block
+  static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
+  static constexpr int kStages = H == 2 ? 6 : 4;     // 96 or 128 KB of x ring
+  static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
+                                                      // 64·H outputs (+16: stmatrix rows hit 8 bank groups)
+  // Dynamic shared memory: x ring, pair table, absmax code map, barriers; +1 KB to align the ring to
+  // 1024 bytes (the 128-byte swizzle's period, which the wgmma descriptor's base offset 0 assumes).
+  static constexpr std::size_t kSmemBytes =
+      1024 + std::size_t(kStages) * kStageBytes + kLutBytes + 256 * sizeof(float) + 2 * kStages * 8;
+  static_assert(2 * kTokens * kOutStride <= kStages * kStageBytes, "epilogue tiles must fit in the ring");
+};
+constexpr int kG4Threads = 384;  // producer warpgroup + 2 consumer warpgroups
 
 struct Gemm4Args {
   const std::uint8_t* packed;  // tiles layout
@@ -95,11 +104,13 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// d (64 rows × 128 tokens of fp32, wgmma's accumulator layout) += A (64 × 16 bf16 from registers: this
-// lane's a0..a3, in mma.m16n8k16's A layout for the warp's 16 rows) · B (16 × 128, the descriptor's
+// d (64 rows × N tokens of fp32, wgmma's accumulator layout) += A (64 × 16 bf16 from registers: this
+// lane's a0..a3, in mma.m16n8k16's A layout for the warp's 16 rows) · B (16 × N, the descriptor's
 // shared-memory tile). The accumulator is always added to (scale-d true: d starts at zero).
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const std::uint32_t (&a)[4],
-                                                    std::uint64_t desc) {
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[N / 2], const std::uint32_t (&a)[4], std::uint64_t desc);
+template <>
+__device__ __forceinline__ void wgmma_m64k16_rs<128>(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
@@ -107,6 +118,18 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const std::u
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
       "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_m64k16_rs<256>(float (&d)[128], const std::uint32_t (&a)[4], std::uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 #endif
 }
@@ -147,53 +170,127 @@ __device__ __forceinline__ void g4_transpose_selectors(int t, std::uint32_t& sel
   sel_b = (t & 1) ? 0x3715u : 0x6240u;
 }
 
-// One unit of one half, as loaded: the lane's 16 packed bytes and the absmax of rows g and g + 8.
+// One unit of one half as loaded, not yet used (so the loads stay in flight): the lane's 16 packed
+// bytes, and for rows g and g + 8 the absmax (plain) or its code and nested absmax (double-quantized).
 struct G4Unit {
   uint4 w;
-  float am0, am1;
+  std::uint32_t q0, q1;  // absmax codes (double quantization)
+  float s0, s1;          // absmax, or the nested absmax
 };
 
-__device__ __forceinline__ void g4_load(G4Unit& u, const Gemm4Args& a, const float* s_map, const std::uint8_t* p,
-                                        std::size_t e0, std::size_t e1, bool valid) {
+__device__ __forceinline__ void g4_load(G4Unit& u, const Gemm4Args& a, const std::uint8_t* p, std::size_t e0,
+                                        std::size_t e1, bool valid) {
   if (!valid) {
     u.w = make_uint4(0, 0, 0, 0);
-    u.am0 = u.am1 = 0.0f;
+    u.q0 = u.q1 = 0;
+    u.s0 = u.s1 = 0.0f;
     return;
   }
   u.w = load_stream16(p);
-  u.am0 = block_absmax(a.am, s_map, e0 >> a.block_shift);
-  u.am1 = block_absmax(a.am, s_map, e1 >> a.block_shift);
+  const std::size_t b0 = e0 >> a.block_shift, b1 = e1 >> a.block_shift;
+  if (a.am.absmax) {
+    u.q0 = u.q1 = 0;
+    u.s0 = __ldg(a.am.absmax + b0);
+    u.s1 = __ldg(a.am.absmax + b1);
+  } else {
+    u.q0 = __ldg(a.am.qabsmax + b0);
+    u.q1 = __ldg(a.am.qabsmax + b1);
+    u.s0 = __ldg(a.am.absmax2 + (b0 >> a.am.nested_shift));
+    u.s1 = __ldg(a.am.absmax2 + (b1 >> a.am.nested_shift));
+  }
 }
 
 // The unit's fragments, decoded: words q[0..3] (row g bytes 8s + t, row g bytes 8s + t + 4, row g + 8
-// likewise, byte s of each for slab s) and the absmax pairs of rows g and g + 8.
+// likewise; byte s of each for slab s) and the absmax of rows g and g + 8, as block_absmax computes it.
 struct G4Frag {
   std::uint32_t q[4];
-  __nv_bfloat162 s0, s1;
+  float am0, am1;
 };
 
-__device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, std::uint32_t sel_a, std::uint32_t sel_b) {
+__device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const Gemm4Args& a, const float* s_map,
+                                          std::uint32_t sel_a, std::uint32_t sel_b) {
   f.q[0] = quad_transpose(u.w.x, sel_a, sel_b);
   f.q[1] = quad_transpose(u.w.y, sel_a, sel_b);
   f.q[2] = quad_transpose(u.w.z, sel_a, sel_b);
   f.q[3] = quad_transpose(u.w.w, sel_a, sel_b);
-  f.s0 = __float2bfloat162_rn(u.am0);
-  f.s1 = __float2bfloat162_rn(u.am1);
+  if (a.am.absmax) {
+    f.am0 = u.s0;
+    f.am1 = u.s1;
+  } else {
+    f.am0 = __fadd_rn(__fmul_rn(s_map[u.q0], u.s0), a.am.offset);
+    f.am1 = __fadd_rn(__fmul_rn(s_map[u.q1], u.s1), a.am.offset);
+  }
 }
 
-__device__ __forceinline__ std::uint32_t bf16x2_mul(std::uint32_t v, __nv_bfloat162 s) {
-  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), s);
-  return *reinterpret_cast<const std::uint32_t*>(&r);
-}
+// The code tables. Fast (exact = false): the GEMV's pair table (bf16 pairs), times the absmax rounded
+// to bf16 in one bf16x2 multiply: three roundings per weight. Exact: a table of fp32 pairs (entry e of
+// lane l at byte 256e + 8l, conflict-free like the GEMV's), code · absmax in fp32 rounded once: the
+// weights dequantize_4bit writes, bit for bit.
+template <bool Exact>
+struct G4Lut;
+
+template <>
+struct G4Lut<false> {
+  PlainLut lut;
+  __device__ G4Lut(const unsigned char* s_lut, int lane) : lut{s_lut, std::uint32_t(lane) * 4} {}
+  __device__ static void fill(unsigned char* s_lut, const Code16Param& code, int tid, int threads) {
+    fill_pair_lut(s_lut, code, tid, threads);
+  }
+  struct Scale {
+    __nv_bfloat162 v;
+  };
+  __device__ static Scale scale(float am) { return Scale{__float2bfloat162_rn(am)}; }
+  template <int J>
+  __device__ std::uint32_t get(std::uint32_t word, Scale s) const {
+    const std::uint32_t v = lut.template get<J>(word);
+    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), s.v);
+    return *reinterpret_cast<const std::uint32_t*>(&r);
+  }
+};
+
+template <>
+struct G4Lut<true> {
+  const unsigned char* s_lut;
+  std::uint32_t lane8;  // 8 · lane
+  __device__ G4Lut(const unsigned char* s, int lane) : s_lut(s), lane8(std::uint32_t(lane) * 8) {}
+  __device__ static void fill(unsigned char* s_lut, const Code16Param& code, int tid, int threads) {
+    for (int i = tid; i < 256 * 32; i += threads) {
+      const int e = i >> 5, l = i & 31;
+      reinterpret_cast<float2*>(s_lut)[e * 32 + l] = make_float2(code.v[e >> 4], code.v[e & 15]);
+    }
+  }
+  struct Scale {
+    float v;
+  };
+  __device__ static Scale scale(float am) { return Scale{am}; }
+  template <int J>
+  __device__ std::uint32_t get(std::uint32_t word, Scale s) const {
+    const std::uint32_t off = __byte_perm(word, lane8, 0x5504u | (J << 4));  // byte J · 256 + lane · 8
+    const float2 c = *reinterpret_cast<const float2*>(s_lut + off);
+    return bf16_pair(__fmul_rn(c.x, s.v), __fmul_rn(c.y, s.v));
+  }
+};
 
 // Slab S's A fragment of the unit: a0 (row g, k 16S + 2t, +1), a1 (row g + 8, same k), a2 (row g,
 // k + 8), a3 (row g + 8, k + 8).
-template <int S>
-__device__ __forceinline__ void g4_slab(std::uint32_t (&ra)[4], const G4Frag& f, const PlainLut& lut) {
-  ra[0] = bf16x2_mul(lut.template get<S>(f.q[0]), f.s0);
-  ra[1] = bf16x2_mul(lut.template get<S>(f.q[2]), f.s1);
-  ra[2] = bf16x2_mul(lut.template get<S>(f.q[1]), f.s0);
-  ra[3] = bf16x2_mul(lut.template get<S>(f.q[3]), f.s1);
+template <int S, class Lut>
+__device__ __forceinline__ void g4_slab(std::uint32_t (&ra)[4], const G4Frag& f, const Lut& lut,
+                                        typename Lut::Scale s0, typename Lut::Scale s1) {
+  ra[0] = lut.template get<S>(f.q[0], s0);
+  ra[1] = lut.template get<S>(f.q[2], s1);
+  ra[2] = lut.template get<S>(f.q[1], s0);
+  ra[3] = lut.template get<S>(f.q[3], s1);
+}
+
+// ldmatrix's inverse: the four 8 × 8 bf16 matrices whose rows lanes 8j..8j + 7 address, transposed,
+// into the fragment layout (v[j]: matrix j's elements (2t, g), (2t + 1, g) of the stored rows).
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t saddr, std::uint32_t (&v)[4]) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+               : "r"(saddr)
+               : "memory");
+#endif
 }
 
 __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint32_t r0, std::uint32_t r1,
@@ -205,46 +302,49 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #endif
 }
 
+template <int H, bool Exact>
 __global__ void __launch_bounds__(kG4Threads, 1)
     gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = G4Config<H>;
+  constexpr int T = C::kTokens, S = C::kStages, SB = C::kStageBytes;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // Aligned by an offset from the shared array itself (not by rounding a generic pointer), so that
   // the compiler still knows every pointer below is shared memory and emits LDS, not generic loads.
   const std::uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-  unsigned char* s_x = smem;                                  // (stage, token 128, k 64) swizzled
-  unsigned char* s_lut = smem + kG4Stages * kG4StageBytes;    // pair table, lane copies
+  unsigned char* s_x = smem;                                   // (stage, token T, k 64) swizzled
+  unsigned char* s_lut = smem + S * SB;                        // code table, lane copies
   float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);  // absmax codes (double quantization)
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(s_map + 256);
-  std::uint64_t* empty = full + kG4Stages;
+  std::uint64_t* empty = full + S;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
-    for (int s = 0; s < kG4Stages; ++s) {
+    for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     mbar_fence_init();
   }
-  fill_pair_lut(s_lut, a.code, tid, kG4Threads);
+  G4Lut<Exact>::fill(s_lut, a.code, tid, kG4Threads);
   if (!a.am.absmax)
     for (int i = tid >> 5; i < 256; i += kG4Threads / 32)
       if ((tid & 31) == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
   __syncthreads();
 
   const int KC = a.K / 64;  // units (stages) along K
-  const int row0 = blockIdx.x * kG4Rows, tok0 = blockIdx.y * kG4Tokens;
+  const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
 
   if (wg == 0) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
       for (int kc = 0; kc < KC; ++kc) {
-        const int s = kc % kG4Stages;
-        mbar_wait(&empty[s], ((kc / kG4Stages) & 1) ^ 1);
-        mbar_arrive_expect_tx(&full[s], kG4StageBytes);
-        tma_load_2d(s_x + s * kG4StageBytes, &xmap, kc * 64, tok0, &full[s]);
+        const int s = kc % S;
+        mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[s], SB);
+        tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
       }
     }
     return;
@@ -254,61 +354,63 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int c = wg - 1, wt = tid % 128, wi = wt / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
   std::uint32_t sel_a, sel_b;
   g4_transpose_selectors(t, sel_a, sel_b);
-  const PlainLut lut{s_lut, std::uint32_t(lane) * 4};
+  const G4Lut<Exact> lut(s_lut, lane);
   const int tiles = a.N / 16;
   const std::size_t K = std::size_t(a.K);
 
-  // This warp's two 16-row tiles (half h: rows row0 + 128c + 64h + 16wi ..): packed pointer at the
-  // lane's slice of unit 0, element index of (row g, k 0), whether the tile exists.
-  const std::uint8_t* pw[2];
-  std::size_t e[2];
-  bool valid[2];
+  // This warp's 16-row tile of each half h (rows row0 + 64·(H·c + h) + 16·wi ..): packed pointer at
+  // the lane's slice of unit 0, element index of (row g, k 0), whether the tile exists.
+  const std::uint8_t* pw[H];
+  std::size_t e[H];
+  bool valid[H];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int tile = (row0 + 128 * c + 64 * h + 16 * wi) / 16;
+  for (int h = 0; h < H; ++h) {
+    const int tile = (row0 + 64 * (H * c + h) + 16 * wi) / 16;
     valid[h] = tile < tiles;
     pw[h] = a.packed + std::size_t(valid[h] ? tile : 0) * KC * 512 + lane * 16;
     e[h] = (std::size_t(valid[h] ? tile : 0) * 16 + g) * K;
   }
   const std::size_t far = 8 * K;  // row g + 8
 
-  float acc[2][64];
+  float acc[H][T / 2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
+  for (int h = 0; h < H; ++h)
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[h][i] = 0.0f;
+    for (int i = 0; i < T / 2; ++i) acc[h][i] = 0.0f;
 
-  // Units kc and kc + 1 in flight (ring of two per half, by the parity of kc).
-  G4Unit u[2][2];
+  // Units kc and kc + 1 in flight (a ring of two per half, by the parity of kc); their values are
+  // first used a unit later (g4_decode), so a load has a unit's worth of products to land.
+  G4Unit u[2][H];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    g4_load(u[0][h], a, s_map, pw[h], e[h], e[h] + far, valid[h]);
-    if (KC > 1) g4_load(u[1][h], a, s_map, pw[h] + 512, e[h] + 64, e[h] + far + 64, valid[h]);
+  for (int h = 0; h < H; ++h) {
+    g4_load(u[0][h], a, pw[h], e[h], e[h] + far, valid[h]);
+    if (KC > 1) g4_load(u[1][h], a, pw[h] + 512, e[h] + 64, e[h] + far + 64, valid[h]);
   }
 
   const std::uint32_t x_base = smem_addr(s_x);
-  auto unit = [&](int kc, G4Unit (&uu)[2]) {
-    G4Frag f[2];
+  auto unit = [&](int kc, G4Unit (&uu)[H]) {
+    G4Frag f[H];
+    typename G4Lut<Exact>::Scale s0[H], s1[H];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      g4_decode(f[h], uu[h], sel_a, sel_b);
+    for (int h = 0; h < H; ++h) {
+      g4_decode(f[h], uu[h], a, s_map, sel_a, sel_b);
+      s0[h] = G4Lut<Exact>::scale(f[h].am0);
+      s1[h] = G4Lut<Exact>::scale(f[h].am1);
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
-        g4_load(uu[h], a, s_map, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
+        g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
     }
-    const int s = kc % kG4Stages;
-    mbar_wait(&full[s], (kc / kG4Stages) & 1);
-    const std::uint64_t desc = sw128_desc(x_base + s * kG4StageBytes);
-    std::uint32_t ra[2][4];
-#define QLORA_G4_SLAB(S)                                                              \
-  g4_slab<S>(ra[0], f[0], lut);                                                       \
-  g4_slab<S>(ra[1], f[1], lut);                                                       \
-  wgmma_fence();                                                                      \
-  wgmma_m64n128k16_rs(acc[0], ra[0], desc + 2 * (S));                                 \
-  wgmma_m64n128k16_rs(acc[1], ra[1], desc + 2 * (S));                                 \
-  wgmma_commit();                                                                     \
-  wgmma_wait<1>();                                                                    \
-  if ((S) == 0 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % kG4Stages]);
+    const int s = kc % S;
+    mbar_wait(&full[s], (kc / S) & 1);
+    const std::uint64_t desc = sw128_desc(x_base + s * SB);
+    std::uint32_t ra[H][4];
+#define QLORA_G4_SLAB(J)                                                                  \
+  for (int h = 0; h < H; ++h) g4_slab<J>(ra[h], f[h], lut, s0[h], s1[h]);                \
+  wgmma_fence();                                                                          \
+  for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h], desc + 2 * (J));          \
+  wgmma_commit();                                                                         \
+  wgmma_wait<1>();                                                                        \
+  if ((J) == 0 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
     QLORA_G4_SLAB(0)
     QLORA_G4_SLAB(1)
     QLORA_G4_SLAB(2)
@@ -326,39 +428,52 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   // Epilogue. Every consumer warp is done with the ring (its last wgmma has completed) before either
   // warpgroup overwrites it.
   named_barrier(1, 256);
-  unsigned char* s_out = smem + std::size_t(c) * kG4Tokens * kG4OutStride;  // (token 128, row 128) bf16
+  unsigned char* s_out = smem + std::size_t(c) * T * C::kOutStride;  // (token T, row 64·H) bf16
   const std::uint32_t out_base = smem_addr(s_out);
-  {
-    const int mat = lane >> 3, r = lane & 7;  // the stmatrix row this lane addresses
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < 16; i += 2) {
-        const int tok = 8 * (i + (mat >> 1)) + r, row = 64 * h + 16 * wi + 8 * (mat & 1);
-        stmatrix_x4_trans(out_base + tok * kG4OutStride + row * 2, bf16_pair(acc[h][4 * i], acc[h][4 * i + 1]),
-                          bf16_pair(acc[h][4 * i + 2], acc[h][4 * i + 3]),
-                          bf16_pair(acc[h][4 * i + 4], acc[h][4 * i + 5]),
-                          bf16_pair(acc[h][4 * i + 6], acc[h][4 * i + 7]));
-      }
-  }
-  named_barrier(2 + c, 128);
-  const int n0 = row0 + 128 * c;
-  for (int idx = wt; idx < kG4Tokens * 16; idx += 128) {
-    const int tok = idx >> 4, ch = idx & 15, n = n0 + 8 * ch;
-    if (tok0 + tok >= a.M || n >= a.N) continue;
-    uint4 v = *reinterpret_cast<const uint4*>(s_out + tok * kG4OutStride + ch * 16);
-    uint4* dst = reinterpret_cast<uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n);
-    if (a.accumulate) {  // y + (x · Wᵀ rounded to bf16), summed in fp32 and rounded once more
-      const uint4 old = *dst;
-      const __nv_bfloat162* o = reinterpret_cast<const __nv_bfloat162*>(&old);
-      __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 fo = __bfloat1622float2(o[j]), fp = __bfloat1622float2(p[j]);
-        p[j] = __floats2bfloat162_rn(fo.x + fp.x, fo.y + fp.y);
-      }
+  const int n0 = row0 + 64 * H * c;
+  constexpr int kChunks = 8 * H;  // 16-byte chunks per token row of the warpgroup's outputs
+  const int mat = lane >> 3, r = lane & 7;  // the ldmatrix / stmatrix row this lane addresses
+  auto frag_addr = [&](int h, int i) {      // token tiles i, i + 1; rows g, g + 8 of the warp's 16
+    const int tok = 8 * (i + (mat >> 1)) + r, row = 64 * h + 16 * wi + 8 * (mat & 1);
+    return out_base + std::uint32_t(tok * C::kOutStride + row * 2);
+  };
+  if (a.accumulate) {  // y's tile into shared memory, then into the fp32 accumulators: one rounding
+    for (int idx = wt; idx < T * kChunks; idx += 128) {
+      const int tok = idx / kChunks, ch = idx % kChunks, n = n0 + 8 * ch;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (tok0 + tok < a.M && n < a.N) v = *reinterpret_cast<const uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n);
+      *reinterpret_cast<uint4*>(s_out + tok * C::kOutStride + ch * 16) = v;
     }
-    *dst = v;
+    named_barrier(2 + c, 128);
+#pragma unroll
+    for (int h = 0; h < H; ++h)
+#pragma unroll
+      for (int i = 0; i < T / 8; i += 2) {
+        std::uint32_t v[4];
+        ldmatrix_x4_trans(frag_addr(h, i), v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v[j]));
+          acc[h][4 * i + 2 * j] += f.x;
+          acc[h][4 * i + 2 * j + 1] += f.y;
+        }
+      }
+    // each warp's stmatrix below writes the very locations its ldmatrix read: no barrier between
+  }
+#pragma unroll
+  for (int h = 0; h < H; ++h)
+#pragma unroll
+    for (int i = 0; i < T / 8; i += 2)
+      stmatrix_x4_trans(frag_addr(h, i), bf16_pair(acc[h][4 * i], acc[h][4 * i + 1]),
+                        bf16_pair(acc[h][4 * i + 2], acc[h][4 * i + 3]),
+                        bf16_pair(acc[h][4 * i + 4], acc[h][4 * i + 5]),
+                        bf16_pair(acc[h][4 * i + 6], acc[h][4 * i + 7]));
+  named_barrier(2 + c, 128);
+  for (int idx = wt; idx < T * kChunks; idx += 128) {
+    const int tok = idx / kChunks, ch = idx % kChunks, n = n0 + 8 * ch;
+    if (tok0 + tok < a.M && n < a.N)
+      *reinterpret_cast<uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n) =
+          *reinterpret_cast<const uint4*>(s_out + tok * C::kOutStride + ch * 16);
   }
 #else
   __trap();  // launched only where gemm_4bit_sm90_supported found sm_90a code
@@ -369,9 +484,9 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 
 namespace detail {
 
-// x (M, K) row-major bf16 as a TMA tensor map: boxes of 128 tokens × 64 values, 128-byte swizzle,
+// x (M, K) row-major bf16 as a TMA tensor map: boxes of `tokens` tokens × 64 values, 128-byte swizzle,
 // zeros past M.
-inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K) {
+inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -383,7 +498,7 @@ inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
   const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
-  const cuuint32_t box[2] = {64, cuuint32_t(kG4Tokens)};
+  const cuuint32_t box[2] = {64, cuuint32_t(tokens)};
   const cuuint32_t elem[2] = {1, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(x), dims, strides,
                             box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -410,14 +525,22 @@ inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4b
   return ctx.sm90a_code();
 }
 
+// The kernel's variants (the benchmarks' lab compares them): halves, the block's shape (G4Config:
+// 1 = 128 rows × 256 tokens, 2 = 256 rows × 128 tokens); exact, the code table (G4Lut).
+struct Gemm4Sm90Variant {
+  int halves = 1;
+  bool exact = true;
+};
+
 // y (M, N) = x (M, K) · Wᵀ (or y += with accumulate) through the kernel above. Asynchronous on ctx's
 // stream; throws where gemm_4bit_sm90_supported is false.
 inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
-                           __nv_bfloat16* y, bool accumulate = false) {
+                           __nv_bfloat16* y, bool accumulate = false, Gemm4Sm90Variant v = {}) {
   QLORA_CHECK(gemm_4bit_sm90_supported(ctx, w, x, M, y), "cuda::gemm_4bit_sm90: unsupported product: W (",
               w.rows(), ", ", w.cols(), "), blocksize ", w.blocksize, ", layout ",
               w.layout == Packed4Layout::Tiles ? "tiles" : "rows", ", M = ", M, ", device sm_", ctx.props().major,
               ctx.props().minor, " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
+  QLORA_CHECK(v.halves == 1 || v.halves == 2, "cuda::gemm_4bit_sm90: halves ", v.halves, ", expected 1 or 2");
   ctx.activate();
   detail::Gemm4Args args;
   args.packed = w.packed.data();
@@ -430,14 +553,23 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   args.accumulate = accumulate;
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
-  const CUtensorMap map = detail::g4_x_map(x, M, args.K);
-  QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::gemm4_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        int(detail::kG4SmemBytes)));
-  const dim3 grid(unsigned((args.N + detail::kG4Rows - 1) / detail::kG4Rows),
-                  unsigned((M + detail::kG4Tokens - 1) / detail::kG4Tokens));
-  QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y, " token tiles, at most 65535");
-  detail::gemm4_sm90_kernel<<<grid, detail::kG4Threads, detail::kG4SmemBytes, ctx.stream()>>>(map, args);
-  QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
+  auto launch = [&](auto h_tag, auto exact_tag) {
+    constexpr int H = decltype(h_tag)::value;
+    using C = detail::G4Config<H>;
+    auto kernel = detail::gemm4_sm90_kernel<H, decltype(exact_tag)::value>;
+    const CUtensorMap map = detail::g4_x_map(x, M, args.K, C::kTokens);
+    QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
+    const dim3 grid(unsigned((args.N + C::kRows - 1) / C::kRows), unsigned((M + C::kTokens - 1) / C::kTokens));
+    QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y, " token tiles, at most 65535");
+    kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
+    QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  if (v.halves == 1)
+    v.exact ? launch(I1{}, std::true_type{}) : launch(I1{}, std::false_type{});
+  else
+    v.exact ? launch(I2{}, std::true_type{}) : launch(I2{}, std::false_type{});
 }
 
 }  // namespace cuda

@@ -287,15 +287,14 @@ int main(int argc, char** argv) {
         report("gemm4_lab/cuda/nf4dq/" + suffix + "/dequant_cublas", us_dq,
                rate(us_dq, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_dq / t_bf16));
         if (cuda::gemm_4bit_sm90_supported(ctx, wq[0], x.data(), M, y.data()))
-          for (int halves : {1, 2})
-            for (bool exact : {true, false}) {
-              const double us = time_graph(ctx, [&](int i) {
-                cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data(), false, {halves, exact});
-              });
-              report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_h" + std::to_string(halves) +
-                         (exact ? "_exact" : "_fast"),
-                     us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-            }
+          for (cuda::Gemm4Sm90Variant v : {cuda::Gemm4Sm90Variant{true, 2}, cuda::Gemm4Sm90Variant{true, 3},
+                                            cuda::Gemm4Sm90Variant{false, 2}, cuda::Gemm4Sm90Variant{false, 3}}) {
+            const double us = time_graph(
+                ctx, [&](int i) { cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data(), false, v); });
+            report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + (v.exact ? "exact" : "fast") + "_d" +
+                       std::to_string(v.depth),
+                   us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+          }
       }
       if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
         auto lab = [&](auto u_tag, auto b_tag, const char* name) {

@@ -284,22 +284,23 @@ TEST_CASE("cuda gemm_4bit_sm90 meets the bound", "[cuda][matmul][sm90]") {
       {512, 64, 200, 64, NF4, true},    {256, 192, 5, 64, NF4, false},   {1024, 2048, 96, 256, NF4, true},
       {768, 1024, 260, 1024, FP4, true}, {272, 1600, 64, 64, NF4, true},  {4096, 256, 1, 64, FP4, true},
   };
-  for (int halves : {1, 2})
-    for (bool exact : {true, false})
-      for (const auto& c : cases)
+  for (bool exact : {true, false})
+      for (const auto& c : cases) {
+        const int depth = 2 + int(c.M % 2);  // both depths over the cases
         for (bool acc : {false, true}) {
           INFO("N " << c.N << " K " << c.K << " M " << c.M << " bs " << c.blocksize << " "
-                    << quant::quant4_name(c.type) << " dq " << c.dq << " accumulate " << acc << " halves "
-                    << halves << " exact " << exact);
-          const auto e = check_matmul(c, acc, false, cuda::GemvKernel::Auto, true, {halves, exact});
+                    << quant::quant4_name(c.type) << " dq " << c.dq << " accumulate " << acc << " exact "
+                    << exact);
+          const auto e = check_matmul(c, acc, false, cuda::GemvKernel::Auto, true, {exact, depth});
           const double bound = std::ldexp(1.0, exact ? -8 : -7);
-          std::printf("gemm_4bit_sm90 h%d %s N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g "
+          std::printf("gemm_4bit_sm90 %s d%d N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g "
                       "(bound %.3g), rel norm %.3g\n",
-                      halves, exact ? "exact" : "fast", c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type),
+                      exact ? "exact" : "fast", depth, c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type),
                       int(c.dq), int(acc), e.max_scaled, bound, e.rel_norm);
           REQUIRE(e.max_scaled <= bound * 1.01);
           REQUIRE(e.rel_norm < 5e-3);
         }
+      }
 }
 
 // At a size the CPU reference would take minutes for: against dequantize + cuBLAS on the same inputs.
@@ -319,10 +320,10 @@ TEST_CASE("cuda gemm_4bit_sm90 agrees with dequantize + cuBLAS at 4096 x 4096", 
   auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 42, 1.0f)));
   cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N), scratch;
   cuda::matmul_4bit_dequant(ctx, dw, dx.data(), M, y2.data(), scratch);
-  for (int halves : {1, 2})
-    for (bool exact : {true, false}) {
+  for (bool exact : {true, false})
+      for (int depth : {2, 3}) {
       QLORA_CUDA_CHECK(cudaMemset(y1.data(), 0xff, y1.size() * 2));  // NaN poison
-      cuda::gemm_4bit_sm90(ctx, dw, dx.data(), M, y1.data(), false, {halves, exact});
+      cuda::gemm_4bit_sm90(ctx, dw, dx.data(), M, y1.data(), false, {exact, depth});
       ctx.synchronize();
       const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
       double num = 0, den = 0;
@@ -333,9 +334,9 @@ TEST_CASE("cuda gemm_4bit_sm90 agrees with dequantize + cuBLAS at 4096 x 4096", 
         num += (u - v) * (u - v);
         den += v * v;
       }
-      std::printf("gemm_4bit_sm90 h%d %s 4096x4096 M=%d against dequantize + cuBLAS: rel norm %.3g\n", halves,
-                  exact ? "exact" : "fast", M, std::sqrt(num / den));
-      INFO("halves " << halves << " exact " << exact);
+      std::printf("gemm_4bit_sm90 %s d%d 4096x4096 M=%d against dequantize + cuBLAS: rel norm %.3g\n",
+                  exact ? "exact" : "fast", depth, M, std::sqrt(num / den));
+      INFO("exact " << exact << " depth " << depth);
       REQUIRE(bad == 0);
       REQUIRE(std::sqrt(num / den) < (exact ? 2e-3 : 6e-3));
     }

@@ -56,9 +56,10 @@ namespace cuda {
 namespace detail {
 
 // A block's shape: H halves of 64 rows per consumer warpgroup (2 warpgroups: 128·H rows of W) × T
-// tokens (wgmma's N), with 64·H·T = 16384 (the accumulators: 2 · 64 · H · T / 128... = 128 fp32 per
-// thread either way). H = 2, T = 128: x costs half the L2 traffic per product; H = 1, T = 256: each
-// decoded weight serves twice the tokens (half the decoding and table reads per product).
+// tokens (wgmma's N), with H·T = 256 (the accumulators: 128 fp32 per thread either way). H = 1,
+// T = 256 is the one launched: each decoded weight serves 256 tokens. H = 2, T = 128 would halve x's
+// L2 traffic per product, but decodes twice as much per product; on an H100 it measured 1.4-1.5x
+// the time of H = 1 at M = 128 .. 4096 (docs/performance.md), and is no longer instantiated.
 template <int H>
 struct G4Config {
   static constexpr int kHalves = H;
@@ -302,7 +303,9 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #endif
 }
 
-template <int H, bool Exact>
+// D: wgmma groups (one per slab of 16 values of K) a warpgroup keeps in flight; the A registers of
+// the slab being decoded must not be those of one in flight, so D sets are live.
+template <int H, bool Exact, int D>
 __global__ void __launch_bounds__(kG4Threads, 1)
     gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -388,41 +391,48 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   }
 
   const std::uint32_t x_base = smem_addr(s_x);
-  auto unit = [&](int kc, G4Unit (&uu)[H]) {
-    G4Frag f[H];
-    typename G4Lut<Exact>::Scale s0[H], s1[H];
+  // A unit: its fragments decoded first, all four slabs' at once into the unit parity's set of A
+  // registers (ra[p]: the other parity's set feeds the wgmmas still in flight from the unit before;
+  // this one's last readers, two units back, are done). The table reads then fly together instead of
+  // each slab's waiting behind the wgmma wait before it (the wait's memory clobber orders them).
+  auto unit = [&](int kc, G4Unit (&uu)[H], std::uint32_t (&ra)[H][4][4]) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-      g4_decode(f[h], uu[h], a, s_map, sel_a, sel_b);
-      s0[h] = G4Lut<Exact>::scale(f[h].am0);
-      s1[h] = G4Lut<Exact>::scale(f[h].am1);
+      G4Frag f;
+      g4_decode(f, uu[h], a, s_map, sel_a, sel_b);
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
         g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
+      const auto s0 = G4Lut<Exact>::scale(f.am0), s1 = G4Lut<Exact>::scale(f.am1);
+#ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
+      for (int j = 0; j < 4; ++j) ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = f.q[j] & 0x3f803f80u;
+#else
+      g4_slab<0>(ra[h][0], f, lut, s0, s1);
+      g4_slab<1>(ra[h][1], f, lut, s0, s1);
+      g4_slab<2>(ra[h][2], f, lut, s0, s1);
+      g4_slab<3>(ra[h][3], f, lut, s0, s1);
+#endif
     }
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
     const std::uint64_t desc = sw128_desc(x_base + s * SB);
-    std::uint32_t ra[H][4];
-#define QLORA_G4_SLAB(J)                                                                  \
-  for (int h = 0; h < H; ++h) g4_slab<J>(ra[h], f[h], lut, s0[h], s1[h]);                \
-  wgmma_fence();                                                                          \
-  for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h], desc + 2 * (J));          \
-  wgmma_commit();                                                                         \
-  wgmma_wait<1>();                                                                        \
-  if ((J) == 0 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
-    QLORA_G4_SLAB(0)
-    QLORA_G4_SLAB(1)
-    QLORA_G4_SLAB(2)
-    QLORA_G4_SLAB(3)
-#undef QLORA_G4_SLAB
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wgmma_fence();
+#pragma unroll
+      for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][j], desc + 2 * j);
+      wgmma_commit();
+      wgmma_wait<D - 1>();
+      if (j == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
+    }
   };
+  std::uint32_t ra[2][H][4][4];
   int kc = 0;
   for (; kc + 1 < KC; kc += 2) {
-    unit(kc, u[0]);
-    unit(kc + 1, u[1]);
+    unit(kc, u[0], ra[0]);
+    unit(kc + 1, u[1], ra[1]);
   }
-  if (kc < KC) unit(kc, u[0]);
+  if (kc < KC) unit(kc, u[0], ra[0]);
   wgmma_wait<0>();
 
   // Epilogue. Every consumer warp is done with the ring (its last wgmma has completed) before either
@@ -525,11 +535,11 @@ inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4b
   return ctx.sm90a_code();
 }
 
-// The kernel's variants (the benchmarks' lab compares them): halves, the block's shape (G4Config:
-// 1 = 128 rows × 256 tokens, 2 = 256 rows × 128 tokens); exact, the code table (G4Lut).
+// The kernel's variants (the benchmarks' lab compares them): exact, the code table (G4Lut); depth,
+// the wgmma groups a warpgroup keeps in flight (the kernel's D). The block shape is G4Config<1>.
 struct Gemm4Sm90Variant {
-  int halves = 1;
   bool exact = true;
+  int depth = 2;  // wgmma groups in flight per warpgroup: 2 or 3
 };
 
 // y (M, N) = x (M, K) · Wᵀ (or y += with accumulate) through the kernel above. Asynchronous on ctx's
@@ -540,7 +550,6 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
               w.rows(), ", ", w.cols(), "), blocksize ", w.blocksize, ", layout ",
               w.layout == Packed4Layout::Tiles ? "tiles" : "rows", ", M = ", M, ", device sm_", ctx.props().major,
               ctx.props().minor, " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
-  QLORA_CHECK(v.halves == 1 || v.halves == 2, "cuda::gemm_4bit_sm90: halves ", v.halves, ", expected 1 or 2");
   ctx.activate();
   detail::Gemm4Args args;
   args.packed = w.packed.data();
@@ -553,10 +562,11 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   args.accumulate = accumulate;
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
-  auto launch = [&](auto h_tag, auto exact_tag) {
+  QLORA_CHECK(v.depth == 2 || v.depth == 3, "cuda::gemm_4bit_sm90: depth ", v.depth, ", expected 2 or 3");
+  auto launch = [&](auto h_tag, auto exact_tag, auto depth_tag) {
     constexpr int H = decltype(h_tag)::value;
     using C = detail::G4Config<H>;
-    auto kernel = detail::gemm4_sm90_kernel<H, decltype(exact_tag)::value>;
+    auto kernel = detail::gemm4_sm90_kernel<H, decltype(exact_tag)::value, decltype(depth_tag)::value>;
     const CUtensorMap map = detail::g4_x_map(x, M, args.K, C::kTokens);
     QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
     const dim3 grid(unsigned((args.N + C::kRows - 1) / C::kRows), unsigned((M + C::kTokens - 1) / C::kTokens));
@@ -566,10 +576,9 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   };
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
-  if (v.halves == 1)
-    v.exact ? launch(I1{}, std::true_type{}) : launch(I1{}, std::false_type{});
-  else
-    v.exact ? launch(I2{}, std::true_type{}) : launch(I2{}, std::false_type{});
+  using I3 = std::integral_constant<int, 3>;
+  auto by_depth = [&](auto e) { v.depth == 2 ? launch(I1{}, e, I2{}) : launch(I1{}, e, I3{}); };
+  v.exact ? by_depth(std::true_type{}) : by_depth(std::false_type{});
 }
 
 }  // namespace cuda

@@ -391,11 +391,13 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   }
 
   const std::uint32_t x_base = smem_addr(s_x);
-  // A unit: its fragments decoded first, all four slabs' at once into the unit parity's set of A
-  // registers (ra[p]: the other parity's set feeds the wgmmas still in flight from the unit before;
-  // this one's last readers, two units back, are done). The table reads then fly together instead of
-  // each slab's waiting behind the wgmma wait before it (the wait's memory clobber orders them).
-  auto unit = [&](int kc, G4Unit (&uu)[H], std::uint32_t (&ra)[H][4][4]) {
+  // Decoding a unit: all four slabs' A fragments at once, into one of two sets of A registers (by
+  // the unit's parity). It runs in the middle of the unit before, after that unit's second slab has
+  // been issued and waited for: the table reads and the multiplies then overlap the wgmmas in flight
+  // (two groups and the other warpgroup's) instead of standing between one unit's last wgmma and the
+  // next one's first. The set written was last read by the unit two back, whose wgmmas are done by
+  // then (at most D - 1 ≤ 2 groups stay in flight).
+  auto decode = [&](int kc, G4Unit (&uu)[H], std::uint32_t (&ra)[H][4][4]) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
       G4Frag f;
@@ -413,6 +415,9 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       g4_slab<3>(ra[h][3], f, lut, s0, s1);
 #endif
     }
+  };
+  // Unit kc's wgmmas from its decoded set ra; halfway, the next unit's decoding into rn.
+  auto unit = [&](int kc, std::uint32_t (&ra)[H][4][4], G4Unit (&un)[H], std::uint32_t (&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
     const std::uint64_t desc = sw128_desc(x_base + s * SB);
@@ -424,15 +429,17 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       wgmma_commit();
       wgmma_wait<D - 1>();
       if (j == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
+      if (j == 1 && kc + 1 < KC) decode(kc + 1, un, rn);
     }
   };
   std::uint32_t ra[2][H][4][4];
+  decode(0, u[0], ra[0]);
   int kc = 0;
   for (; kc + 1 < KC; kc += 2) {
-    unit(kc, u[0], ra[0]);
-    unit(kc + 1, u[1], ra[1]);
+    unit(kc, ra[0], u[1], ra[1]);
+    unit(kc + 1, ra[1], u[0], ra[0]);
   }
-  if (kc < KC) unit(kc, u[0], ra[0]);
+  if (kc < KC) unit(kc, ra[0], u[1], ra[1]);
   wgmma_wait<0>();
 
   // Epilogue. Every consumer warp is done with the ring (its last wgmma has completed) before either

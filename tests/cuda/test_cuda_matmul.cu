@@ -345,6 +345,38 @@ TEST_CASE("cuda gemm_4bit_sm90 agrees with dequantize + cuBLAS at 4096 x 4096", 
   REQUIRE_THROWS_WITH(cuda::gemm_4bit_sm90(ctx, rows, dx.data(), M, y1.data()), Catch::Contains("layout rows"));
 }
 
+// matmul_4bit takes gemm_4bit_sm90 in its window (a weight of ≥ kSm90MinValues values in the tiles
+// layout, kSm90MinTokens < M ≤ kSm90MaxTokens) and gives that kernel's y; outside it, the other paths.
+TEST_CASE("cuda matmul_4bit routes its sm90 window to gemm_4bit_sm90", "[cuda][matmul][sm90]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const int N = 12288, K = 4096, M = 200;
+  static_assert(std::int64_t(N) * K >= cuda::kSm90MinValues, "the weight must be in the window");
+  const auto wf = cudatest::gaussian(std::size_t(N) * K, 43, 0.02f);
+  auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
+  auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 44, 1.0f)));
+  cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N), scratch;
+  // rows layout: never the sm90 kernel
+  REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), M, y1.data()) == cuda::Matmul4Path::DequantCublas);
+  cuda::set_layout(ctx, dw, cuda::Packed4Layout::Tiles);
+  const auto path = cuda::matmul_4bit_path(ctx, dw, dx.data(), M, y1.data());
+  REQUIRE(path == (ctx.sm90a_code() ? cuda::Matmul4Path::Sm90 : cuda::Matmul4Path::DequantCublas));
+  REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), cuda::kSm90MaxTokens + 1, y1.data()) ==
+          cuda::Matmul4Path::DequantCublas);
+  REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), 40, y1.data()) == cuda::Matmul4Path::GemvTwice);
+  if (!ctx.sm90a_code()) {
+    WARN("no sm_90 device with sm_90a code in this build: the sm90 window falls back to dequantize + cuBLAS");
+    return;
+  }
+  cuda::matmul_4bit(ctx, dw, dx.data(), M, y1.data(), scratch);
+  cuda::gemm_4bit_sm90(ctx, dw, dx.data(), M, y2.data(), false, cuda::Gemm4Sm90Variant{true, 3});
+  ctx.synchronize();
+  const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) differ += a[i].bits != b[i].bits;
+  REQUIRE(differ == 0);
+}
+
 TEST_CASE("cuda gemv_4bit is deterministic", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();

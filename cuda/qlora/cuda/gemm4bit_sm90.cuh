@@ -392,11 +392,10 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 
   const std::uint32_t x_base = smem_addr(s_x);
   // Decoding a unit: all four slabs' A fragments at once, into one of two sets of A registers (by
-  // the unit's parity). It runs in the middle of the unit before, after that unit's second slab has
-  // been issued and waited for: the table reads and the multiplies then overlap the wgmmas in flight
-  // (two groups and the other warpgroup's) instead of standing between one unit's last wgmma and the
-  // next one's first. The set written was last read by the unit two back, whose wgmmas are done by
-  // then (at most D - 1 ≤ 2 groups stay in flight).
+  // the unit's parity). It runs during the unit before, as soon as the unit before that is done
+  // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
+  // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
+  // wgmma and the next one's first. The set written was last read by that finished unit.
   auto decode = [&](int kc, G4Unit (&uu)[H], std::uint32_t (&ra)[H][4][4]) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
@@ -429,7 +428,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       wgmma_commit();
       wgmma_wait<D - 1>();
       if (j == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
-      if (j == 1 && kc + 1 < KC) decode(kc + 1, un, rn);
+      if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
     }
   };
   std::uint32_t ra[2][H][4][4];

@@ -2,6 +2,8 @@
 // y = x · Wᵀ for a 4-bit W on the GPU, choosing the path by the number of tokens M:
 //   M ≤ kGemvMaxTokens (and a shape gemv_4bit takes): the tensor-core GEMV, reading W once;
 //   M ≤ 2 · kGemvMaxTokens on a weight of ≥ kGemvTwiceMinValues values: the GEMV twice;
+//   kSm90MinTokens < M ≤ kSm90MaxTokens on a weight of ≥ kSm90MinValues values, W in the tiles layout,
+//   an sm_90 GPU and sm_90a code in the build: gemm_4bit_sm90 (wgmma, W decoded in registers);
 //   otherwise: dequantize W into the caller's reused bf16 scratch, then cuBLAS bf16 GEMM.
 // The scratch is grown on first use and kept (N·K bf16: the price of a large-M product is one
 // dequantized copy of the largest weight, shared by all layers that use the same scratch).
@@ -15,6 +17,7 @@
 #include "qlora/cuda/buffer.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
@@ -35,6 +38,31 @@ constexpr int kGemvMaxTokens = 32;
 // weights keep dequantize + cuBLAS. Weights of at least this many values take the two calls.
 constexpr long long kGemvTwiceMinValues = 32ll << 20;
 
+// The window where gemm_4bit_sm90 (exact table, 3 wgmma groups in flight) beat dequantize + cuBLAS on
+// an H100 (docs/performance.md, "CUDA (H100)", ninth session): 14336x4096 at M = 128 and 512
+// (80 / 142 µs against 105 / 154). Its block owns 256 tokens and all of K, so below ~1 block per SM
+// its time is that of one block, and at 4096x4096 (32 row blocks) it lost at every M; at M = 4096 it
+// took 1.4-1.5x cuBLAS bf16 (decoding in registers costs it half its speed: without the table reads
+// it ran at 1.0x), where dequantize + cuBLAS takes 1.07-1.17x.
+constexpr int kSm90MinTokens = 2 * kGemvMaxTokens;
+constexpr int kSm90MaxTokens = 512;
+constexpr long long kSm90MinValues = 48ll << 20;
+
+// Which path matmul_4bit takes for this product (the benchmarks print it).
+enum class Matmul4Path { Gemv, GemvTwice, Sm90, DequantCublas };
+inline Matmul4Path matmul_4bit_path(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
+                                    int M, const __nv_bfloat16* y) {
+  if (w.shape.size() != 2) return Matmul4Path::DequantCublas;
+  const long long values = w.shape[0] * w.shape[1];
+  if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return Matmul4Path::Gemv;
+  if (M <= 2 * kGemvMaxTokens && gemv_4bit_supported(w, M) && values >= kGemvTwiceMinValues)
+    return Matmul4Path::GemvTwice;
+  if (M > kSm90MinTokens && M <= kSm90MaxTokens && values >= kSm90MinValues &&
+      gemm_4bit_sm90_supported(ctx, w, x, M, y))
+    return Matmul4Path::Sm90;
+  return Matmul4Path::DequantCublas;
+}
+
 // y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64
 // tokens, and above 32 on weights under kGemvTwiceMinValues values).
 inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
@@ -54,14 +82,20 @@ inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const 
                         __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch, bool accumulate = false) {
   QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
               " dimensions, expected 2");
-  if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return gemv_4bit(ctx, w, x, M, y, accumulate);
-  if (M <= 2 * kGemvMaxTokens && gemv_4bit_supported(w, M) &&
-      w.shape[0] * w.shape[1] >= kGemvTwiceMinValues) {  // rows 0..31, then 32..M-1, of x and y
-    const int K = int(w.shape[1]), N = int(w.shape[0]);
-    gemv_4bit(ctx, w, x, kGemvMaxTokens, y, accumulate);
-    gemv_4bit(ctx, w, x + std::size_t(kGemvMaxTokens) * K, M - kGemvMaxTokens,
-              y + std::size_t(kGemvMaxTokens) * N, accumulate);
-    return;
+  switch (matmul_4bit_path(ctx, w, x, M, y)) {
+    case Matmul4Path::Gemv:
+      return gemv_4bit(ctx, w, x, M, y, accumulate);
+    case Matmul4Path::GemvTwice: {  // rows 0..31, then 32..M-1, of x and y
+      const int K = int(w.shape[1]), N = int(w.shape[0]);
+      gemv_4bit(ctx, w, x, kGemvMaxTokens, y, accumulate);
+      gemv_4bit(ctx, w, x + std::size_t(kGemvMaxTokens) * K, M - kGemvMaxTokens,
+                y + std::size_t(kGemvMaxTokens) * N, accumulate);
+      return;
+    }
+    case Matmul4Path::Sm90:
+      return gemm_4bit_sm90(ctx, w, x, M, y, accumulate, Gemm4Sm90Variant{true, 3});
+    case Matmul4Path::DequantCublas:
+      break;
   }
   matmul_4bit_dequant(ctx, w, x, M, y, scratch, accumulate);
 }

@@ -273,25 +273,27 @@ int main(int argc, char** argv) {
       const double t_q =
           time_graph(ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
       const double bytes_q = double(qbytes) + 2.0 * M * (K + N);
-      report("matmul/cuda/nf4dq/" + suffix, t_q,
-             rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
-                 [&]() -> std::string {
-                   switch (cuda::matmul_4bit_path(ctx, wq[0], x.data(), M, y.data())) {
-                     case cuda::Matmul4Path::Gemv:
-                       return M <= 16 ? "; grouped register tensor-core GEMV" : "; register tensor-core GEMV";
-                     case cuda::Matmul4Path::GemvTwice: return "; the GEMV twice (32 tokens, then the rest)";
-                     case cuda::Matmul4Path::Sm90: return "; gemm_4bit_sm90 (wgmma, decoded in registers)";
-                     default: return "; dequantize + cuBLAS";
-                   }
-                 }());
+      report(
+          "matmul/cuda/nf4dq/" + suffix, t_q,
+          rate(t_q, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16 (%.2f us)", t_q / t_bf16, t_bf16) +
+              [&]() -> std::string {
+            switch (cuda::matmul_4bit_path(ctx, wq[0], x.data(), M, y.data())) {
+              case cuda::Matmul4Path::Gemv:
+                return M <= 16 ? "; grouped register tensor-core GEMV" : "; register tensor-core GEMV";
+              case cuda::Matmul4Path::GemvTwice: return "; the GEMV twice (32 tokens, then the rest)";
+              case cuda::Matmul4Path::Sm90: return "; gemm_4bit_sm90 (wgmma, decoded in registers)";
+              default: return "; dequantize + cuBLAS";
+            }
+          }());
       if (M > 32) {  // lab: the large-M paths, each forced (matmul_4bit's rows above pick one of them)
         const double us_dq = time_graph(
             ctx, [&](int i) { cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
         report("gemm4_lab/cuda/nf4dq/" + suffix + "/dequant_cublas", us_dq,
                rate(us_dq, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_dq / t_bf16));
         if (cuda::gemm_4bit_sm90_supported(ctx, wq[0], x.data(), M, y.data()))
-          for (cuda::Gemm4Sm90Variant v : {cuda::Gemm4Sm90Variant{true, 2}, cuda::Gemm4Sm90Variant{true, 3},
-                                            cuda::Gemm4Sm90Variant{false, 2}, cuda::Gemm4Sm90Variant{false, 3}}) {
+          for (cuda::Gemm4Sm90Variant v :
+               {cuda::Gemm4Sm90Variant{true, 2}, cuda::Gemm4Sm90Variant{true, 3},
+                cuda::Gemm4Sm90Variant{false, 2}, cuda::Gemm4Sm90Variant{false, 3}}) {
             const double us = time_graph(
                 ctx, [&](int i) { cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data(), false, v); });
             report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + (v.exact ? "exact" : "fast") + "_d" +

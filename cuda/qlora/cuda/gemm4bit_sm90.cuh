@@ -37,7 +37,7 @@
 //
 // Needs sm_90a code in the binary (CMake's CUDA architectures "90a"; plain "90" has no wgmma):
 // gemm_4bit_sm90_supported says whether this binary and device can run it.
-#include <cuda.h>  // CUtensorMap (types only; the encoder is reached through the runtime)
+#include <cuda.h>          // CUtensorMap (types only; the encoder is reached through the runtime)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
 
@@ -63,10 +63,10 @@ namespace detail {
 template <int H>
 struct G4Config {
   static constexpr int kHalves = H;
-  static constexpr int kRows = 128 * H;         // rows of W per block
-  static constexpr int kTokens = 256 / H;       // tokens per block
-  static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
-  static constexpr int kStages = H == 2 ? 6 : 4;     // 96 or 128 KB of x ring
+  static constexpr int kRows = 128 * H;               // rows of W per block
+  static constexpr int kTokens = 256 / H;             // tokens per block
+  static constexpr int kStageBytes = kTokens * 128;   // x: kTokens rows of 64 bf16 (128 B, swizzled)
+  static constexpr int kStages = H == 2 ? 6 : 4;      // 96 or 128 KB of x ring
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
                                                       // 64·H outputs (+16: stmatrix rows hit 8 bank groups)
   // Dynamic shared memory: x ring, pair table, absmax code map, barriers; +1 KB to align the ring to
@@ -109,28 +109,65 @@ __device__ __forceinline__ void wgmma_wait() {
 // lane's a0..a3, in mma.m16n8k16's A layout for the warp's 16 rows) · B (16 × N, the descriptor's
 // shared-memory tile). The accumulator is always added to (scale-d true: d starts at zero).
 template <int N>
-__device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[N / 2], const std::uint32_t (&a)[4], std::uint64_t desc);
+__device__ __forceinline__ void wgmma_m64k16_rs(float (&d)[N / 2], const std::uint32_t (&a)[4],
+                                                std::uint64_t desc);
 template <>
-__device__ __forceinline__ void wgmma_m64k16_rs<128>(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t desc) {
+__device__ __forceinline__ void wgmma_m64k16_rs<128>(float (&d)[64], const std::uint32_t (&a)[4],
+                                                     std::uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+      "%62, %63}, "
       "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+        "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+        "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
+        "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 #endif
 }
 template <>
-__device__ __forceinline__ void wgmma_m64k16_rs<256>(float (&d)[128], const std::uint32_t (&a)[4], std::uint64_t desc) {
+__device__ __forceinline__ void wgmma_m64k16_rs<256>(float (&d)[128], const std::uint32_t (&a)[4],
+                                                     std::uint64_t desc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+      "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "
+      "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, "
+      "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, "
+      "%102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, "
+      "%119, %120, %121, %122, %123, %124, %125, %126, %127}, "
       "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+        "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+        "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
+        "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]),
+        "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]),
+        "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]),
+        "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]),
+        "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]),
+        "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
+        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+        "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
 #endif
 }
@@ -158,7 +195,8 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
 // Column q of a 4 × 4 byte matrix held one row per lane of a quad (lane t of the quad holds row t in
 // w): returns (row 0 byte t, row 1 byte t, row 2 byte t, row 3 byte t). sel_a / sel_b: the lane's
 // byte-permute selectors (g4_transpose_selectors).
-__device__ __forceinline__ std::uint32_t quad_transpose(std::uint32_t w, std::uint32_t sel_a, std::uint32_t sel_b) {
+__device__ __forceinline__ std::uint32_t quad_transpose(std::uint32_t w, std::uint32_t sel_a,
+                                                        std::uint32_t sel_b) {
   const std::uint32_t a = __byte_perm(w, __shfl_xor_sync(0xffffffffu, w, 2), sel_a);
   return __byte_perm(a, __shfl_xor_sync(0xffffffffu, a, 1), sel_b);
 }
@@ -396,7 +434,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
   // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
   // wgmma and the next one's first. The set written was last read by that finished unit.
-  auto decode = [&](int kc, G4Unit (&uu)[H], std::uint32_t (&ra)[H][4][4]) {
+  auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
       G4Frag f;
@@ -406,7 +444,8 @@ __global__ void __launch_bounds__(kG4Threads, 1)
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
       const auto s0 = G4Lut<Exact>::scale(f.am0), s1 = G4Lut<Exact>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
-      for (int j = 0; j < 4; ++j) ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = f.q[j] & 0x3f803f80u;
+      for (int j = 0; j < 4; ++j)
+        ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = f.q[j] & 0x3f803f80u;
 #else
       g4_slab<0>(ra[h][0], f, lut, s0, s1);
       g4_slab<1>(ra[h][1], f, lut, s0, s1);
@@ -416,7 +455,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     }
   };
   // Unit kc's wgmmas from its decoded set ra; halfway, the next unit's decoding into rn.
-  auto unit = [&](int kc, std::uint32_t (&ra)[H][4][4], G4Unit (&un)[H], std::uint32_t (&rn)[H][4][4]) {
+  auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
     const std::uint64_t desc = sw128_desc(x_base + s * SB);
@@ -447,7 +486,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   unsigned char* s_out = smem + std::size_t(c) * T * C::kOutStride;  // (token T, row 64·H) bf16
   const std::uint32_t out_base = smem_addr(s_out);
   const int n0 = row0 + 64 * H * c;
-  constexpr int kChunks = 8 * H;  // 16-byte chunks per token row of the warpgroup's outputs
+  constexpr int kChunks = 8 * H;            // 16-byte chunks per token row of the warpgroup's outputs
   const int mat = lane >> 3, r = lane & 7;  // the ldmatrix / stmatrix row this lane addresses
   auto frag_addr = [&](int h, int i) {      // token tiles i, i + 1; rows g, g + 8 of the warp's 16
     const int tok = 8 * (i + (mat >> 1)) + r, row = 64 * h + 16 * wi + 8 * (mat & 1);
@@ -457,7 +496,8 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     for (int idx = wt; idx < T * kChunks; idx += 128) {
       const int tok = idx / kChunks, ch = idx % kChunks, n = n0 + 8 * ch;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (tok0 + tok < a.M && n < a.N) v = *reinterpret_cast<const uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n);
+      if (tok0 + tok < a.M && n < a.N)
+        v = *reinterpret_cast<const uint4*>(a.y + std::size_t(tok0 + tok) * a.N + n);
       *reinterpret_cast<uint4*>(s_out + tok * C::kOutStride + ch * 16) = v;
     }
     named_barrier(2 + c, 128);
@@ -506,7 +546,8 @@ inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
-    QLORA_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    QLORA_CUDA_CHECK(
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
     QLORA_CHECK(q == cudaDriverEntryPointSuccess && fn != nullptr,
                 "cuda::gemm_4bit_sm90: the driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
@@ -516,8 +557,8 @@ inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
   const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
   const cuuint32_t box[2] = {64, cuuint32_t(tokens)};
   const cuuint32_t elem[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(x), dims, strides,
-                            box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<__nv_bfloat16*>(x), dims,
+                            strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   QLORA_CHECK(r == CUDA_SUCCESS, "cuda::gemm_4bit_sm90: cuTensorMapEncodeTiled failed (CUresult ", int(r),
               ") for x of (", M, ", ", K, ")");
@@ -554,8 +595,9 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
                            __nv_bfloat16* y, bool accumulate = false, Gemm4Sm90Variant v = {}) {
   QLORA_CHECK(gemm_4bit_sm90_supported(ctx, w, x, M, y), "cuda::gemm_4bit_sm90: unsupported product: W (",
               w.rows(), ", ", w.cols(), "), blocksize ", w.blocksize, ", layout ",
-              w.layout == Packed4Layout::Tiles ? "tiles" : "rows", ", M = ", M, ", device sm_", ctx.props().major,
-              ctx.props().minor, " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
+              w.layout == Packed4Layout::Tiles ? "tiles" : "rows", ", M = ", M, ", device sm_",
+              ctx.props().major, ctx.props().minor,
+              " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
   ctx.activate();
   detail::Gemm4Args args;
   args.packed = w.packed.data();
@@ -574,9 +616,12 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
     using C = detail::G4Config<H>;
     auto kernel = detail::gemm4_sm90_kernel<H, decltype(exact_tag)::value, decltype(depth_tag)::value>;
     const CUtensorMap map = detail::g4_x_map(x, M, args.K, C::kTokens);
-    QLORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
-    const dim3 grid(unsigned((args.N + C::kRows - 1) / C::kRows), unsigned((M + C::kTokens - 1) / C::kTokens));
-    QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y, " token tiles, at most 65535");
+    QLORA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
+    const dim3 grid(unsigned((args.N + C::kRows - 1) / C::kRows),
+                    unsigned((M + C::kTokens - 1) / C::kTokens));
+    QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y,
+                " token tiles, at most 65535");
     kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
     QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
   };

@@ -39,14 +39,16 @@ constexpr int kGemvMaxTokens = 32;
 constexpr long long kGemvTwiceMinValues = 32ll << 20;
 
 // The window where gemm_4bit_sm90 (exact table, 3 wgmma groups in flight) beat dequantize + cuBLAS on
-// an H100 (docs/performance.md, "CUDA (H100)", ninth session): 14336x4096 at M = 128 and 512
-// (80 / 142 µs against 105 / 154). Its block owns 256 tokens and all of K, so below ~1 block per SM
-// its time is that of one block, and at 4096x4096 (32 row blocks) it lost at every M; at M = 4096 it
-// took 1.4-1.5x cuBLAS bf16 (decoding in registers costs it half its speed: without the table reads
-// it ran at 1.0x), where dequantize + cuBLAS takes 1.07-1.17x.
+// an H100 (docs/performance.md, "CUDA (H100)", ninth session): at 14336x4096, M = 128 / 256: 80.0 /
+// 74.0 µs against 105.3 / 112.7; at 11008x4096, 73.1 / 73.4 against 82.9 / 88.1. Its block owns 128
+// rows × 256 tokens and all of K, and takes ~70 µs at K = 4096 whatever M, so it wins while one wave
+// of blocks covers the product: at M = 512 it won by 6% at 14336 rows and lost by 21% at 11008, and at
+// 4096x4096 (32 blocks per 256 tokens) it lost at every M. At M = 4096 it takes 1.44-1.56x cuBLAS
+// bf16 (decoding in registers halves its speed: without the table reads it ran at 1.0x), where
+// dequantize + cuBLAS takes 1.05-1.2x.
 constexpr int kSm90MinTokens = 2 * kGemvMaxTokens;
-constexpr int kSm90MaxTokens = 512;
-constexpr long long kSm90MinValues = 48ll << 20;
+constexpr int kSm90MaxTokens = 256;
+constexpr long long kSm90MinValues = 40ll << 20;
 
 // Which path matmul_4bit takes for this product (the benchmarks print it).
 enum class Matmul4Path { Gemv, GemvTwice, Sm90, DequantCublas };
@@ -83,8 +85,7 @@ inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const 
   QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
               " dimensions, expected 2");
   switch (matmul_4bit_path(ctx, w, x, M, y)) {
-    case Matmul4Path::Gemv:
-      return gemv_4bit(ctx, w, x, M, y, accumulate);
+    case Matmul4Path::Gemv: return gemv_4bit(ctx, w, x, M, y, accumulate);
     case Matmul4Path::GemvTwice: {  // rows 0..31, then 32..M-1, of x and y
       const int K = int(w.shape[1]), N = int(w.shape[0]);
       gemv_4bit(ctx, w, x, kGemvMaxTokens, y, accumulate);
@@ -92,10 +93,8 @@ inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const 
                 y + std::size_t(kGemvMaxTokens) * N, accumulate);
       return;
     }
-    case Matmul4Path::Sm90:
-      return gemm_4bit_sm90(ctx, w, x, M, y, accumulate, Gemm4Sm90Variant{true, 3});
-    case Matmul4Path::DequantCublas:
-      break;
+    case Matmul4Path::Sm90: return gemm_4bit_sm90(ctx, w, x, M, y, accumulate, Gemm4Sm90Variant{true, 3});
+    case Matmul4Path::DequantCublas: break;
   }
   matmul_4bit_dequant(ctx, w, x, M, y, scratch, accumulate);
 }

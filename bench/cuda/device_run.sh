@@ -89,6 +89,8 @@ if has memcheck; then
     echo "memcheck gemv rc=$?"
     timeout 200 compute-sanitizer --tool racecheck ./build-cuda/test_cuda_matmul "cuda gemv_4bit is deterministic"
     echo "racecheck gemv rc=$?"
+    timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "cuda gemm_4bit_sm90 meets the bound"
+    echo "memcheck gemm_4bit_sm90 rc=$?"
     timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "*PDL launches wait*"
     echo "memcheck gemv pdl rc=$?"
     timeout 200 compute-sanitizer --tool memcheck ./build-cuda/test_cuda_matmul "*aligned and the plain table*"

@@ -7,33 +7,40 @@
 // from registers and its B operand from shared memory only: W is the A operand, decoded by the
 // warps that multiply it, and x the B operand, staged by the copy engine (TMA, 128-byte swizzle).
 //
-// A block owns 256 rows of W × 128 tokens (CTA tile) and runs 3 warpgroups:
-// - warpgroup 0, one thread: the producer. It streams x in stages of 128 tokens × 64 values (16 KB,
-//   kG4Stages of them in a ring) with one TMA copy each, on full/empty transaction barriers. Tokens
-//   past M arrive as zeros (the tensor map's bounds) and are never stored.
-// - warpgroups 1 and 2: the consumers, 128 rows of W each, as two halves of 64 (one wgmma
-//   m64n128k16 each per 16 values of K; accumulators 2 × 64 fp32 per thread). Each warp owns 16 rows
-//   of each half and reads them unit by unit (16 rows × 64 values = 512 contiguous bytes in the
-//   tiles layout, quantized4bit.cuh), one 16-byte load per lane per unit, two units ahead.
+// A block owns 128 rows of W × 256 tokens (G4Config<1>) and all of K, and runs 3 warpgroups:
+// - warpgroup 0, one thread: the producer. It streams x in stages of 256 tokens × 64 values (32 KB,
+//   4 of them in a ring) with one TMA copy each, on full / empty transaction barriers. Tokens past M
+//   arrive as zeros (the tensor map's bounds) and are never stored.
+// - warpgroups 1 and 2: the consumers, 64 rows of W each (one wgmma m64n256k16 per 16 values of K;
+//   accumulators 128 fp32 per thread). Each warp owns 16 rows and reads them unit by unit (16 rows ×
+//   64 values = 512 contiguous bytes in the tiles layout, quantized4bit.cuh), one 16-byte load per
+//   lane per unit, two units ahead of their use.
 //
-// Decoding (per unit, per half, per lane). The tiles layout gives lane (g, t) bytes [8t, 8t + 8) of
-// rows g and g + 8 of the unit, i.e. k ∈ [16t, 16t + 16), which is what the GEMV's permuted k wants
+// Decoding (per unit, per lane). The tiles layout gives lane (g, t) bytes [8t, 8t + 8) of rows g and
+// g + 8 of the unit, i.e. k ∈ [16t, 16t + 16), which is what the GEMV's permuted k wants
 // (gemv4bit.cuh). wgmma's B operand is x in memory order, so here the 16 values of K of slab s must
 // be k ∈ [16s, 16s + 16), and lane t needs rows g / g + 8's bytes 8s + t (its fragment register
 // a0 / a1) and 8s + t + 4 (a2 / a3) for s = 0..3. Those are byte t (and t + 4) of each of the four
 // lanes of its quad: a 4 × 4 byte transpose of each of the lane's 4 words across the quad (two
-// shuffles and two byte permutes per word). Then each byte (two codes) goes through the GEMV's
-// lane-replicated pair table (256 entries of bf16 pairs, conflict-free) and is multiplied by its
-// block's absmax, rounded to bf16, with one bf16x2 multiply (HMUL2).
+// shuffles and two byte permutes per word). Then each byte (two codes) goes through a lane-replicated
+// table (conflict-free) and is multiplied by its block's absmax (G4Lut: exact or fast, below). A
+// unit's four slabs are decoded at once, during the unit before (two sets of A registers).
 //
-// Accuracy: the code value, the absmax and their product are each rounded to bf16 (relative error ≤
-// 2⁻⁹ each), then the tensor cores accumulate in fp32 and y is rounded to bf16 once. The dequantize +
-// cuBLAS path rounds the weight once (code · absmax in fp32); the bound of
-// tests/cuda/test_cuda_matmul.cu (2⁻⁸ of Σ|x·w| per output) holds for both.
+// Accuracy. Exact table (the default): code · absmax in fp32 rounded to bf16 once, the weights
+// dequantize_4bit writes, so the bound of tests/cuda/test_cuda_matmul.cu (2⁻⁸ of Σ|x·w| per output)
+// holds as for dequantize + cuBLAS. Fast table: the code, the absmax and their product each rounded to
+// bf16 (3 · 2⁻⁹), bound 2⁻⁷. The tensor cores accumulate in fp32; y is rounded to bf16 once (with
+// accumulate, y is added to the fp32 accumulators first).
 //
-// Epilogue: each consumer warpgroup writes its 128 rows × 128 tokens through shared memory (the x
-// ring, free by then): stmatrix.trans turns the accumulators' column pairs into token rows of 8
-// contiguous outputs, then 16-byte stores (or load-add-stores with accumulate) of y's rows.
+// Epilogue: each consumer warpgroup writes its 64 rows × 256 tokens through shared memory (the x
+// ring, free by then): with accumulate, ldmatrix.trans brings y's tile into the accumulators' layout;
+// stmatrix.trans turns the accumulators' column pairs into token rows of 8 contiguous outputs, then
+// 16-byte stores of y's rows.
+//
+// Speed (docs/performance.md, "CUDA (H100)", ninth session): 1.4-1.5x cuBLAS bf16 at M = 4096, where
+// dequantize + cuBLAS takes 1.05-1.2x; the same kernel without the table reads ran at 1.0x, so the
+// decoding is what costs. Below one wave of blocks it beats dequantize + cuBLAS on large weights;
+// matmul_4bit takes it there (kSm90* in matmul4bit.cuh).
 //
 // Needs sm_90a code in the binary (CMake's CUDA architectures "90a"; plain "90" has no wgmma):
 // gemm_4bit_sm90_supported says whether this binary and device can run it.

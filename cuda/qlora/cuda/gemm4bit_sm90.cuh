@@ -413,68 +413,49 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   }
 
   const std::uint32_t x_base = smem_addr(s_x);
-  // Decoding a unit into one of two sets of A registers (by the unit's parity), in two steps: its
-  // words (quad transposes, absmax) and then, slab by slab, the table reads and multiplies. It is
-  // spread over the unit before: the words after that unit's first wgmma is issued, slab j's
-  // fragments after its slab j's. Every wgmma's issue (wgmma.fence) waits for all of the warp's
-  // register writes in flight, table reads and shuffles included, so a burst of reads right before
-  // one would stall the tensor cores' feed by their latency; a slab's reads issued just after a
-  // wgmma have that wgmma's duration to land. The set written was last read by the unit before,
-  // whose slab j is done by then (at most D - 1 ≤ 2 younger groups are in flight).
-  auto decode_words = [&](int kc, G4Unit (&uu)[H], G4Frag (&f)[H]) {
+  // Decoding a unit: all four slabs' A fragments at once, into one of two sets of A registers (by
+  // the unit's parity). It runs during the unit before, as soon as the unit before that is done
+  // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
+  // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
+  // wgmma and the next one's first. The set written was last read by that finished unit.
+  auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-      g4_decode(f[h], uu[h], a, s_map, sel_a, sel_b);
+      G4Frag f;
+      g4_decode(f, uu[h], a, s_map, sel_a, sel_b);
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
         g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
-    }
-  };
-  auto decode_slab = [&](auto j_tag, const G4Frag (&f)[H], std::uint32_t (&ra)[H][4][4]) {
-    constexpr int J = decltype(j_tag)::value;
-#pragma unroll
-    for (int h = 0; h < H; ++h) {
+      const auto s0 = G4Lut<Exact>::scale(f.am0), s1 = G4Lut<Exact>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
-      ra[h][J][0] = ra[h][J][1] = ra[h][J][2] = ra[h][J][3] = f[h].q[J] & 0x3f803f80u;
+      for (int j = 0; j < 4; ++j)
+        ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = f.q[j] & 0x3f803f80u;
 #else
-      g4_slab<J>(ra[h][J], f[h], lut, G4Lut<Exact>::scale(f[h].am0), G4Lut<Exact>::scale(f[h].am1));
+      g4_slab<0>(ra[h][0], f, lut, s0, s1);
+      g4_slab<1>(ra[h][1], f, lut, s0, s1);
+      g4_slab<2>(ra[h][2], f, lut, s0, s1);
+      g4_slab<3>(ra[h][3], f, lut, s0, s1);
 #endif
     }
   };
-  // Unit kc's wgmmas from its decoded set ra, with the next unit's decoding (from un into rn) between.
-  auto unit = [&](int kc, std::uint32_t (&ra)[H][4][4], G4Unit (&un)[H], std::uint32_t (&rn)[H][4][4]) {
+  // Unit kc's wgmmas from its decoded set ra; halfway, the next unit's decoding into rn.
+  auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
     const std::uint64_t desc = sw128_desc(x_base + s * SB);
-    const bool next = kc + 1 < KC;
-    G4Frag f[H];
-    auto slab = [&](auto j_tag) {
-      constexpr int J = decltype(j_tag)::value;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
       wgmma_fence();
 #pragma unroll
-      for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][J], desc + 2 * J);
+      for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][j], desc + 2 * j);
       wgmma_commit();
-      if (next) {
-        if (J == 0) decode_words(kc + 1, un, f);
-        decode_slab(j_tag, f, rn);
-      }
       wgmma_wait<D - 1>();
-      if (J == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
-    };
-    slab(std::integral_constant<int, 0>{});
-    slab(std::integral_constant<int, 1>{});
-    slab(std::integral_constant<int, 2>{});
-    slab(std::integral_constant<int, 3>{});
+      if (j == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
+      if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
+    }
   };
   std::uint32_t ra[2][H][4][4];
-  {
-    G4Frag f[H];
-    decode_words(0, u[0], f);
-    decode_slab(std::integral_constant<int, 0>{}, f, ra[0]);
-    decode_slab(std::integral_constant<int, 1>{}, f, ra[0]);
-    decode_slab(std::integral_constant<int, 2>{}, f, ra[0]);
-    decode_slab(std::integral_constant<int, 3>{}, f, ra[0]);
-  }
+  decode(0, u[0], ra[0]);
   int kc = 0;
   for (; kc + 1 < KC; kc += 2) {
     unit(kc, ra[0], u[1], ra[1]);

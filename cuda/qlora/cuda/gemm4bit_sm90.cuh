@@ -428,8 +428,12 @@ __global__ void __launch_bounds__(kG4Threads, 1)
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
       const auto s0 = G4Lut<Exact>::scale(f.am0), s1 = G4Lut<Exact>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
+      // 1: the transposed words masked to exponent bits (zero mantissas); 2: random signs and
+      // mantissas, exponent fixed (tensor-core activity like real weights').
+      constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 2 ? 0x807f807fu : 0x3f803f80u;
+      constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 2 ? 0x3f003f00u : 0u;
       for (int j = 0; j < 4; ++j)
-        ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = f.q[j] & 0x3f803f80u;
+        ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = (f.q[j] & kKeep) | kSet;
 #else
       g4_slab<0>(ra[h][0], f, lut, s0, s1);
       g4_slab<1>(ra[h][1], f, lut, s0, s1);

@@ -291,14 +291,17 @@ int main(int argc, char** argv) {
         report("gemm4_lab/cuda/nf4dq/" + suffix + "/dequant_cublas", us_dq,
                rate(us_dq, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us_dq / t_bf16));
         if (cuda::gemm_4bit_sm90_supported(ctx, wq[0], x.data(), M, y.data()))
-          for (cuda::Gemm4Sm90Variant v :
-               {cuda::Gemm4Sm90Variant{true, 2}, cuda::Gemm4Sm90Variant{true, 3},
-                cuda::Gemm4Sm90Variant{false, 2}, cuda::Gemm4Sm90Variant{false, 3}}) {
+          for (cuda::Gemm4Sm90Variant v : {cuda::Gemm4Sm90Variant{cuda::Gemm4Table::Exact, 3},
+                                           cuda::Gemm4Sm90Variant{cuda::Gemm4Table::Fast, 3},
+                                           cuda::Gemm4Sm90Variant{cuda::Gemm4Table::Regs, 2},
+                                           cuda::Gemm4Sm90Variant{cuda::Gemm4Table::Regs, 3}}) {
             const double us = time_graph(
                 ctx, [&](int i) { cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data(), false, v); });
-            report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + (v.exact ? "exact" : "fast") + "_d" +
-                       std::to_string(v.depth),
-                   us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+            const char* tn = v.table == cuda::Gemm4Table::Exact  ? "exact"
+                             : v.table == cuda::Gemm4Table::Fast ? "fast"
+                                                                 : "regs";
+            report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + tn + "_d" + std::to_string(v.depth), us,
+                   rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
           }
       }
       if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)

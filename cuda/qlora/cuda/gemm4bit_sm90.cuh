@@ -245,15 +245,37 @@ __device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const Gemm
   }
 }
 
-// The code tables. Fast (exact = false): the GEMV's pair table (bf16 pairs), times the absmax rounded
-// to bf16 in one bf16x2 multiply: three roundings per weight. Exact: a table of fp32 pairs (entry e of
-// lane l at byte 256e + 8l, conflict-free like the GEMV's), code · absmax in fp32 rounded once: the
-// weights dequantize_4bit writes, bit for bit.
-template <bool Exact>
+// The code tables (G4Table). Fast: the GEMV's pair table (bf16 pairs) in shared memory, times the
+// absmax rounded to bf16 in one bf16x2 multiply: three roundings per weight. Exact: a table of fp32
+// pairs (entry e of lane l at byte 256e + 8l, conflict-free like the GEMV's), code · absmax in fp32
+// rounded once: the weights dequantize_4bit writes, bit for bit. Regs: the fast table's values (so
+// the same y, bit for bit) from a codebook held in 8 registers, by byte permutes: no shared memory.
+enum G4Table : int { kG4Fast = 0, kG4Exact = 1, kG4Regs = 2 };
+
+template <int Table>
 struct G4Lut;
 
+template <int S, class Lut>
+__device__ __forceinline__ void g4_slab(std::uint32_t (&ra)[4], const G4Frag& f, const Lut& lut,
+                                        typename Lut::Scale s0, typename Lut::Scale s1);
+
+// A unit's four slabs of A fragments through a shared-memory table (g4_slab, slab by slab).
+template <class Lut>
+__device__ __forceinline__ void g4_unit_lut(std::uint32_t (&ra)[4][4], const G4Frag& f, const Lut& lut,
+                                            typename Lut::Scale s0, typename Lut::Scale s1) {
+  g4_slab<0>(ra[0], f, lut, s0, s1);
+  g4_slab<1>(ra[1], f, lut, s0, s1);
+  g4_slab<2>(ra[2], f, lut, s0, s1);
+  g4_slab<3>(ra[3], f, lut, s0, s1);
+}
+
+__device__ __forceinline__ std::uint32_t bf16x2_scale(std::uint32_t v, __nv_bfloat162 s) {
+  const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), s);
+  return *reinterpret_cast<const std::uint32_t*>(&r);
+}
+
 template <>
-struct G4Lut<false> {
+struct G4Lut<kG4Fast> {
   PlainLut lut;
   __device__ G4Lut(const unsigned char* s_lut, int lane) : lut{s_lut, std::uint32_t(lane) * 4} {}
   __device__ static void fill(unsigned char* s_lut, const Code16Param& code, int tid, int threads) {
@@ -265,14 +287,15 @@ struct G4Lut<false> {
   __device__ static Scale scale(float am) { return Scale{__float2bfloat162_rn(am)}; }
   template <int J>
   __device__ std::uint32_t get(std::uint32_t word, Scale s) const {
-    const std::uint32_t v = lut.template get<J>(word);
-    const __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&v), s.v);
-    return *reinterpret_cast<const std::uint32_t*>(&r);
+    return bf16x2_scale(lut.template get<J>(word), s.v);
+  }
+  __device__ void unit(std::uint32_t (&ra)[4][4], const G4Frag& f, Scale s0, Scale s1) const {
+    g4_unit_lut(ra, f, *this, s0, s1);
   }
 };
 
 template <>
-struct G4Lut<true> {
+struct G4Lut<kG4Exact> {
   const unsigned char* s_lut;
   std::uint32_t lane8;  // 8 · lane
   __device__ G4Lut(const unsigned char* s, int lane) : s_lut(s), lane8(std::uint32_t(lane) * 8) {}
@@ -291,6 +314,64 @@ struct G4Lut<true> {
     const std::uint32_t off = __byte_perm(word, lane8, 0x5504u | (J << 4));  // byte J · 256 + lane · 8
     const float2 c = *reinterpret_cast<const float2*>(s_lut + off);
     return bf16_pair(__fmul_rn(c.x, s.v), __fmul_rn(c.y, s.v));
+  }
+  __device__ void unit(std::uint32_t (&ra)[4][4], const G4Frag& f, Scale s0, Scale s1) const {
+    g4_unit_lut(ra, f, *this, s0, s1);
+  }
+};
+
+// The codebook in registers: byte 0 (lo) and byte 1 (hi) of the 16 bf16 code values, 4 per register.
+// A code's byte is two byte permutes (codes 0-7 and 8-15, by the code's low 3 bits) and a third that
+// picks between them by its bit 3; 4 codes per permute.
+template <>
+struct G4Lut<kG4Regs> {
+  std::uint32_t lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+  __device__ G4Lut(const Code16Param& code) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const __nv_bfloat16 b = __float2bfloat16_rn(code.v[k]);
+      const std::uint32_t bits = *reinterpret_cast<const unsigned short*>(&b);
+      lo[k / 4] |= (bits & 0xffu) << (8 * (k % 4));
+      hi[k / 4] |= (bits >> 8) << (8 * (k % 4));
+    }
+  }
+  __device__ static void fill(unsigned char*, const Code16Param&, int, int) {}
+  struct Scale {
+    __nv_bfloat162 v;
+  };
+  __device__ static Scale scale(float am) { return Scale{__float2bfloat162_rn(am)}; }
+  // Byte 0 (t = lo) or 1 (t = hi) of the codes whose indices are the 4 nibbles of sel (nibble i ->
+  // result byte i).
+  __device__ static std::uint32_t look(std::uint32_t sel, const std::uint32_t (&t)[4]) {
+    const std::uint32_t s7 = sel & 0x7777u, pick = ((sel >> 1) & 0x4444u) | 0x3210u;
+    return __byte_perm(__byte_perm(t[0], t[1], s7), __byte_perm(t[2], t[3], s7), pick);
+  }
+  // The bf16 pairs of a word's 4 bytes (pair s of byte s: its first code, the high nibble, in the low
+  // half), as the pair table gives them, times s.
+  __device__ void word(std::uint32_t w, Scale s, std::uint32_t (&out)[4]) const {
+    std::uint32_t nf = (w >> 4) & 0x0f0f0f0fu, ns = w & 0x0f0f0f0fu;  // first / second code of each byte
+    nf = __byte_perm(nf | (nf >> 4), 0, 0x4420u);                     // nibble i: byte i's first code
+    ns = __byte_perm(ns | (ns >> 4), 0, 0x4420u);
+    const std::uint32_t lf = look(nf, lo), hf = look(nf, hi), ls = look(ns, lo), hs = look(ns, hi);
+    const std::uint32_t p = __byte_perm(lf, hf, 0x5140u),
+                        q = __byte_perm(lf, hf, 0x7362u);  // firsts 0,1 / 2,3
+    const std::uint32_t r = __byte_perm(ls, hs, 0x5140u), u = __byte_perm(ls, hs, 0x7362u);  // seconds
+    out[0] = bf16x2_scale(__byte_perm(p, r, 0x5410u), s.v);
+    out[1] = bf16x2_scale(__byte_perm(p, r, 0x7632u), s.v);
+    out[2] = bf16x2_scale(__byte_perm(q, u, 0x5410u), s.v);
+    out[3] = bf16x2_scale(__byte_perm(q, u, 0x7632u), s.v);
+  }
+  // Word q[0] (row g) gives a0 of slabs 0..3, q[1] a2, q[2] (row g + 8) a1, q[3] a3.
+  __device__ void unit(std::uint32_t (&ra)[4][4], const G4Frag& f, Scale s0, Scale s1) const {
+    std::uint32_t o[4];
+    word(f.q[0], s0, o);
+    for (int j = 0; j < 4; ++j) ra[j][0] = o[j];
+    word(f.q[1], s0, o);
+    for (int j = 0; j < 4; ++j) ra[j][2] = o[j];
+    word(f.q[2], s1, o);
+    for (int j = 0; j < 4; ++j) ra[j][1] = o[j];
+    word(f.q[3], s1, o);
+    for (int j = 0; j < 4; ++j) ra[j][3] = o[j];
   }
 };
 
@@ -327,7 +408,7 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 
 // D: wgmma groups (one per slab of 16 values of K) a warpgroup keeps in flight; the A registers of
 // the slab being decoded must not be those of one in flight, so D sets are live.
-template <int H, bool Exact, int D>
+template <int H, int Table, int D>
 __global__ void __launch_bounds__(kG4Threads, 1)
     gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -352,7 +433,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     }
     mbar_fence_init();
   }
-  G4Lut<Exact>::fill(s_lut, a.code, tid, kG4Threads);
+  G4Lut<Table>::fill(s_lut, a.code, tid, kG4Threads);
   if (!a.am.absmax)
     for (int i = tid >> 5; i < 256; i += kG4Threads / 32)
       if ((tid & 31) == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
@@ -379,7 +460,12 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int c = wg - 1, wt = tid % 128, wi = wt / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
   std::uint32_t sel_a, sel_b;
   g4_transpose_selectors(t, sel_a, sel_b);
-  const G4Lut<Exact> lut(s_lut, lane);
+  const G4Lut<Table> lut = [&] {
+    if constexpr (Table == kG4Regs)
+      return G4Lut<Table>(a.code);
+    else
+      return G4Lut<Table>(s_lut, lane);
+  }();
   const int tiles = a.N / 16;
   const std::size_t K = std::size_t(a.K);
 
@@ -426,7 +512,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
         g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
-      const auto s0 = G4Lut<Exact>::scale(f.am0), s1 = G4Lut<Exact>::scale(f.am1);
+      const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
       // 1: the transposed words masked to exponent bits (zero mantissas); 2: random signs and
       // mantissas, exponent fixed (tensor-core activity like real weights').
@@ -435,10 +521,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       for (int j = 0; j < 4; ++j)
         ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = (f.q[j] & kKeep) | kSet;
 #else
-      g4_slab<0>(ra[h][0], f, lut, s0, s1);
-      g4_slab<1>(ra[h][1], f, lut, s0, s1);
-      g4_slab<2>(ra[h][2], f, lut, s0, s1);
-      g4_slab<3>(ra[h][3], f, lut, s0, s1);
+      lut.unit(ra[h], f, s0, s1);
 #endif
     }
   };
@@ -570,10 +653,13 @@ inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4b
   return ctx.sm90a_code();
 }
 
-// The kernel's variants (the benchmarks' lab compares them): exact, the code table (G4Lut); depth,
-// the wgmma groups a warpgroup keeps in flight (the kernel's D). The block shape is G4Config<1>.
+// The kernel's variants (the benchmarks' lab compares them): the code table (G4Lut: Exact, the
+// weights of dequantize_4bit; Fast, bf16 roundings, from shared memory; Regs, Fast's values from a
+// codebook in registers); depth, the wgmma groups a warpgroup keeps in flight (the kernel's D). The
+// block shape is G4Config<1>.
+enum class Gemm4Table { Fast = detail::kG4Fast, Exact = detail::kG4Exact, Regs = detail::kG4Regs };
 struct Gemm4Sm90Variant {
-  bool exact = true;
+  Gemm4Table table = Gemm4Table::Exact;
   int depth = 2;  // wgmma groups in flight per warpgroup: 2 or 3
 };
 
@@ -599,10 +685,10 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   args.code = detail::decode_table(w);
   args.map = detail::map_param(w);
   QLORA_CHECK(v.depth == 2 || v.depth == 3, "cuda::gemm_4bit_sm90: depth ", v.depth, ", expected 2 or 3");
-  auto launch = [&](auto h_tag, auto exact_tag, auto depth_tag) {
+  auto launch = [&](auto h_tag, auto table_tag, auto depth_tag) {
     constexpr int H = decltype(h_tag)::value;
     using C = detail::G4Config<H>;
-    auto kernel = detail::gemm4_sm90_kernel<H, decltype(exact_tag)::value, decltype(depth_tag)::value>;
+    auto kernel = detail::gemm4_sm90_kernel<H, decltype(table_tag)::value, decltype(depth_tag)::value>;
     const CUtensorMap map = detail::g4_x_map(x, M, args.K, C::kTokens);
     QLORA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
@@ -617,7 +703,12 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   using I2 = std::integral_constant<int, 2>;
   using I3 = std::integral_constant<int, 3>;
   auto by_depth = [&](auto e) { v.depth == 2 ? launch(I1{}, e, I2{}) : launch(I1{}, e, I3{}); };
-  v.exact ? by_depth(std::true_type{}) : by_depth(std::false_type{});
+  switch (v.table) {
+    case Gemm4Table::Fast: return by_depth(std::integral_constant<int, detail::kG4Fast>{});
+    case Gemm4Table::Exact: return by_depth(std::integral_constant<int, detail::kG4Exact>{});
+    case Gemm4Table::Regs: return by_depth(std::integral_constant<int, detail::kG4Regs>{});
+  }
+  QLORA_CHECK(false, "cuda::gemm_4bit_sm90: unknown table ", int(v.table));
 }
 
 }  // namespace cuda

@@ -93,7 +93,8 @@ inline void matmul_4bit(const Context& ctx, const DeviceQuantized4bit& w, const 
                 y + std::size_t(kGemvMaxTokens) * N, accumulate);
       return;
     }
-    case Matmul4Path::Sm90: return gemm_4bit_sm90(ctx, w, x, M, y, accumulate, Gemm4Sm90Variant{true, 3});
+    case Matmul4Path::Sm90:
+      return gemm_4bit_sm90(ctx, w, x, M, y, accumulate, Gemm4Sm90Variant{Gemm4Table::Exact, 3});
     case Matmul4Path::DequantCublas: break;
   }
   matmul_4bit_dequant(ctx, w, x, M, y, scratch, accumulate);

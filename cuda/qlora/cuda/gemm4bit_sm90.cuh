@@ -248,9 +248,10 @@ __device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const Gemm
 // The code tables (G4Table). Fast: the GEMV's pair table (bf16 pairs) in shared memory, times the
 // absmax rounded to bf16 in one bf16x2 multiply: three roundings per weight. Exact: a table of fp32
 // pairs (entry e of lane l at byte 256e + 8l, conflict-free like the GEMV's), code · absmax in fp32
-// rounded once: the weights dequantize_4bit writes, bit for bit. Regs: the fast table's values (so
-// the same y, bit for bit) from a codebook held in 8 registers, by byte permutes: no shared memory.
-enum G4Table : int { kG4Fast = 0, kG4Exact = 1, kG4Regs = 2 };
+// rounded once: the weights dequantize_4bit writes, bit for bit. (A third, the fast table's values
+// from a codebook held in 8 registers by byte permutes, no shared-memory reads, gave the same y and
+// the same speed on the H100; it was removed: commit 3a7f59e has it, docs/performance.md the figures.)
+enum G4Table : int { kG4Fast = 0, kG4Exact = 1 };
 
 template <int Table>
 struct G4Lut;
@@ -317,61 +318,6 @@ struct G4Lut<kG4Exact> {
   }
   __device__ void unit(std::uint32_t (&ra)[4][4], const G4Frag& f, Scale s0, Scale s1) const {
     g4_unit_lut(ra, f, *this, s0, s1);
-  }
-};
-
-// The codebook in registers: byte 0 (lo) and byte 1 (hi) of the 16 bf16 code values, 4 per register.
-// A code's byte is two byte permutes (codes 0-7 and 8-15, by the code's low 3 bits) and a third that
-// picks between them by its bit 3; 4 codes per permute.
-template <>
-struct G4Lut<kG4Regs> {
-  std::uint32_t lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
-  __device__ G4Lut(const Code16Param& code) {
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      const __nv_bfloat16 b = __float2bfloat16_rn(code.v[k]);
-      const std::uint32_t bits = *reinterpret_cast<const unsigned short*>(&b);
-      lo[k / 4] |= (bits & 0xffu) << (8 * (k % 4));
-      hi[k / 4] |= (bits >> 8) << (8 * (k % 4));
-    }
-  }
-  __device__ static void fill(unsigned char*, const Code16Param&, int, int) {}
-  struct Scale {
-    __nv_bfloat162 v;
-  };
-  __device__ static Scale scale(float am) { return Scale{__float2bfloat162_rn(am)}; }
-  // Byte 0 (t = lo) or 1 (t = hi) of the codes whose indices are the 4 nibbles of sel (nibble i ->
-  // result byte i).
-  __device__ static std::uint32_t look(std::uint32_t sel, const std::uint32_t (&t)[4]) {
-    const std::uint32_t s7 = sel & 0x7777u, pick = ((sel >> 1) & 0x4444u) | 0x3210u;
-    return __byte_perm(__byte_perm(t[0], t[1], s7), __byte_perm(t[2], t[3], s7), pick);
-  }
-  // The bf16 pairs of a word's 4 bytes (pair s of byte s: its first code, the high nibble, in the low
-  // half), as the pair table gives them, times s.
-  __device__ void word(std::uint32_t w, Scale s, std::uint32_t (&out)[4]) const {
-    std::uint32_t nf = (w >> 4) & 0x0f0f0f0fu, ns = w & 0x0f0f0f0fu;  // first / second code of each byte
-    nf = __byte_perm(nf | (nf >> 4), 0, 0x4420u);                     // nibble i: byte i's first code
-    ns = __byte_perm(ns | (ns >> 4), 0, 0x4420u);
-    const std::uint32_t lf = look(nf, lo), hf = look(nf, hi), ls = look(ns, lo), hs = look(ns, hi);
-    const std::uint32_t p = __byte_perm(lf, hf, 0x5140u),
-                        q = __byte_perm(lf, hf, 0x7362u);  // firsts 0,1 / 2,3
-    const std::uint32_t r = __byte_perm(ls, hs, 0x5140u), u = __byte_perm(ls, hs, 0x7362u);  // seconds
-    out[0] = bf16x2_scale(__byte_perm(p, r, 0x5410u), s.v);
-    out[1] = bf16x2_scale(__byte_perm(p, r, 0x7632u), s.v);
-    out[2] = bf16x2_scale(__byte_perm(q, u, 0x5410u), s.v);
-    out[3] = bf16x2_scale(__byte_perm(q, u, 0x7632u), s.v);
-  }
-  // Word q[0] (row g) gives a0 of slabs 0..3, q[1] a2, q[2] (row g + 8) a1, q[3] a3.
-  __device__ void unit(std::uint32_t (&ra)[4][4], const G4Frag& f, Scale s0, Scale s1) const {
-    std::uint32_t o[4];
-    word(f.q[0], s0, o);
-    for (int j = 0; j < 4; ++j) ra[j][0] = o[j];
-    word(f.q[1], s0, o);
-    for (int j = 0; j < 4; ++j) ra[j][2] = o[j];
-    word(f.q[2], s1, o);
-    for (int j = 0; j < 4; ++j) ra[j][1] = o[j];
-    word(f.q[3], s1, o);
-    for (int j = 0; j < 4; ++j) ra[j][3] = o[j];
   }
 };
 
@@ -460,12 +406,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int c = wg - 1, wt = tid % 128, wi = wt / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
   std::uint32_t sel_a, sel_b;
   g4_transpose_selectors(t, sel_a, sel_b);
-  const G4Lut<Table> lut = [&] {
-    if constexpr (Table == kG4Regs)
-      return G4Lut<Table>(a.code);
-    else
-      return G4Lut<Table>(s_lut, lane);
-  }();
+  const G4Lut<Table> lut(s_lut, lane);
   const int tiles = a.N / 16;
   const std::size_t K = std::size_t(a.K);
 
@@ -654,10 +595,9 @@ inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4b
 }
 
 // The kernel's variants (the benchmarks' lab compares them): the code table (G4Lut: Exact, the
-// weights of dequantize_4bit; Fast, bf16 roundings, from shared memory; Regs, Fast's values from a
-// codebook in registers); depth, the wgmma groups a warpgroup keeps in flight (the kernel's D). The
-// block shape is G4Config<1>.
-enum class Gemm4Table { Fast = detail::kG4Fast, Exact = detail::kG4Exact, Regs = detail::kG4Regs };
+// weights of dequantize_4bit; Fast, bf16 roundings); depth, the wgmma groups a warpgroup keeps in
+// flight (the kernel's D). The block shape is G4Config<1>.
+enum class Gemm4Table { Fast = detail::kG4Fast, Exact = detail::kG4Exact };
 struct Gemm4Sm90Variant {
   Gemm4Table table = Gemm4Table::Exact;
   int depth = 2;  // wgmma groups in flight per warpgroup: 2 or 3
@@ -706,7 +646,6 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   switch (v.table) {
     case Gemm4Table::Fast: return by_depth(std::integral_constant<int, detail::kG4Fast>{});
     case Gemm4Table::Exact: return by_depth(std::integral_constant<int, detail::kG4Exact>{});
-    case Gemm4Table::Regs: return by_depth(std::integral_constant<int, detail::kG4Regs>{});
   }
   QLORA_CHECK(false, "cuda::gemm_4bit_sm90: unknown table ", int(v.table));
 }

@@ -43,8 +43,8 @@ constexpr long long kGemvTwiceMinValues = 32ll << 20;
 // 74.0 µs against 105.3 / 112.7; at 11008x4096, 73.1 / 73.4 against 82.9 / 88.1. Its block owns 128
 // rows × 256 tokens and all of K, and takes ~70 µs at K = 4096 whatever M, so it wins while one wave
 // of blocks covers the product: at M = 512 it won by 6% at 14336 rows and lost by 21% at 11008, and at
-// 4096x4096 (32 blocks per 256 tokens) it lost at every M. At M = 4096 it takes 1.44-1.56x cuBLAS
-// bf16 (decoding in registers halves its speed: without the table reads it ran at 1.0x), where
+// 4096x4096 (32 blocks per 256 tokens) it lost at every M. At M = 4096 it takes 1.4-1.6x cuBLAS
+// bf16 (its decoding costs that: with the decoding replaced by bit operations it ran at 1.0x), where
 // dequantize + cuBLAS takes 1.05-1.2x.
 constexpr int kSm90MinTokens = 2 * kGemvMaxTokens;
 constexpr int kSm90MaxTokens = 256;

@@ -39,8 +39,9 @@
 //
 // Speed (docs/performance.md, "CUDA (H100)", ninth session): 1.4-1.6x cuBLAS bf16 at M = 4096, where
 // dequantize + cuBLAS takes 1.05-1.2x; the same kernel with its decoding replaced by bit operations
-// (QLORA_G4_NODECODE, a lab probe) ran at 1.0x, so the decoding is what costs. Below one wave of blocks it beats dequantize + cuBLAS on large weights;
-// matmul_4bit takes it there (kSm90* in matmul4bit.cuh).
+// (QLORA_G4_NODECODE, a lab probe) ran at 1.0x, so the decoding is what costs. Below one wave of
+// blocks it beats dequantize + cuBLAS on large weights; matmul_4bit takes it there (kSm90* in
+// matmul4bit.cuh).
 //
 // Needs sm_90a code in the binary (CMake's CUDA architectures "90a"; plain "90" has no wgmma):
 // gemm_4bit_sm90_supported says whether this binary and device can run it.

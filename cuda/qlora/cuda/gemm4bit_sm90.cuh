@@ -39,7 +39,7 @@
 //
 // Speed (docs/performance.md, "CUDA (H100)", ninth session): 1.4-1.6x cuBLAS bf16 at M = 4096, where
 // dequantize + cuBLAS takes 1.05-1.2x; the same kernel with its decoding replaced by bit operations
-// (QLORA_G4_NODECODE, a lab probe) ran at 1.0x, so the decoding is what costs. Below one wave of
+// (QLORA_G4_NODECODE=1, a lab probe) ran at 1.0x, so the decoding is what costs. Below one wave of
 // blocks it beats dequantize + cuBLAS on large weights; matmul_4bit takes it there (kSm90* in
 // matmul4bit.cuh).
 //
@@ -455,13 +455,25 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
                 e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
       const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
-#ifdef QLORA_G4_NODECODE  // lab probe: no table reads (wrong results; the pipeline's own speed)
-      // 1: the transposed words masked to exponent bits (zero mantissas); 2: random signs and
-      // mantissas, exponent fixed (tensor-core activity like real weights').
-      constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 2 ? 0x807f807fu : 0x3f803f80u;
-      constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 2 ? 0x3f003f00u : 0u;
-      for (int j = 0; j < 4; ++j)
-        ra[h][j][0] = ra[h][j][1] = ra[h][j][2] = ra[h][j][3] = (f.q[j] & kKeep) | kSet;
+#ifdef QLORA_G4_NODECODE  // lab probes (wrong results): which part of the decoding costs
+      // 1: the transposed words masked to exponent bits (zero mantissas), no table, no absmax (its
+      // loads then go too, as dead code); 2: the same with random signs and mantissas (tensor-core
+      // activity like real weights'); 3: as 2, times the absmax (its loads and decoding stay, one
+      // bf16x2 multiply per register); 4: the table reads of the chosen table, absmax 1 (no absmax
+      // loads).
+      constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 1 ? 0x3f803f80u : 0x807f807fu;
+      constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 1 ? 0u : 0x3f003f00u;
+      if constexpr (QLORA_G4_NODECODE == 4) {
+        lut.unit(ra[h], f, G4Lut<Table>::scale(1.0f), G4Lut<Table>::scale(1.0f));
+      } else {
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const std::uint32_t v = (f.q[j] & kKeep) | kSet;
+            ra[h][j][r] =
+                QLORA_G4_NODECODE == 3 ? bf16x2_scale(v, __float2bfloat162_rn(r & 1 ? f.am1 : f.am0)) : v;
+          }
+      }
 #else
       lut.unit(ra[h], f, s0, s1);
 #endif

@@ -29,10 +29,15 @@ struct AbsmaxView {
   int nested_shift;  // log2(nested_blocksize)
 };
 
+// A double-quantized absmax from its code's value (map[code]), its nested absmax and the offset:
+// the CPU's two float32 roundings. Every kernel that decodes absmax codes goes through this.
+__device__ __forceinline__ float nested_absmax(float code_value, float absmax2, float offset) {
+  return __fadd_rn(__fmul_rn(code_value, absmax2), offset);
+}
+
 __device__ __forceinline__ float block_absmax(const AbsmaxView& a, const float* s_map, std::size_t b) {
   if (a.absmax) return __ldg(a.absmax + b);
-  return __fadd_rn(__fmul_rn(s_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift))),
-                   a.offset);
+  return nested_absmax(s_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift)), a.offset);
 }
 
 __device__ __forceinline__ void store1(__nv_bfloat16* out, float v) { *out = __float2bfloat16_rn(v); }

@@ -71,7 +71,6 @@ namespace detail {
 // wgmma m64n128k16 wrapper went with it: commit 44ebdeb has it).
 template <int H>
 struct G4Config {
-  static constexpr int kHalves = H;
   static constexpr int kRows = 128 * H;               // rows of W per block
   static constexpr int kTokens = 256 / H;             // tokens per block
   static constexpr int kStageBytes = kTokens * 128;   // x: kTokens rows of 64 bf16 (128 B, swizzled)
@@ -241,8 +240,8 @@ __device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const Gemm
     f.am0 = u.s0;
     f.am1 = u.s1;
   } else {
-    f.am0 = __fadd_rn(__fmul_rn(s_map[u.q0], u.s0), a.am.offset);
-    f.am1 = __fadd_rn(__fmul_rn(s_map[u.q1], u.s1), a.am.offset);
+    f.am0 = nested_absmax(s_map[u.q0], u.s0, a.am.offset);
+    f.am1 = nested_absmax(s_map[u.q1], u.s1, a.am.offset);
   }
 }
 
@@ -353,8 +352,8 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #endif
 }
 
-// D: wgmma groups (one per slab of 16 values of K) a warpgroup keeps in flight; the A registers of
-// the slab being decoded must not be those of one in flight, so D sets are live.
+// D: wgmma groups (one per slab of 16 values of K) a warpgroup may have issued and not finished:
+// after each slab's wait, at most D - 1 stay in flight.
 template <int H, int Table, int D>
 __global__ void __launch_bounds__(kG4Threads, 1)
     gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
@@ -381,9 +380,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     mbar_fence_init();
   }
   G4Lut<Table>::fill(s_lut, a.code, tid, kG4Threads);
-  if (!a.am.absmax)
-    for (int i = tid >> 5; i < 256; i += kG4Threads / 32)
-      if ((tid & 31) == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
+  if (!a.am.absmax) fill_absmax_map(s_map, a.map, tid, kG4Threads);
   __syncthreads();
 
   const int KC = a.K / 64;  // units (stages) along K
@@ -479,7 +476,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #endif
     }
   };
-  // Unit kc's wgmmas from its decoded set ra; halfway, the next unit's decoding into rn.
+  // Unit kc's wgmmas from its decoded set ra; after slab D - 2's wait, the next unit's decoding into rn.
   auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
@@ -561,10 +558,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #endif
 }
 
-}  // namespace detail
-
-namespace detail {
-
 // x (M, K) row-major bf16 as a TMA tensor map: boxes of `tokens` tokens × 64 values, 128-byte swizzle,
 // zeros past M.
 inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
@@ -627,16 +620,10 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
               " (needs sm_90a code, the tiles layout, blocksize >= 64 and 16-byte aligned x, y)");
   ctx.activate();
   detail::Gemm4Args args;
-  args.packed = w.packed.data();
-  args.am = detail::absmax_view(w);
+  detail::set_weight_args(args, w);
   args.y = y;
   args.M = M;
-  args.N = int(w.shape[0]);
-  args.K = int(w.shape[1]);
-  args.block_shift = detail::log2_exact(w.blocksize);
   args.accumulate = accumulate;
-  args.code = detail::decode_table(w);
-  args.map = detail::map_param(w);
   QLORA_CHECK(v.depth == 2 || v.depth == 3, "cuda::gemm_4bit_sm90: depth ", v.depth, ", expected 2 or 3");
   auto launch = [&](auto h_tag, auto table_tag, auto depth_tag) {
     constexpr int H = decltype(h_tag)::value;

@@ -268,8 +268,8 @@ __global__ void __launch_bounds__(kGemvThreads, MINB) gemv4_kernel(const GemvArg
       }
       float am0, am1;
       if (DQ) {
-        am0 = __fadd_rn(__fmul_rn(s_map[c0[i]], n0[i]), a.am.offset);
-        am1 = __fadd_rn(__fmul_rn(s_map[c1[i]], n1[i]), a.am.offset);
+        am0 = nested_absmax(s_map[c0[i]], n0[i], a.am.offset);
+        am1 = nested_absmax(s_map[c1[i]], n1[i], a.am.offset);
       } else {
         am0 = __uint_as_float(c0[i]);
         am1 = __uint_as_float(c1[i]);
@@ -405,8 +405,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       load_x<NT>(pxg + 64 * u, K, g, a.M, xa, xb);
       float am0, am1;
       if (DQ) {
-        am0 = __fadd_rn(__fmul_rn(s_map[(L.c0 >> (8 * u)) & 0xffu], L.n0), a.am.offset);
-        am1 = __fadd_rn(__fmul_rn(s_map[(L.c1 >> (8 * u)) & 0xffu], L.n1), a.am.offset);
+        am0 = nested_absmax(s_map[(L.c0 >> (8 * u)) & 0xffu], L.n0, a.am.offset);
+        am1 = nested_absmax(s_map[(L.c1 >> (8 * u)) & 0xffu], L.n1, a.am.offset);
       } else {
         am0 = u == 0 ? L.f0.x : u == 1 ? L.f0.y : u == 2 ? L.f0.z : L.f0.w;
         am1 = u == 0 ? L.f1.x : u == 1 ? L.f1.y : u == 2 ? L.f1.z : L.f1.w;
@@ -559,20 +559,14 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
               ") and K % 256 == 0 (K = ", w.cols(), ")");
   ctx.activate();
   detail::GemvArgs args;
-  args.packed = w.packed.data();
-  args.am = detail::absmax_view(w);
+  detail::set_weight_args(args, w);
   args.x = x;
   args.y = y;
   args.M = M;
-  args.N = int(w.shape[0]);
-  args.K = int(w.shape[1]);
-  args.block_shift = detail::log2_exact(w.blocksize);
   args.tiles = args.N / 16;
   args.accumulate = accumulate;
   args.pdl = pdl && ctx.props().major >= 9;
   args.aligned_lut = aligned_lut;  // taken up to 16 tokens where the block fits (dispatch_flags)
-  args.code = detail::decode_table(w);
-  args.map = detail::map_param(w);
   const bool dq = w.double_quant;
   // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): the grouped kernel
   // up to 16 tokens (at 4096, 11008 and 14336 rows it matched or beat the streaming kernel at every

@@ -135,15 +135,31 @@ __device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16
 
 // The tables every GEMV kernel decodes with: the lane copies of the pair table, and with double
 // quantization the 256 values of the absmax codes (s_map). The caller synchronizes the block.
+// The 256 values of the absmax codes into shared memory, one per warp step (a uniform index per warp:
+// a divergent index into the kernel parameters would serialize). `threads`: a multiple of 32.
+__device__ __forceinline__ void fill_absmax_map(float* s_map, const Code256Param& map, int tid, int threads) {
+  const int warp = tid >> 5, lane = tid & 31;
+  for (int i = warp; i < 256; i += threads / 32)
+    if (lane == 0) s_map[i] = map.v[i];
+}
+
 template <bool DQ>
 __device__ __forceinline__ void fill_tables(unsigned char* s_lut, float* s_map, const GemvArgs& a, int tid,
                                             int threads) {
   fill_pair_lut(s_lut, a.code, tid, threads);
-  if (DQ) {
-    const int warp = tid >> 5, lane = tid & 31;
-    for (int i = warp; i < 256; i += threads / 32)
-      if (lane == 0) s_map[i] = a.map.v[i];  // a uniform index per warp
-  }
+  if (DQ) fill_absmax_map(s_map, a.map, tid, threads);
+}
+
+// The fields a 4-bit kernel's arguments (GemvArgs, Gemm4Args) take from the weight.
+template <class Args>
+void set_weight_args(Args& args, const DeviceQuantized4bit& w) {
+  args.packed = w.packed.data();
+  args.am = absmax_view(w);
+  args.N = int(w.shape[0]);
+  args.K = int(w.shape[1]);
+  args.block_shift = log2_exact(w.blocksize);
+  args.code = decode_table(w);
+  args.map = map_param(w);
 }
 
 // Where part i of `total` items cut into `parts` contiguous parts starts (part i is

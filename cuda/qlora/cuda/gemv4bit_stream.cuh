@@ -210,8 +210,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) gemv4_stream_kernel(const G
         wa[i] = *reinterpret_cast<const uint2*>(st + w_off + 512 * i);
         wb[i] = *reinterpret_cast<const uint2*>(st + w_off8 + 512 * i);
         if (DQ) {
-          am0[i] = __fadd_rn(__fmul_rn(s_map[st[c_off + 16 * i]], n0), a.am.offset);
-          am1[i] = __fadd_rn(__fmul_rn(s_map[st[c_off8 + 16 * i]], n1), a.am.offset);
+          am0[i] = nested_absmax(s_map[st[c_off + 16 * i]], n0, a.am.offset);
+          am1[i] = nested_absmax(s_map[st[c_off8 + 16 * i]], n1, a.am.offset);
         } else {
           am0[i] = *reinterpret_cast<const float*>(st + c_off + 64 * i);
           am1[i] = *reinterpret_cast<const float*>(st + c_off8 + 64 * i);

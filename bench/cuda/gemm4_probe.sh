@@ -1,25 +1,56 @@
 #!/usr/bin/env bash
-# Lab run of gemm_4bit_sm90 (about 2 minutes of an H100): gemv_lab.sh with the [sm90] tests first, and
-# beside it bench builds with -DQLORA_G4_NODECODE=1..4, the kernel with parts of its decoding left out
-# (wrong results; gemm4bit_sm90.cuh says what each keeps) on one shape. Usage: bash bench/cuda/gemm4_probe.sh OUTDIR.
+# Lab run of gemm_4bit_sm90 (about 2-3 minutes of an H100): builds test_cuda_matmul and the benchmark
+# for sm_90a, runs the [sm90] tests, then the benchmark's gemm4_lab rows beside cuBLAS bf16 for the
+# kernel and for its lab probes (-DQLORA_G4_NODECODE=p, the kernel with parts of its decoding left out:
+# wrong results; gemm4bit_sm90.cuh says what each keeps), then Nsight Compute on the kernel and on
+# probe 1 (prof_gemv ... sm90). Usage: bash bench/cuda/gemm4_probe.sh OUTDIR; SH= and MS= pick the
+# shapes and token counts (default 14336x4096, 128,256,4096), PROBES= the probes (default "1 4"),
+# VARIANTS= more builds of the kernel, as name=-DA=1,-DB=2 words (e.g. "s=-DQLORA_G4_STAGGER=1"),
+# NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
 set -uo pipefail
 OUT=$1
+SH=${SH:-14336x4096}
+MS=${MS:-128,256,4096}
+PROBES=${PROBES:-1 4}
+VARIANTS=${VARIANTS:-}
 F="-std=c++17 -O3 -Iinclude -Icuda -I.deps -lineinfo -gencode=arch=compute_90a,code=sm_90a"
 mkdir -p build-cuda
-nvcc $F -DQLORA_G4_NODECODE=1 bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_nodecode -lcublas > $OUT/build_nodecode.log 2>&1 &
-for p in 2 3 4; do
-  nvcc $F -DQLORA_G4_NODECODE=$p bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_nodecode$p -lcublas > $OUT/build_nodecode$p.log 2>&1 &
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv > $OUT/smi.txt 2>&1
+(
+  g++ -std=c++17 -O2 -I.deps -c tests/catch_main.cpp -o build-cuda/catch_main.o &
+  nvcc $F -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_cuda_matmul.o &
+  nvcc $F bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_p0 -lcublas &
+  nvcc $F bench/cuda/prof_gemv.cu -o build-cuda/prof_p0 -lcublas &
+  nvcc $F -DQLORA_G4_NODECODE=1 bench/cuda/prof_gemv.cu -o build-cuda/prof_p1 -lcublas &
+  for p in $PROBES; do
+    nvcc $F -DQLORA_G4_NODECODE=$p bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_p$p -lcublas &
+  done
+  for v in $VARIANTS; do
+    nvcc $F $(echo ${v#*=} | tr , " ") bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_${v%%=*} -lcublas &
+  done
+  wait
+) > $OUT/build.log 2>&1
+nvcc -gencode=arch=compute_90a,code=sm_90a build-cuda/test_cuda_matmul.o build-cuda/catch_main.o \
+  -o build-cuda/test_cuda_matmul -lcublas >> $OUT/build.log 2>&1
+timeout 120 ./build-cuda/test_cuda_matmul "[sm90]" > $OUT/sm90.log 2>&1
+echo "[sm90] tests rc=$?"
+grep -E "passed|failed" $OUT/sm90.log | tail -2
+grep -B3 -A10 FAILED $OUT/sm90.log | head -40
+echo "builds: p0 the kernel; p1 zero mantissas, no table, no absmax; p2 random mantissas; p3 absmax,"
+echo "no table; p4 table, absmax 1; $VARIANTS"
+for b in p0 $(for p in $PROBES; do echo p$p; done) $(for v in $VARIANTS; do echo ${v%%=*}; done); do
+  echo "== build $b"
+  QLORA_BENCH_SHAPES=$SH QLORA_BENCH_MS=$MS timeout 120 ./build-cuda/bench_$b > $OUT/bench_$b.txt 2>&1
+  grep -E "gemm4_lab|matmul/cuda/bf16" $OUT/bench_$b.txt | grep -v _d2 | cut -c1-110
 done
-FIRST="[sm90]" SH=${SH:-14336x4096,4096x4096} MS=${MS:-128,512,4096} bash bench/cuda/gemv_lab.sh $OUT > $OUT/lab.txt 2>&1
-wait
-QLORA_BENCH_SHAPES=14336x4096 QLORA_BENCH_MS=4096 timeout 100 ./build-cuda/bench_nodecode > $OUT/nodecode.txt 2>&1
-for p in 2 3 4; do
-  QLORA_BENCH_SHAPES=14336x4096 QLORA_BENCH_MS=4096 timeout 100 ./build-cuda/bench_nodecode$p > $OUT/nodecode$p.txt 2>&1
-done
-grep -E "FAILED|passed|failed" $OUT/det.log | head -3; grep -B3 -A6 FAILED $OUT/det.log | head -20; tail -2 $OUT/tests.log
-grep -E "gemm4_lab|matmul/cuda/bf16" $OUT/bench.txt | grep -v _d2 | cut -c1-110
-echo "NODECODE=1 (zero mantissas; wrong results; pipeline speed)"; grep -E "gemm4_lab|matmul/cuda/bf16" $OUT/nodecode.txt | grep -v _d2 | cut -c1-110
-for p in 2 3 4; do
-  echo "NODECODE=$p (2: random mantissas; 3: 2 times the absmax; 4: table reads, absmax 1)"
-  grep -E "gemm4_lab|matmul/cuda/bf16" $OUT/nodecode$p.txt | grep -v _d2 | cut -c1-110
-done
+if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
+  for p in 0 1; do
+    timeout 150 ncu --clock-control none --kernel-name regex:gemm4 --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      ./build-cuda/prof_p$p 14336 4096 4096 sm90 > $OUT/ncu_p$p.txt 2>&1
+    echo "== ncu p$p rc=$?"
+    grep -E "Duration|Throughput|Busy|Pipe|Stall|Issued|Eligible|Shared|Bank|Wavefront|Executed Ipc" \
+      $OUT/ncu_p$p.txt | head -40
+  done
+fi

@@ -1,13 +1,16 @@
 // A minimal driver for Nsight Compute: one 4-bit GEMV shape, launched a few times.
 //   prof_gemv N K M [stream|registers|grouped|auto [rows]]    (defaults 14336 4096 1, Auto's kernel;
 //   the tiles layout LoraLinear keeps its weights in, or bitsandbytes' rows; stream reads rows)
+//   prof_gemv N K M sm90|sm90fast                              (gemm_4bit_sm90, exact / fast table)
 //   ncu --kernel-name regex:gemv4 --launch-skip 1 --launch-count 1 ./prof_gemv
+//   ncu --kernel-name regex:gemm4 --launch-skip 1 --launch-count 1 ./prof_gemv 14336 4096 4096 sm90
 #include <cuda_bf16.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
+#include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
@@ -40,9 +43,14 @@ int main(int argc, char** argv) {
                       : which == "registers" ? cuda::GemvKernel::Registers
                       : which == "grouped"   ? cuda::GemvKernel::Grouped
                                              : cuda::GemvKernel::Auto;
-  for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
+  if (which == "sm90" || which == "sm90fast") {
+    const cuda::Gemm4Sm90Variant v{which == "sm90" ? cuda::Gemm4Table::Exact : cuda::Gemm4Table::Fast, 3};
+    for (int i = 0; i < 3; ++i) cuda::gemm_4bit_sm90(ctx, q, x.data(), M, y.data(), false, v);
+  } else {
+    for (int i = 0; i < 3; ++i) cuda::gemv_4bit(ctx, q, x.data(), M, y.data(), false, kernel);
+  }
   ctx.synchronize();
-  std::printf("gemv %dx%d m%d (%s layout) done\n", N, K, M,
+  std::printf("%s %dx%d m%d (%s layout) done\n", which.c_str(), N, K, M,
               q.layout == cuda::Packed4Layout::Tiles ? "tiles" : "rows");
   return 0;
 }

@@ -8,9 +8,11 @@
 // warps that multiply it, and x the B operand, staged by the copy engine (TMA, 128-byte swizzle).
 //
 // A block owns 128 rows of W × 256 tokens (G4Config<1>) and all of K, and runs 3 warpgroups:
-// - warpgroup 0, one thread: the producer. It streams x in stages of 256 tokens × 64 values (32 KB,
-//   4 of them in a ring) with one TMA copy each, on full / empty transaction barriers. Tokens past M
-//   arrive as zeros (the tensor map's bounds) and are never stored.
+// - warpgroup 0, the producers. One thread streams x in stages of 256 tokens × 64 values (32 KB, 4 of
+//   them in a ring) with one TMA copy each, on full / empty transaction barriers. Tokens past M
+//   arrive as zeros (the tensor map's bounds) and are never stored. Two warps (the absmax warps)
+//   decode the absmax of the block's 128 rows for each stage into an absmax ring (512 bytes a stage)
+//   on the same barriers: a stage is full when x's bytes and the 64 absmax lanes have arrived.
 // - warpgroups 1 and 2: the consumers, 64 rows of W each (one wgmma m64n256k16 per 16 values of K;
 //   accumulators 128 fp32 per thread). Each warp owns 16 rows and reads them unit by unit (16 rows ×
 //   64 values = 512 contiguous bytes in the tiles layout, quantized4bit.cuh), one 16-byte load per
@@ -24,7 +26,8 @@
 // lanes of its quad: a 4 × 4 byte transpose of each of the lane's 4 words across the quad (two
 // shuffles and two byte permutes per word). Then each byte (two codes) goes through a lane-replicated
 // table (conflict-free) and is multiplied by its block's absmax (G4Lut: exact or fast, below). A
-// unit's four slabs are decoded at once, during the unit before (two sets of A registers).
+// unit's four slabs are decoded at once, during the unit before (two sets of A registers); the absmax
+// pair of rows g and g + 8 is one 8-byte read of the absmax ring.
 //
 // Accuracy. Exact table (the default): code · absmax in fp32 rounded to bf16 once, the weights
 // dequantize_4bit writes, so the bound of tests/cuda/test_cuda_matmul.cu (2⁻⁸ of Σ|x·w| per output)
@@ -75,12 +78,16 @@ struct G4Config {
   static constexpr int kTokens = 256 / H;             // tokens per block
   static constexpr int kStageBytes = kTokens * 128;   // x: kTokens rows of 64 bf16 (128 B, swizzled)
   static constexpr int kStages = H == 2 ? 6 : 4;      // 96 or 128 KB of x ring
+  static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
+                                                      // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
                                                       // 64·H outputs (+16: stmatrix rows hit 8 bank groups)
-  // Dynamic shared memory: x ring, pair table, absmax code map, barriers; +1 KB to align the ring to
-  // 1024 bytes (the 128-byte swizzle's period, which the wgmma descriptor's base offset 0 assumes).
+  // Dynamic shared memory: x ring, pair table, absmax code map, absmax ring (kRows fp32 per stage),
+  // barriers; +1 KB to align the ring to 1024 bytes (the 128-byte swizzle's period, which the wgmma
+  // descriptor's base offset 0 assumes).
   static constexpr std::size_t kSmemBytes =
-      1024 + std::size_t(kStages) * kStageBytes + kLutBytes + 256 * sizeof(float) + 2 * kStages * 8;
+      1024 + std::size_t(kStages) * kStageBytes + kLutBytes + 256 * sizeof(float) +
+      std::size_t(kAmStages) * kRows * sizeof(float) + 2 * (kStages + kAmStages) * 8;
   static_assert(2 * kTokens * kOutStride <= kStages * kStageBytes, "epilogue tiles must fit in the ring");
 };
 constexpr int kG4Threads = 384;  // producer warpgroup + 2 consumer warpgroups
@@ -193,34 +200,14 @@ __device__ __forceinline__ void g4_transpose_selectors(int t, std::uint32_t& sel
   sel_b = (t & 1) ? 0x3715u : 0x6240u;
 }
 
-// One unit of one half as loaded, not yet used (so the loads stay in flight): the lane's 16 packed
-// bytes, and for rows g and g + 8 the absmax (plain) or its code and nested absmax (double-quantized).
+// One unit of one half as loaded, not yet used (so the load stays in flight): the lane's 16 packed
+// bytes. (The absmax reaches the consumers through the absmax ring: G4AbsmaxRows.)
 struct G4Unit {
   uint4 w;
-  std::uint32_t q0, q1;  // absmax codes (double quantization)
-  float s0, s1;          // absmax, or the nested absmax
 };
 
-__device__ __forceinline__ void g4_load(G4Unit& u, const Gemm4Args& a, const std::uint8_t* p, std::size_t e0,
-                                        std::size_t e1, bool valid) {
-  if (!valid) {
-    u.w = make_uint4(0, 0, 0, 0);
-    u.q0 = u.q1 = 0;
-    u.s0 = u.s1 = 0.0f;
-    return;
-  }
-  u.w = load_stream16(p);
-  const std::size_t b0 = e0 >> a.block_shift, b1 = e1 >> a.block_shift;
-  if (a.am.absmax) {
-    u.q0 = u.q1 = 0;
-    u.s0 = __ldg(a.am.absmax + b0);
-    u.s1 = __ldg(a.am.absmax + b1);
-  } else {
-    u.q0 = __ldg(a.am.qabsmax + b0);
-    u.q1 = __ldg(a.am.qabsmax + b1);
-    u.s0 = __ldg(a.am.absmax2 + (b0 >> a.am.nested_shift));
-    u.s1 = __ldg(a.am.absmax2 + (b1 >> a.am.nested_shift));
-  }
+__device__ __forceinline__ void g4_load(G4Unit& u, const std::uint8_t* p, bool valid) {
+  u.w = valid ? load_stream16(p) : make_uint4(0, 0, 0, 0);
 }
 
 // The unit's fragments, decoded: words q[0..3] (row g bytes 8s + t, row g bytes 8s + t + 4, row g + 8
@@ -230,19 +217,64 @@ struct G4Frag {
   float am0, am1;
 };
 
-__device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const Gemm4Args& a, const float* s_map,
+// Where row r (0 .. 127 of the block) keeps its absmax in a stage of the absmax ring: the 16 rows of
+// a warp's tile together, rows g and g + 8 side by side, so a consumer lane reads its pair with one
+// 8-byte load and a warp's 8 distinct pairs are one 64-byte wavefront.
+__device__ __forceinline__ int g4_am_slot(int r) { return (r >> 4) * 16 + (r & 7) * 2 + ((r >> 3) & 1); }
+
+__device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const float* s_am_pair,
                                           std::uint32_t sel_a, std::uint32_t sel_b) {
   f.q[0] = quad_transpose(u.w.x, sel_a, sel_b);
   f.q[1] = quad_transpose(u.w.y, sel_a, sel_b);
   f.q[2] = quad_transpose(u.w.z, sel_a, sel_b);
   f.q[3] = quad_transpose(u.w.w, sel_a, sel_b);
-  if (a.am.absmax) {
-    f.am0 = u.s0;
-    f.am1 = u.s1;
-  } else {
-    f.am0 = nested_absmax(s_map[u.q0], u.s0, a.am.offset);
-    f.am1 = nested_absmax(s_map[u.q1], u.s1, a.am.offset);
+  const float2 am = *reinterpret_cast<const float2*>(s_am_pair);
+  f.am0 = am.x;
+  f.am1 = am.y;
+}
+
+// The absmax warps (warps 1 and 2 of the producer warpgroup): for each unit kc, the absmax of the
+// block's 128 rows (block_absmax's value for the block of (row, 64·kc)) into stage kc % S of the absmax
+// ring, on the same full / empty barriers as x's stage. Why a warp of its own: decoded by the consumers
+// (as the first version of this kernel did), each unit cost every consumer lane 4 scattered global
+// loads (2 codes, 2 nested absmax of rows g and g + 8: 8 sectors per warp load) and their decoding;
+// with the table left out (lab probe 3) the kernel still took 1.35x cuBLAS against 1.0x without them.
+// Here a lane owns 2 rows (G4Config<1>), and loads a row's codes 4 at a time (the aligned 32-bit word that
+// holds the code: 4 units for blocksize 64) and its nested absmax only when its index changes.
+template <int kRowsPerLane>
+struct G4AbsmaxRows {
+  const std::uint8_t* code_word[kRowsPerLane];  // the word held (double quantization)
+  std::uint32_t codes[kRowsPerLane];
+  std::size_t nested[kRowsPerLane];  // index of the nested absmax held
+  float nested_v[kRowsPerLane];
+  std::size_t plain[kRowsPerLane];  // index of the plain absmax held
+  float plain_v[kRowsPerLane];
+};
+
+template <int R>
+__device__ __forceinline__ float g4_row_absmax(G4AbsmaxRows<R>& c, int j, const AbsmaxView& am,
+                                               const float* s_map, std::size_t b) {
+  if (am.absmax) {
+    if (b != c.plain[j]) {
+      c.plain[j] = b;
+      c.plain_v[j] = __ldg(am.absmax + b);
+    }
+    return c.plain_v[j];
   }
+  const std::uint8_t* p = am.qabsmax + b;
+  const std::uint8_t* wp =
+      reinterpret_cast<const std::uint8_t*>(reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(3));
+  if (wp != c.code_word[j]) {  // (a word holding a byte of the array lies in the array's allocation)
+    c.code_word[j] = wp;
+    c.codes[j] = __ldg(reinterpret_cast<const std::uint32_t*>(wp));
+  }
+  const std::size_t n = b >> am.nested_shift;
+  if (n != c.nested[j]) {
+    c.nested[j] = n;
+    c.nested_v[j] = __ldg(am.absmax2 + n);
+  }
+  const std::uint32_t code = (c.codes[j] >> (8 * (p - wp))) & 0xffu;
+  return nested_absmax(s_map[code], c.nested_v[j], am.offset);
 }
 
 // The code tables (G4Table). Fast: the GEMV's pair table (bf16 pairs) in shared memory, times the
@@ -368,14 +400,22 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   unsigned char* s_x = smem;                                   // (stage, token T, k 64) swizzled
   unsigned char* s_lut = smem + S * SB;                        // code table, lane copies
   float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);  // absmax codes (double quantization)
-  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(s_map + 256);
+  float* s_am = s_map + 256;                                   // (am stage, C::kRows) absmax ring
+  constexpr int SA = C::kAmStages;
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(s_am + SA * C::kRows);
   std::uint64_t* empty = full + S;
+  std::uint64_t* am_full = empty + S;
+  std::uint64_t* am_empty = am_full + SA;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(&full[s], 1);
+      mbar_init(&full[s], 1);   // the TMA thread (and the copy's bytes)
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    for (int s = 0; s < SA; ++s) {
+      mbar_init(&am_full[s], 64);  // the absmax warps' lanes
+      mbar_init(&am_empty[s], 8);
     }
     mbar_fence_init();
   }
@@ -387,14 +427,43 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
 
-  if (wg == 0) {  // the producer
+#ifndef QLORA_G4_AMCONST  // lab switch (wrong results): the absmax warps write 1 and load nothing
+#define QLORA_G4_AMCONST 0
+#endif
+  if (wg == 0) {  // the producers
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid == 0) {
+    if (tid == 0) {  // x, by TMA
       for (int kc = 0; kc < KC; ++kc) {
         const int s = kc % S;
         mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
         mbar_arrive_expect_tx(&full[s], SB);
         tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
+      }
+    } else if (tid >= 32 && tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
+      constexpr int R = C::kRows / 64;
+      G4AbsmaxRows<R> cache;
+      std::size_t e0[R];  // element index of (row, 0)
+      bool live[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        cache.code_word[j] = nullptr;
+        cache.nested[j] = cache.plain[j] = ~std::size_t(0);
+        const int r = row0 + tid - 32 + 64 * j;
+        live[j] = r < a.N;
+        e0[j] = std::size_t(live[j] ? r : 0) * std::size_t(a.K);
+      }
+      for (int kc = 0; kc < KC; ++kc) {
+        const int s = kc % SA;
+        float v[R];
+#pragma unroll
+        for (int j = 0; j < R; ++j)  // the loads before the wait: they overlap it
+          v[j] = QLORA_G4_AMCONST || !live[j]
+                     ? float(live[j])
+                     : g4_row_absmax(cache, j, a.am, s_map, (e0[j] + std::size_t(kc) * 64) >> a.block_shift);
+        mbar_wait_sleep(&am_empty[s], ((kc / SA) & 1) ^ 1);
+#pragma unroll
+        for (int j = 0; j < R; ++j) s_am[s * C::kRows + g4_am_slot(tid - 32 + 64 * j)] = v[j];
+        mbar_arrive(&am_full[s]);  // release: the stores above are seen by whoever waits for the phase
       }
     }
     return;
@@ -406,21 +475,20 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   g4_transpose_selectors(t, sel_a, sel_b);
   const G4Lut<Table> lut(s_lut, lane);
   const int tiles = a.N / 16;
-  const std::size_t K = std::size_t(a.K);
 
   // This warp's 16-row tile of each half h (rows row0 + 64·(H·c + h) + 16·wi ..): packed pointer at
-  // the lane's slice of unit 0, element index of (row g, k 0), whether the tile exists.
+  // the lane's slice of unit 0, whether the tile exists, where rows g and g + 8's absmax pair lies in a
+  // stage of the absmax ring.
   const std::uint8_t* pw[H];
-  std::size_t e[H];
   bool valid[H];
+  int am_slot[H];
 #pragma unroll
   for (int h = 0; h < H; ++h) {
     const int tile = (row0 + 64 * (H * c + h) + 16 * wi) / 16;
     valid[h] = tile < tiles;
     pw[h] = a.packed + std::size_t(valid[h] ? tile : 0) * KC * 512 + lane * 16;
-    e[h] = (std::size_t(valid[h] ? tile : 0) * 16 + g) * K;
+    am_slot[h] = g4_am_slot(64 * (H * c + h) + 16 * wi + g);
   }
-  const std::size_t far = 8 * K;  // row g + 8
 
   float acc[H][T / 2];
 #pragma unroll
@@ -433,8 +501,8 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   G4Unit u[2][H];
 #pragma unroll
   for (int h = 0; h < H; ++h) {
-    g4_load(u[0][h], a, pw[h], e[h], e[h] + far, valid[h]);
-    if (KC > 1) g4_load(u[1][h], a, pw[h] + 512, e[h] + 64, e[h] + far + 64, valid[h]);
+    g4_load(u[0][h], pw[h], valid[h]);
+    if (KC > 1) g4_load(u[1][h], pw[h] + 512, valid[h]);
   }
 
   const std::uint32_t x_base = smem_addr(s_x);
@@ -443,14 +511,37 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
   // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
   // wgmma and the next one's first. The set written was last read by that finished unit.
+#ifndef QLORA_G4_HALVES
+#define QLORA_G4_HALVES 0
+#endif
+  G4Frag fh[H];  // QLORA_G4_HALVES: the unit's words and absmax between its two halves' decoding
+  // Lab switch: with QLORA_G4_HALVES=1 a unit is decoded in two halves (slabs 0-1 after slab D - 2's
+  // wait, slabs 2-3 after slab 3's), so that no one stretch of decoding stands between two wgmma issues.
+  auto decode_half2 = [&](std::uint32_t(&ra)[H][4][4]) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      const auto s0 = G4Lut<Table>::scale(fh[h].am0), s1 = G4Lut<Table>::scale(fh[h].am1);
+      g4_slab<2>(ra[h][2], fh[h], lut, s0, s1);
+      g4_slab<3>(ra[h][3], fh[h], lut, s0, s1);
+    }
+  };
   auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
+    const int sd = kc % SA;
+    mbar_wait(&am_full[sd], (kc / SA) & 1);  // the unit's absmax
 #pragma unroll
     for (int h = 0; h < H; ++h) {
       G4Frag f;
-      g4_decode(f, uu[h], a, s_map, sel_a, sel_b);
+      g4_decode(f, uu[h], s_am + sd * C::kRows + am_slot[h], sel_a, sel_b);
+      if (QLORA_G4_HALVES) {
+        fh[h] = f;
+        if (kc + 2 < KC) g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
+        const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
+        g4_slab<0>(ra[h][0], f, lut, s0, s1);
+        g4_slab<1>(ra[h][1], f, lut, s0, s1);
+        continue;
+      }
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
-        g4_load(uu[h], a, pw[h] + std::size_t(kc + 2) * 512, e[h] + std::size_t(kc + 2) * 64,
-                e[h] + far + std::size_t(kc + 2) * 64, valid[h]);
+        g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
       const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probes (wrong results): which part of the decoding costs
       // 1: the transposed words masked to exponent bits (zero mantissas), no table, no absmax (its
@@ -476,7 +567,14 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #endif
     }
   };
-  // Unit kc's wgmmas from its decoded set ra; after slab D - 2's wait, the next unit's decoding into rn.
+#ifndef QLORA_G4_STAGGER
+#define QLORA_G4_STAGGER 0
+#endif
+  // Lab switch: with QLORA_G4_STAGGER=1 the second warpgroup decodes after its last slab's wait instead,
+  // so that the two warpgroups' decoding does not fall in the same cycles (each SM sub-partition runs
+  // one warp of each).
+  const int decode_at = (QLORA_G4_STAGGER && c == 1) ? 3 : D - 2;
+  // Unit kc's wgmmas from its decoded set ra; after slab decode_at's wait, the next unit's decoding into rn.
   auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
@@ -488,12 +586,17 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][j], desc + 2 * j);
       wgmma_commit();
       wgmma_wait<D - 1>();
-      if (j == D - 2 && kc > 0 && lane == 0) mbar_arrive(&empty[(kc - 1) % S]);
-      if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
+      if (j == D - 2 && kc > 0 && lane == 0) {  // unit kc - 1's x and absmax (read in its decoding) are done
+        mbar_arrive(&empty[(kc - 1) % S]);
+        mbar_arrive(&am_empty[(kc - 1) % SA]);
+      }
+      if (j == decode_at && kc + 1 < KC) decode(kc + 1, un, rn);
+      if (QLORA_G4_HALVES && j == 3 && kc + 1 < KC) decode_half2(rn);
     }
   };
   std::uint32_t ra[2][H][4][4];
   decode(0, u[0], ra[0]);
+  if (QLORA_G4_HALVES) decode_half2(ra[0]);
   int kc = 0;
   for (; kc + 1 < KC; kc += 2) {
     unit(kc, ra[0], u[1], ra[1]);

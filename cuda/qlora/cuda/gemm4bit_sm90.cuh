@@ -511,20 +511,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
   // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
   // wgmma and the next one's first. The set written was last read by that finished unit.
-#ifndef QLORA_G4_HALVES
-#define QLORA_G4_HALVES 0
-#endif
-  G4Frag fh[H];  // QLORA_G4_HALVES: the unit's words and absmax between its two halves' decoding
-  // Lab switch: with QLORA_G4_HALVES=1 a unit is decoded in two halves (slabs 0-1 after slab D - 2's
-  // wait, slabs 2-3 after slab 3's), so that no one stretch of decoding stands between two wgmma issues.
-  auto decode_half2 = [&](std::uint32_t(&ra)[H][4][4]) {
-#pragma unroll
-    for (int h = 0; h < H; ++h) {
-      const auto s0 = G4Lut<Table>::scale(fh[h].am0), s1 = G4Lut<Table>::scale(fh[h].am1);
-      g4_slab<2>(ra[h][2], fh[h], lut, s0, s1);
-      g4_slab<3>(ra[h][3], fh[h], lut, s0, s1);
-    }
-  };
   auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
     const int sd = kc % SA;
     mbar_wait(&am_full[sd], (kc / SA) & 1);  // the unit's absmax
@@ -532,14 +518,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     for (int h = 0; h < H; ++h) {
       G4Frag f;
       g4_decode(f, uu[h], s_am + sd * C::kRows + am_slot[h], sel_a, sel_b);
-      if (QLORA_G4_HALVES) {
-        fh[h] = f;
-        if (kc + 2 < KC) g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
-        const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
-        g4_slab<0>(ra[h][0], f, lut, s0, s1);
-        g4_slab<1>(ra[h][1], f, lut, s0, s1);
-        continue;
-      }
       if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
         g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
       const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
@@ -567,14 +545,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #endif
     }
   };
-#ifndef QLORA_G4_STAGGER
-#define QLORA_G4_STAGGER 0
-#endif
-  // Lab switch: with QLORA_G4_STAGGER=1 the second warpgroup decodes after its last slab's wait instead,
-  // so that the two warpgroups' decoding does not fall in the same cycles (each SM sub-partition runs
-  // one warp of each).
-  const int decode_at = (QLORA_G4_STAGGER && c == 1) ? 3 : D - 2;
-  // Unit kc's wgmmas from its decoded set ra; after slab decode_at's wait, the next unit's decoding into rn.
+  // Unit kc's wgmmas from its decoded set ra; after slab D - 2's wait, the next unit's decoding into rn.
   auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
     const int s = kc % S;
     mbar_wait(&full[s], (kc / S) & 1);
@@ -590,13 +561,11 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         mbar_arrive(&empty[(kc - 1) % S]);
         mbar_arrive(&am_empty[(kc - 1) % SA]);
       }
-      if (j == decode_at && kc + 1 < KC) decode(kc + 1, un, rn);
-      if (QLORA_G4_HALVES && j == 3 && kc + 1 < KC) decode_half2(rn);
+      if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
     }
   };
   std::uint32_t ra[2][H][4][4];
   decode(0, u[0], ra[0]);
-  if (QLORA_G4_HALVES) decode_half2(ra[0]);
   int kc = 0;
   for (; kc + 1 < KC; kc += 2) {
     unit(kc, ra[0], u[1], ra[1]);

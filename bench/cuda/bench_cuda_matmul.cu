@@ -38,6 +38,8 @@ using benchutil::fmt;
 using benchutil::report;
 using benchutil::time_blocking;
 using benchutil::time_graph;
+using benchutil::PairTiming;
+using benchutil::time_graph_pair;
 using cuda::DeviceBuffer;
 
 namespace {
@@ -285,6 +287,15 @@ int main(int argc, char** argv) {
               default: return "; dequantize + cuBLAS";
             }
           }());
+      if (M >= 512) {  // the ratio to cuBLAS bf16 timed in alternation (time_graph_pair): the target's figure
+        const PairTiming p = time_graph_pair(
+            ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
+            [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
+        report(
+            "matmul_paired/cuda/nf4dq/" + suffix, p.best_b,
+            fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); best cuBLAS %.2f us",
+                p.ratio_median, p.ratio_min, p.ratio_max, p.best_a));
+      }
       if (M > 32) {  // lab: the large-M paths, each forced (matmul_4bit's rows above pick one of them)
         const double us_dq = time_graph(
             ctx, [&](int i) { cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });

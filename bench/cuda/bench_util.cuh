@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "qlora/cuda/context.cuh"
 
@@ -44,34 +45,85 @@ float elapsed_ms(cudaStream_t s, cudaEvent_t a, cudaEvent_t b, F&& fn) {
   return ms;
 }
 
+// A CUDA graph of `calls` calls of fn(i), captured after one warm-up call outside the capture
+// (module loading, cuBLAS heuristics, attributes); replay_us() times one replay, per call.
+class CallGraph {
+ public:
+  CallGraph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls)
+      : s_(ctx.stream()), calls_(calls) {
+    fn(0);
+    ctx.synchronize();
+    cudaGraph_t graph;
+    QLORA_CUDA_CHECK(cudaStreamBeginCapture(s_, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < calls; ++i) fn(i);
+    QLORA_CUDA_CHECK(cudaStreamEndCapture(s_, &graph));
+    QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph, 0));
+    cudaGraphDestroy(graph);
+    QLORA_CUDA_CHECK(cudaEventCreate(&a_));
+    QLORA_CUDA_CHECK(cudaEventCreate(&b_));
+  }
+  CallGraph(const CallGraph&) = delete;
+  CallGraph& operator=(const CallGraph&) = delete;
+  ~CallGraph() {
+    cudaEventDestroy(a_);
+    cudaEventDestroy(b_);
+    cudaGraphExecDestroy(exec_);
+  }
+  double replay_us() {
+    return double(elapsed_ms(s_, a_, b_, [&] { QLORA_CUDA_CHECK(cudaGraphLaunch(exec_, s_)); })) * 1000.0 /
+           calls_;
+  }
+  // Warm replays until at least 25 ms of GPU time have run: the SM clock idles low (345 MHz on the
+  // H100 / H200 machines) and ramps up only under sustained load, so a short burst of work would be
+  // timed at whatever clock the previous idle gap left.
+  void warm() {
+    double warm_us = 0;
+    for (int w = 0; w < 1000 && warm_us < 25000.0; ++w) warm_us += replay_us() * calls_;
+  }
+
+ private:
+  cudaStream_t s_;
+  int calls_;
+  cudaGraphExec_t exec_;
+  cudaEvent_t a_, b_;
+};
+
 // Best of `reps` replays of a graph of `calls` calls of fn(i), in microseconds per call.
 inline double time_graph(const cuda::Context& ctx, const std::function<void(int)>& fn, int calls = 30,
                          int reps = 5) {
-  const cudaStream_t s = ctx.stream();
-  fn(0);  // warm-up outside the capture: module loading, cuBLAS heuristics, attributes
-  ctx.synchronize();
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  QLORA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < calls; ++i) fn(i);
-  QLORA_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  QLORA_CUDA_CHECK(cudaEventCreate(&a));
-  QLORA_CUDA_CHECK(cudaEventCreate(&b));
-  const auto replay = [&] { QLORA_CUDA_CHECK(cudaGraphLaunch(exec, s)); };
-  // Warm replays until at least 25 ms of GPU time have run: the SM clock idles low (345 MHz on the
-  // H200 machines) and ramps up only under sustained load, so a short burst of work would be timed
-  // at whatever clock the previous idle gap left. The best of `reps` replays follows.
-  float warm_ms = 0;
-  for (int w = 0; w < 1000 && warm_ms < 25.0f; ++w) warm_ms += elapsed_ms(s, a, b, replay);
-  float best = 1e30f;
-  for (int r = 0; r < reps; ++r) best = std::min(best, elapsed_ms(s, a, b, replay));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  return double(best) * 1000.0 / calls;
+  CallGraph g(ctx, fn, calls);
+  g.warm();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) best = std::min(best, g.replay_us());
+  return best;
+}
+
+// Two graphs timed in alternation, `rounds` rounds of one replay of each (a, then b), so that both see
+// the same clock and temperature; time_graph's figures of two rows taken seconds apart can differ by
+// more than the effect measured (the SM clock of a compute-bound product drifts under its power limit).
+struct PairTiming {
+  double best_a, best_b;        // µs per call, best replay of each
+  double ratio_median;          // median over the rounds of b / a
+  double ratio_min, ratio_max;  // their spread
+};
+inline PairTiming time_graph_pair(const cuda::Context& ctx, const std::function<void(int)>& fa,
+                                  const std::function<void(int)>& fb, int calls = 30, int rounds = 11) {
+  CallGraph ga(ctx, fa, calls), gb(ctx, fb, calls);
+  ga.warm();
+  gb.warm();
+  PairTiming t{1e30, 1e30, 0, 1e30, 0};
+  std::vector<double> ratios;
+  for (int r = 0; r < rounds; ++r) {
+    const double a = ga.replay_us(), b = gb.replay_us();
+    t.best_a = std::min(t.best_a, a);
+    t.best_b = std::min(t.best_b, b);
+    ratios.push_back(b / a);
+  }
+  std::sort(ratios.begin(), ratios.end());
+  t.ratio_median = ratios[ratios.size() / 2];
+  t.ratio_min = ratios.front();
+  t.ratio_max = ratios.back();
+  return t;
 }
 
 // Best of `reps` timed calls, after one untimed (module loading), of fn, a quantizer that

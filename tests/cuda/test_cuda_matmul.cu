@@ -15,6 +15,7 @@
 #include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/quant/blockwise4bit.hpp"
 
 using namespace qlora;
@@ -352,7 +353,8 @@ TEST_CASE("cuda gemm_4bit_sm90 agrees with dequantize + cuBLAS at 4096 x 4096", 
 }
 
 // matmul_4bit takes gemm_4bit_sm90 in its window (a weight of ≥ kSm90MinValues values in the tiles
-// layout, kSm90MinTokens < M ≤ kSm90MaxTokens) and gives that kernel's y; outside it, the other paths.
+// layout, kSm90MinTokens < M ≤ kSm90MaxTokens, or ≤ kSm90MaxTokensLarge on a weight of ≥
+// kSm90LargeValues values) and gives that kernel's y; outside it, the other paths.
 TEST_CASE("cuda matmul_4bit routes its sm90 window to gemm_4bit_sm90", "[cuda][matmul][sm90]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
@@ -370,6 +372,25 @@ TEST_CASE("cuda matmul_4bit routes its sm90 window to gemm_4bit_sm90", "[cuda][m
   REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), cuda::kSm90MaxTokens + 1, y1.data()) ==
           cuda::Matmul4Path::DequantCublas);
   REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), 40, y1.data()) == cuda::Matmul4Path::GemvTwice);
+  {  // a weight of ≥ kSm90LargeValues values keeps the kernel up to kSm90MaxTokensLarge tokens
+    const int NL = 14336;
+    static_assert(std::int64_t(NL) * K >= cuda::kSm90LargeValues, "the weight must be a large one");
+    static_assert(std::int64_t(N) * K < cuda::kSm90LargeValues, "and the one above must not");
+    cuda::DeviceBuffer<__nv_bfloat16> wl_bf16(std::size_t(NL) * K);
+    // every value 0x3c3c (0.0115): any weight will do, only the path is asked for
+    QLORA_CUDA_CHECK(
+        cudaMemsetAsync(wl_bf16.data(), 0x3c, wl_bf16.size() * sizeof(__nv_bfloat16), ctx.stream()));
+    auto big = cuda::quantize_4bit(ctx, wl_bf16.data(), {NL, K}, quant::Quant4Config{});
+    cuda::set_layout(ctx, big, cuda::Packed4Layout::Tiles);
+    cuda::DeviceBuffer<__nv_bfloat16> xl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * K),
+        yl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * NL);
+    const auto large_path = [&](int m) { return cuda::matmul_4bit_path(ctx, big, xl.data(), m, yl.data()); };
+    REQUIRE(large_path(cuda::kSm90MaxTokensLarge) ==
+            (ctx.sm90a_code() ? cuda::Matmul4Path::Sm90 : cuda::Matmul4Path::DequantCublas));
+    REQUIRE(large_path(cuda::kSm90MaxTokensLarge + 1) == cuda::Matmul4Path::DequantCublas);
+    REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), cuda::kSm90MaxTokensLarge, y1.data()) ==
+            cuda::Matmul4Path::DequantCublas);
+  }
   if (!ctx.sm90a_code()) {
     WARN("no sm_90 device with sm_90a code in this build: the sm90 window falls back to dequantize + cuBLAS");
     return;

@@ -2,8 +2,9 @@
 // y = x · Wᵀ for a 4-bit W on the GPU, choosing the path by the number of tokens M:
 //   M ≤ kGemvMaxTokens (and a shape gemv_4bit takes): the tensor-core GEMV, reading W once;
 //   M ≤ 2 · kGemvMaxTokens on a weight of ≥ kGemvTwiceMinValues values: the GEMV twice;
-//   kSm90MinTokens < M ≤ kSm90MaxTokens on a weight of ≥ kSm90MinValues values, W in the tiles layout,
-//   an sm_90 GPU and sm_90a code in the build: gemm_4bit_sm90 (wgmma, W decoded in registers);
+//   kSm90MinTokens < M ≤ kSm90MaxTokens on a weight of ≥ kSm90MinValues values (≤ kSm90MaxTokensLarge
+//   on ≥ kSm90LargeValues), W in the tiles layout, an sm_90 GPU and sm_90a code in the build:
+//   gemm_4bit_sm90 (wgmma, W decoded in registers);
 //   otherwise: dequantize W into the caller's reused bf16 scratch, then cuBLAS bf16 GEMM.
 // The scratch is grown on first use and kept (N·K bf16: the price of a large-M product is one
 // dequantized copy of the largest weight, shared by all layers that use the same scratch).
@@ -39,16 +40,18 @@ constexpr int kGemvMaxTokens = 32;
 constexpr long long kGemvTwiceMinValues = 32ll << 20;
 
 // The window where gemm_4bit_sm90 (exact table, 3 wgmma groups in flight) beat dequantize + cuBLAS on
-// an H100 (docs/performance.md, "CUDA (H100)", ninth session): at 14336x4096, M = 128 / 256: 80.0 /
-// 74.0 µs against 105.3 / 112.7; at 11008x4096, 73.1 / 73.4 against 82.9 / 88.1. Its block owns 128
-// rows × 256 tokens and all of K, and takes ~70 µs at K = 4096 whatever M, so it wins while one wave
-// of blocks covers the product: at M = 512 it won by 6% at 14336 rows and lost by 21% at 11008, and at
-// 4096x4096 (32 blocks per 256 tokens) it lost at every M. At M = 4096 it takes 1.4-1.6x cuBLAS
-// bf16 (its decoding costs that: with the decoding replaced by bit operations it ran at 1.0x), where
-// dequantize + cuBLAS takes 1.05-1.2x.
+// an H100 (docs/performance.md, "CUDA (H100)", tenth session, the kernel with its absmax warps): at
+// 14336x4096, M = 128 / 256 / 512: 72.6 / 62.4 / 124.8 µs against 106.4 / 114.5 / 152.5; at
+// 11008x4096, M = 128: 59.5 against 82.9. Its block owns 128 rows × 256 tokens and all of K; it wins
+// while few waves of blocks cover the product: at M = 512 it won at 14336 rows (also by 6% in the
+// ninth session) and lost at 11008 (124.8 against 115.3 µs: 172 blocks, 1.3 waves), and at 4096x4096
+// (32 blocks per 256 tokens) it lost at every M. At M = 4096 it takes 1.3-1.4x cuBLAS bf16 (its
+// decoding costs that), where dequantize + cuBLAS takes 1.09x (paired timing).
 constexpr int kSm90MinTokens = 2 * kGemvMaxTokens;
 constexpr int kSm90MaxTokens = 256;
 constexpr long long kSm90MinValues = 40ll << 20;
+constexpr int kSm90MaxTokensLarge = 512;            // on weights of ≥ kSm90LargeValues values
+constexpr long long kSm90LargeValues = 56ll << 20;  // 14336 × 4096 and above
 
 // Which path matmul_4bit takes for this product (the benchmarks print it).
 enum class Matmul4Path { Gemv, GemvTwice, Sm90, DequantCublas };
@@ -59,7 +62,8 @@ inline Matmul4Path matmul_4bit_path(const Context& ctx, const DeviceQuantized4bi
   if (M <= kGemvMaxTokens && gemv_4bit_supported(w, M)) return Matmul4Path::Gemv;
   if (M <= 2 * kGemvMaxTokens && gemv_4bit_supported(w, M) && values >= kGemvTwiceMinValues)
     return Matmul4Path::GemvTwice;
-  if (M > kSm90MinTokens && M <= kSm90MaxTokens && values >= kSm90MinValues &&
+  const int sm90_max = values >= kSm90LargeValues ? kSm90MaxTokensLarge : kSm90MaxTokens;
+  if (M > kSm90MinTokens && M <= sm90_max && values >= kSm90MinValues &&
       gemm_4bit_sm90_supported(ctx, w, x, M, y))
     return Matmul4Path::Sm90;
   return Matmul4Path::DequantCublas;

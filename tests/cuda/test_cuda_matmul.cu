@@ -15,7 +15,6 @@
 #include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
-#include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/quant/blockwise4bit.hpp"
 
 using namespace qlora;
@@ -376,11 +375,8 @@ TEST_CASE("cuda matmul_4bit routes its sm90 window to gemm_4bit_sm90", "[cuda][m
     const int NL = 14336;
     static_assert(std::int64_t(NL) * K >= cuda::kSm90LargeValues, "the weight must be a large one");
     static_assert(std::int64_t(N) * K < cuda::kSm90LargeValues, "and the one above must not");
-    cuda::DeviceBuffer<__nv_bfloat16> wl_bf16(std::size_t(NL) * K);
-    // every value 0x3c3c (0.0115): any weight will do, only the path is asked for
-    QLORA_CUDA_CHECK(
-        cudaMemsetAsync(wl_bf16.data(), 0x3c, wl_bf16.size() * sizeof(__nv_bfloat16), ctx.stream()));
-    auto big = cuda::quantize_4bit(ctx, wl_bf16.data(), {NL, K}, quant::Quant4Config{});
+    const auto wl = cudatest::gaussian(std::size_t(NL) * K, 45, 0.02f);
+    auto big = cuda::to_device(quant::quantize_4bit(wl.data(), {NL, K}, quant::Quant4Config{}), ctx);
     cuda::set_layout(ctx, big, cuda::Packed4Layout::Tiles);
     cuda::DeviceBuffer<__nv_bfloat16> xl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * K),
         yl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * NL);

@@ -5,7 +5,8 @@
 # wrong results; gemm4bit_sm90.cuh says what each keeps), then Nsight Compute on the kernel and on
 # probe 1 (prof_gemv ... sm90). Usage: bash bench/cuda/gemm4_probe.sh OUTDIR; SH= and MS= pick the
 # shapes and token counts (default 14336x4096, 128,256,4096), PROBES= the probes (default "1 4"),
-# VARIANTS= more builds of the kernel, as name=-DA=1,-DB=2 words (e.g. "s=-DQLORA_G4_STAGGER=1"),
+# VARIANTS= more builds of the kernel, as name=-DA=1,-DB=2 words (e.g.
+# "c=-DQLORA_G4_AMCONST=1,-DQLORA_G4_NODECODE=1": probe 1 with absmax warps that load nothing),
 # NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
 set -uo pipefail
 OUT=$1

@@ -40,11 +40,12 @@
 // stmatrix.trans turns the accumulators' column pairs into token rows of 8 contiguous outputs, then
 // 16-byte stores of y's rows.
 //
-// Speed (docs/performance.md, "CUDA (H100)", ninth session): 1.4-1.6x cuBLAS bf16 at M = 4096, where
-// dequantize + cuBLAS takes 1.05-1.2x; the same kernel with its decoding replaced by bit operations
-// (QLORA_G4_NODECODE=1, a lab probe) ran at 1.0x, so the decoding is what costs. Below one wave of
-// blocks it beats dequantize + cuBLAS on large weights; matmul_4bit takes it there (kSm90* in
-// matmul4bit.cuh).
+// Speed (docs/performance.md, "CUDA (H100)", ninth and tenth sessions): 1.28-1.36x cuBLAS bf16 at
+// M = 4096 (exact table), where dequantize + cuBLAS takes 1.09x; the same kernel with its decoding
+// replaced by bit operations (QLORA_G4_NODECODE=1, a lab probe) ran at 1.0x before the absmax warps
+// existed, so the decoding is what costs: the table reads, and the absmax warps' own cost (probe 1 with
+// them: 1.19x; QLORA_G4_AMCONST=1, the warps loading nothing: 1.06-1.11x). Over few waves of blocks it
+// beats dequantize + cuBLAS on large weights; matmul_4bit takes it there (kSm90* in matmul4bit.cuh).
 //
 // Needs sm_90a code in the binary (CMake's CUDA architectures "90a"; plain "90" has no wgmma):
 // gemm_4bit_sm90_supported says whether this binary and device can run it.
@@ -522,11 +523,11 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
       const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probes (wrong results): which part of the decoding costs
-      // 1: the transposed words masked to exponent bits (zero mantissas), no table, no absmax (its
-      // loads then go too, as dead code); 2: the same with random signs and mantissas (tensor-core
-      // activity like real weights'); 3: as 2, times the absmax (its loads and decoding stay, one
-      // bf16x2 multiply per register); 4: the table reads of the chosen table, absmax 1 (no absmax
-      // loads).
+      // 1: the transposed words masked to exponent bits (zero mantissas), no table, absmax unused (the
+      // absmax warps still run; with QLORA_G4_AMCONST=1 they load nothing); 2: the same with random
+      // signs and mantissas (tensor-core activity like real weights'); 3: as 2, times the absmax (one
+      // bf16x2 multiply per register); 4: the table reads of the chosen table, absmax 1. (Before the
+      // absmax warps, 1 and 4 also dropped the consumers' absmax loads: docs/performance.md.)
       constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 1 ? 0x3f803f80u : 0x807f807fu;
       constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 1 ? 0u : 0x3f003f00u;
       if constexpr (QLORA_G4_NODECODE == 4) {

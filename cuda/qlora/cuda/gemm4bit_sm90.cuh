@@ -265,7 +265,9 @@ __device__ __forceinline__ float g4_row_absmax(G4AbsmaxRows<R>& c, int j, const 
   const std::uint8_t* p = am.qabsmax + b;
   const std::uint8_t* wp =
       reinterpret_cast<const std::uint8_t*>(reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(3));
-  if (wp != c.code_word[j]) {  // (a word holding a byte of the array lies in the array's allocation)
+  // The aligned word that holds a code lies within the codes: the array is an allocation of its own
+  // (DeviceQuantized4bit::qabsmax, 256-byte aligned), and with N % 16 == 0 it holds a multiple of 16.
+  if (wp != c.code_word[j]) {
     c.code_word[j] = wp;
     c.codes[j] = __ldg(reinterpret_cast<const std::uint32_t*>(wp));
   }

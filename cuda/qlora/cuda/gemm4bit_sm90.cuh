@@ -434,6 +434,8 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #define QLORA_G4_AMCONST 0
 #endif
   if (wg == 0) {  // the producers
+    // 40 registers: the producers' code (TMA thread and absmax warps) uses R0-R37 in the sm_90a SASS
+    // (nvdisasm, tenth session); a change to it should be checked the same way.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {  // x, by TMA
       for (int kc = 0; kc < KC; ++kc) {

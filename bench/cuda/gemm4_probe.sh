@@ -6,14 +6,17 @@
 # probe 1 (prof_gemv ... sm90). Usage: bash bench/cuda/gemm4_probe.sh OUTDIR; SH= and MS= pick the
 # shapes and token counts (default 14336x4096, 128,256,4096), PROBES= the probes (default "1 4"),
 # VARIANTS= more builds of the kernel, as name=-DA=1,-DB=2 words (e.g.
-# "c=-DQLORA_G4_AMCONST=1,-DQLORA_G4_NODECODE=1": probe 1 with absmax warps that load nothing),
-# NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
+# "c=-DQLORA_G4_AMCONST=1,-DQLORA_G4_NODECODE=1": probe 1 with absmax warps that load nothing;
+# "a=-DQLORA_G4_AMTMA=1": the absmax by a per-call pass and bulk copies instead of absmax warps),
+# TESTED= the names of those variants whose [sm90] tests run too (their results must be right: not the
+# probes), NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
 set -uo pipefail
 OUT=$1
 SH=${SH:-14336x4096}
 MS=${MS:-128,256,4096}
 PROBES=${PROBES:-1 4}
 VARIANTS=${VARIANTS:-}
+TESTED=${TESTED:-}
 F="-std=c++17 -O3 -Iinclude -Icuda -I.deps -lineinfo -gencode=arch=compute_90a,code=sm_90a"
 mkdir -p build-cuda
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv > $OUT/smi.txt 2>&1
@@ -28,6 +31,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv > $OUT
   done
   for v in $VARIANTS; do
     nvcc $F $(echo ${v#*=} | tr , " ") bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_${v%%=*} -lcublas &
+    if [[ " $TESTED " == *" ${v%%=*} "* ]]; then
+      nvcc $F $(echo ${v#*=} | tr , " ") -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_${v%%=*}.o &
+    fi
   done
   wait
 ) > $OUT/build.log 2>&1
@@ -37,6 +43,14 @@ timeout 120 ./build-cuda/test_cuda_matmul "[sm90]" > $OUT/sm90.log 2>&1
 echo "[sm90] tests rc=$?"
 grep -E "passed|failed" $OUT/sm90.log | tail -2
 grep -B3 -A10 FAILED $OUT/sm90.log | head -40
+for b in $TESTED; do
+  nvcc -gencode=arch=compute_90a,code=sm_90a build-cuda/test_$b.o build-cuda/catch_main.o -o build-cuda/test_$b \
+    -lcublas >> $OUT/build.log 2>&1
+  timeout 120 ./build-cuda/test_$b "[sm90]" > $OUT/sm90_$b.log 2>&1
+  echo "[sm90] tests of build $b rc=$?"
+  grep -E "passed|failed" $OUT/sm90_$b.log | tail -2
+  grep -B3 -A10 FAILED $OUT/sm90_$b.log | head -20
+done
 echo "builds: p0 the kernel; p1 zero mantissas, no table, no absmax; p2 random mantissas; p3 absmax,"
 echo "no table; p4 table, absmax 1; $VARIANTS"
 for b in p0 $(for p in $PROBES; do echo p$p; done) $(for v in $VARIANTS; do echo ${v%%=*}; done); do

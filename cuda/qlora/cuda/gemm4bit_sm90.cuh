@@ -102,6 +102,7 @@ struct Gemm4Args {
   bool accumulate;  // y += x · Wᵀ
   Code16Param code;
   Code256Param map;
+  const float* am_tiles;  // QLORA_G4_AMTMA: the absmax decoded by g4_absmax_tiles_kernel, else null
 };
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -387,6 +388,37 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #endif
 }
 
+#ifndef QLORA_G4_AMCONST  // lab switch (wrong results): the absmax warps write 1 and load nothing
+#define QLORA_G4_AMCONST 0
+#endif
+// Lab switch QLORA_G4_AMTMA=1 (written in the tenth session, not yet run on a GPU): no absmax warps;
+// gemm_4bit_sm90 first writes the absmax decoded, in the ring's order (g4_absmax_tiles_kernel), and
+// the TMA thread brings each stage's 512 bytes with one bulk copy on the absmax ring's barriers. The
+// absmax warps' own cost measured ~100 µs at 14336 x 4096, M = 4096 (docs/performance.md).
+#ifndef QLORA_G4_AMTMA
+#define QLORA_G4_AMTMA 0
+#endif
+
+// QLORA_G4_AMTMA's pass: out[(row block, unit kc) · kRows + g4_am_slot(r)] = the absmax of row
+// 128·(row block) + r for the block of (row, 64·kc) (0 past N). One thread per value; blockDim 256.
+template <int = 0>  // a template: one definition for every translation unit that includes this header
+__global__ void g4_absmax_tiles_kernel(Gemm4Args a, float* out, std::size_t count) {
+  __shared__ float s_map[256];
+  if (!a.am.absmax) fill_absmax_map(s_map, a.map, threadIdx.x, blockDim.x);
+  __syncthreads();
+  const int KC = a.K / 64;
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < count;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    const int r = int(i % 128);
+    const std::size_t tile = i / 128;  // (row block, kc)
+    const std::size_t row = (tile / KC) * 128 + r, kc = tile % KC;
+    const float v = row < std::size_t(a.N)
+                        ? block_absmax(a.am, s_map, (row * std::size_t(a.K) + kc * 64) >> a.block_shift)
+                        : 0.0f;
+    out[tile * 128 + g4_am_slot(r)] = v;
+  }
+}
+
 // D: wgmma groups (one per slab of 16 values of K) a warpgroup may have issued and not finished:
 // after each slab's wait, at most D - 1 stay in flight.
 template <int H, int Table, int D>
@@ -417,7 +449,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     for (int s = 0; s < SA; ++s) {
-      mbar_init(&am_full[s], 64);  // the absmax warps' lanes
+      mbar_init(&am_full[s], QLORA_G4_AMTMA ? 1 : 64);  // the absmax warps' lanes (or the TMA thread)
       mbar_init(&am_empty[s], 8);
     }
     mbar_fence_init();
@@ -430,9 +462,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
 
-#ifndef QLORA_G4_AMCONST  // lab switch (wrong results): the absmax warps write 1 and load nothing
-#define QLORA_G4_AMCONST 0
-#endif
   if (wg == 0) {  // the producers
     // 40 registers: the producers' code (TMA thread and absmax warps) uses R0-R37 in the sm_90a SASS
     // (nvdisasm, tenth session); a change to it should be checked the same way.
@@ -440,11 +469,19 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     if (tid == 0) {  // x, by TMA
       for (int kc = 0; kc < KC; ++kc) {
         const int s = kc % S;
+        if (QLORA_G4_AMTMA) {  // the stage's absmax first: its ring is the deeper one
+          const int sa = kc % SA;
+          mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
+          mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
+          bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
+                        C::kRows * 4, &am_full[sa]);
+        }
         mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
         mbar_arrive_expect_tx(&full[s], SB);
         tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
       }
-    } else if (tid >= 32 && tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
+    } else if (!QLORA_G4_AMTMA && tid >= 32 &&
+               tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
       constexpr int R = C::kRows / 64;
       G4AbsmaxRows<R> cache;
       std::size_t e0[R];  // element index of (row, 0)
@@ -701,6 +738,7 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
   args.y = y;
   args.M = M;
   args.accumulate = accumulate;
+  args.am_tiles = nullptr;
   QLORA_CHECK(v.depth == 2 || v.depth == 3, "cuda::gemm_4bit_sm90: depth ", v.depth, ", expected 2 or 3");
   auto launch = [&](auto h_tag, auto table_tag, auto depth_tag) {
     constexpr int H = decltype(h_tag)::value;
@@ -713,8 +751,21 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
                     unsigned((M + C::kTokens - 1) / C::kTokens));
     QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y,
                 " token tiles, at most 65535");
+    float* am_tiles = nullptr;
+    if constexpr (QLORA_G4_AMTMA != 0) {  // lab: stream-ordered scratch (graph-capturable), freed after
+      static_assert(H == 1, "QLORA_G4_AMTMA: the pass writes 128-row tiles");
+      const std::size_t count = std::size_t(grid.x) * (args.K / 64) * C::kRows;
+      QLORA_CUDA_CHECK(
+          cudaMallocAsync(reinterpret_cast<void**>(&am_tiles), count * sizeof(float), ctx.stream()));
+      detail::g4_absmax_tiles_kernel<>
+          <<<unsigned(std::min<std::size_t>((count + 255) / 256, 4096)), 256, 0, ctx.stream()>>>(
+              args, am_tiles, count);
+      QLORA_CUDA_CHECK_LAUNCH("g4_absmax_tiles_kernel");
+      args.am_tiles = am_tiles;
+    }
     kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
     QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
+    if (am_tiles) QLORA_CUDA_CHECK(cudaFreeAsync(am_tiles, ctx.stream()));
   };
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;

@@ -7,7 +7,8 @@
 # shapes and token counts (default 14336x4096, 128,256,4096), PROBES= the probes (default "1 4"),
 # VARIANTS= more builds of the kernel, as name=-DA=1,-DB=2 words (e.g.
 # "c=-DQLORA_G4_AMCONST=1,-DQLORA_G4_NODECODE=1": probe 1 with absmax warps that load nothing;
-# "a=-DQLORA_G4_AMTMA=1": the absmax by a per-call pass and bulk copies instead of absmax warps),
+# "a=-DQLORA_G4_AMTMA=1": the absmax by a per-call pass and bulk copies instead of absmax warps;
+# "s=-DQLORA_G4_SHARED_FEED=1": W decoded into shared memory by producer warps, SS wgmma),
 # TESTED= the names of those variants whose [sm90] tests run too (their results must be right: not the
 # probes), NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
 set -uo pipefail

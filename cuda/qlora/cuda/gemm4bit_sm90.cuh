@@ -73,12 +73,24 @@ namespace detail {
 // L2 traffic per product, but decodes twice as much per product; on an H100 it measured 1.4-1.5x
 // the time of H = 1 at M = 128 .. 4096 (docs/performance.md), and is no longer instantiated (its
 // wgmma m64n128k16 wrapper went with it: commit 44ebdeb has it).
+// Lab switch QLORA_G4_SHARED_FEED=1 (written in the tenth session, not yet run on a GPU): three warps
+// of the producer warpgroup decode W into a ring of bf16 tiles in shared memory (128 rows × 64 values a
+// stage, 128-byte swizzle, the layout TMA gives x), and the consumers issue wgmma with both operands in
+// shared memory and decode nothing. Why: the consumers' decoding stands between their wgmma issues (docs/
+// performance.md, tenth session); here it runs beside them. The x ring drops to 3 stages to make room.
+#ifndef QLORA_G4_SHARED_FEED
+#define QLORA_G4_SHARED_FEED 0
+#endif
+constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
+
 template <int H>
 struct G4Config {
-  static constexpr int kRows = 128 * H;               // rows of W per block
-  static constexpr int kTokens = 256 / H;             // tokens per block
-  static constexpr int kStageBytes = kTokens * 128;   // x: kTokens rows of 64 bf16 (128 B, swizzled)
-  static constexpr int kStages = H == 2 ? 6 : 4;      // 96 or 128 KB of x ring
+  static constexpr int kRows = 128 * H;              // rows of W per block
+  static constexpr int kTokens = 256 / H;            // tokens per block
+  static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
+  static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);  // 96 or 128 KB of x ring
+  static constexpr int kWStages = kG4SharedFeed ? 2 : 0;                // shared feed: decoded W ring
+  static constexpr int kWStageBytes = kRows * 128;                      // kRows rows of 64 bf16
   static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
                                                       // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
@@ -87,11 +99,12 @@ struct G4Config {
   // barriers; +1 KB to align the ring to 1024 bytes (the 128-byte swizzle's period, which the wgmma
   // descriptor's base offset 0 assumes).
   static constexpr std::size_t kSmemBytes =
-      1024 + std::size_t(kStages) * kStageBytes + kLutBytes + 256 * sizeof(float) +
-      std::size_t(kAmStages) * kRows * sizeof(float) + 2 * (kStages + kAmStages) * 8;
+      1024 + std::size_t(kStages) * kStageBytes + std::size_t(kWStages) * kWStageBytes + kLutBytes +
+      256 * sizeof(float) + std::size_t(kAmStages) * kRows * sizeof(float) +
+      2 * (kStages + kAmStages + kWStages) * 8;
   static_assert(2 * kTokens * kOutStride <= kStages * kStageBytes, "epilogue tiles must fit in the ring");
 };
-constexpr int kG4Threads = 384;  // producer warpgroup + 2 consumer warpgroups
+constexpr int kG4Threads = 384;  // producer warpgroup (with the shared feed: also the decoders) + 2 consumers
 
 struct Gemm4Args {
   const std::uint8_t* packed;  // tiles layout
@@ -162,6 +175,49 @@ __device__ __forceinline__ void wgmma_m64k16_rs<256>(float (&d)[128], const std:
         "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
         "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#endif
+}
+
+// The shared feed's product: d += A (64 × 16 bf16, the descriptor da's K-major tile, 128-byte swizzle)
+// · B (16 × 256, db's), both from shared memory.
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], std::uint64_t da, std::uint64_t db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+      "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+      "%42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, "
+      "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, "
+      "%86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, "
+      "%107, %108, %109, "
+      "%110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+      "%127"
+      "}, "
+      "%128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+        "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+        "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
+        "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]),
+        "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]),
+        "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]),
+        "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]),
+        "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]),
+        "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
+        "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+        "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(1));
 #endif
 }
 
@@ -419,6 +475,78 @@ __global__ void g4_absmax_tiles_kernel(Gemm4Args a, float* out, std::size_t coun
   }
 }
 
+// The shared feed's decoders (QLORA_G4_SHARED_FEED): decoder warp dw (0..2) of a block decodes the
+// block's 16-row tiles dw, dw + 3, dw + 6 (< 8), unit by unit, into the decoded W ring (stage kc % SW:
+// row r's 64 values at 128·r bytes, 16-byte chunk j at chunk j ^ (r % 8), the 128-byte swizzle of
+// wgmma's K-major operand, as TMA writes x). Lane (g, t) holds bytes [8t, 8t + 8) of rows g and g + 8
+// of a unit (the tiles layout), i.e. chunks 2t and 2t + 1 of both rows: no transposes. The absmax of
+// its rows comes from its own loads (G4AbsmaxRows): these warps are off the tensor cores' path.
+template <class C, int Table>
+__device__ __forceinline__ void g4_decode_w(const Gemm4Args& a, const unsigned char* s_lut,
+                                            const float* s_map, unsigned char* s_w, std::uint64_t* w_full,
+                                            std::uint64_t* w_empty, int dw, int lane, int row0, int KC) {
+  constexpr int kMaxTiles = 3, SW = C::kWStages;
+  const int g = lane >> 2, t = lane & 3, tiles = a.N / 16;
+  const G4Lut<Table> lut(s_lut, lane);
+  G4AbsmaxRows<2 * kMaxTiles> cache;
+  const std::uint8_t* pw[kMaxTiles];
+  std::size_t e0[kMaxTiles];  // element index of (row g, k 0) of the tile
+  bool ok[kMaxTiles];
+  int rb[kMaxTiles];  // the tile's first row in the block
+  uint4 cur[kMaxTiles], next[kMaxTiles];
+#pragma unroll
+  for (int i = 0; i < kMaxTiles; ++i) {
+    rb[i] = 16 * (dw + 3 * i);
+    const int tile = (row0 + rb[i]) / 16;
+    ok[i] = rb[i] < C::kRows && tile < tiles;
+    pw[i] = a.packed + std::size_t(ok[i] ? tile : 0) * KC * 512 + lane * 16;
+    e0[i] = (std::size_t(ok[i] ? tile : 0) * 16 + g) * std::size_t(a.K);
+    cur[i] = ok[i] ? load_stream16(pw[i]) : make_uint4(0, 0, 0, 0);
+    cache.code_word[2 * i] = cache.code_word[2 * i + 1] = nullptr;
+    cache.nested[2 * i] = cache.nested[2 * i + 1] = cache.plain[2 * i] = cache.plain[2 * i + 1] =
+        ~std::size_t(0);
+  }
+  const std::size_t far = 8 * std::size_t(a.K);  // row g + 8
+  const std::uint32_t w_base = smem_addr(s_w);
+  for (int kc = 0; kc < KC; ++kc) {
+    const int sw = kc % SW;
+    float am[kMaxTiles][2];
+#pragma unroll
+    for (int i = 0; i < kMaxTiles; ++i) {
+      next[i] =
+          ok[i] && kc + 1 < KC ? load_stream16(pw[i] + std::size_t(kc + 1) * 512) : make_uint4(0, 0, 0, 0);
+      const std::size_t k0 = std::size_t(kc) * 64;
+      am[i][0] = ok[i] ? g4_row_absmax(cache, 2 * i, a.am, s_map, (e0[i] + k0) >> a.block_shift) : 0.0f;
+      am[i][1] =
+          ok[i] ? g4_row_absmax(cache, 2 * i + 1, a.am, s_map, (e0[i] + far + k0) >> a.block_shift) : 0.0f;
+    }
+    mbar_wait(&w_empty[sw], ((kc / SW) & 1) ^ 1);
+#pragma unroll
+    for (int i = 0; i < kMaxTiles; ++i) {
+      if (rb[i] >= C::kRows) continue;  // warp 2 has two tiles
+      const auto s0 = G4Lut<Table>::scale(am[i][0]), s1 = G4Lut<Table>::scale(am[i][1]);
+      const int r0 = rb[i] + g;
+      auto put = [&](int r, int ch, std::uint32_t word, typename G4Lut<Table>::Scale sc) {
+        const std::uint32_t addr =
+            w_base + std::uint32_t(sw * C::kWStageBytes + r * 128 + ((ch ^ (r & 7)) << 4));
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+                     "r"(lut.template get<0>(word, sc)), "r"(lut.template get<1>(word, sc)),
+                     "r"(lut.template get<2>(word, sc)), "r"(lut.template get<3>(word, sc))
+                     : "memory");
+      };
+      put(r0, 2 * t, cur[i].x, s0);
+      put(r0, 2 * t + 1, cur[i].y, s0);
+      put(r0 + 8, 2 * t, cur[i].z, s1);
+      put(r0 + 8, 2 * t + 1, cur[i].w, s1);
+    }
+    // the stores above are read by wgmma, the async proxy: fence them into it, then release the stage
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_arrive(&w_full[sw]);
+#pragma unroll
+    for (int i = 0; i < kMaxTiles; ++i) cur[i] = next[i];
+  }
+}
+
 // D: wgmma groups (one per slab of 16 values of K) a warpgroup may have issued and not finished:
 // after each slab's wait, at most D - 1 stay in flight.
 template <int H, int Table, int D>
@@ -433,7 +561,8 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const std::uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
   unsigned char* s_x = smem;                                   // (stage, token T, k 64) swizzled
-  unsigned char* s_lut = smem + S * SB;                        // code table, lane copies
+  unsigned char* s_w = smem + S * SB;                          // shared feed: (stage, row, k 64) swizzled
+  unsigned char* s_lut = s_w + C::kWStages * C::kWStageBytes;  // code table, lane copies
   float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);  // absmax codes (double quantization)
   float* s_am = s_map + 256;                                   // (am stage, C::kRows) absmax ring
   constexpr int SA = C::kAmStages;
@@ -441,6 +570,9 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   std::uint64_t* empty = full + S;
   std::uint64_t* am_full = empty + S;
   std::uint64_t* am_empty = am_full + SA;
+  constexpr int SW = C::kWStages;
+  std::uint64_t* w_full = am_empty + SA;  // shared feed: the decoded W ring
+  std::uint64_t* w_empty = w_full + SW;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -452,6 +584,10 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       mbar_init(&am_full[s], QLORA_G4_AMTMA ? 1 : 64);  // the absmax warps' lanes (or the TMA thread)
       mbar_init(&am_empty[s], 8);
     }
+    for (int s = 0; s < SW; ++s) {
+      mbar_init(&w_full[s], 96);  // the decoder lanes
+      mbar_init(&w_empty[s], 8);  // the consumer warps
+    }
     mbar_fence_init();
   }
   G4Lut<Table>::fill(s_lut, a.code, tid, kG4Threads);
@@ -462,158 +598,206 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
 
-  if (wg == 0) {  // the producers
-    // 40 registers: the producers' code (TMA thread and absmax warps) uses R0-R37 in the sm_90a SASS
-    // (nvdisasm, tenth session); a change to it should be checked the same way.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid == 0) {  // x, by TMA
-      for (int kc = 0; kc < KC; ++kc) {
-        const int s = kc % S;
-        if (QLORA_G4_AMTMA) {  // the stage's absmax first: its ring is the deeper one
-          const int sa = kc % SA;
-          mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
-          mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
-          bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
-                        C::kRows * 4, &am_full[sa]);
+  if constexpr (kG4SharedFeed) {
+    // The shared feed (QLORA_G4_SHARED_FEED): no register rebalancing (168 a thread serve everyone).
+    // Warpgroup 0: thread 0 streams x; warps 1-3 decode W, tiles w - 1, w + 2, w + 5 (< 8) of the block.
+    if (wg == 0) {
+      if (tid == 0) {
+        for (int kc = 0; kc < KC; ++kc) {
+          const int s = kc % S;
+          mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
+          mbar_arrive_expect_tx(&full[s], SB);
+          tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
         }
-        mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
-        mbar_arrive_expect_tx(&full[s], SB);
-        tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
+      } else if (tid >= 32) {
+        g4_decode_w<C, Table>(a, s_lut, s_map, s_w, w_full, w_empty, tid / 32 - 1, tid & 31, row0, KC);
       }
-    } else if (!QLORA_G4_AMTMA && tid >= 32 &&
-               tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
-      constexpr int R = C::kRows / 64;
-      G4AbsmaxRows<R> cache;
-      std::size_t e0[R];  // element index of (row, 0)
-      bool live[R];
-#pragma unroll
-      for (int j = 0; j < R; ++j) {
-        cache.code_word[j] = nullptr;
-        cache.nested[j] = cache.plain[j] = ~std::size_t(0);
-        const int r = row0 + tid - 32 + 64 * j;
-        live[j] = r < a.N;
-        e0[j] = std::size_t(live[j] ? r : 0) * std::size_t(a.K);
-      }
-      for (int kc = 0; kc < KC; ++kc) {
-        const int s = kc % SA;
-        float v[R];
-#pragma unroll
-        for (int j = 0; j < R; ++j)  // the loads before the wait: they overlap it
-          v[j] = QLORA_G4_AMCONST || !live[j]
-                     ? float(live[j])
-                     : g4_row_absmax(cache, j, a.am, s_map, (e0[j] + std::size_t(kc) * 64) >> a.block_shift);
-        mbar_wait_sleep(&am_empty[s], ((kc / SA) & 1) ^ 1);
-#pragma unroll
-        for (int j = 0; j < R; ++j) s_am[s * C::kRows + g4_am_slot(tid - 32 + 64 * j)] = v[j];
-        mbar_arrive(&am_full[s]);  // release: the stores above are seen by whoever waits for the phase
-      }
+      return;
     }
-    return;
+  } else {
+    if (wg == 0) {  // the producers
+      // 40 registers: the producers' code (TMA thread and absmax warps) uses R0-R37 in the sm_90a SASS
+      // (nvdisasm, tenth session); a change to it should be checked the same way.
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+      if (tid == 0) {  // x, by TMA
+        for (int kc = 0; kc < KC; ++kc) {
+          const int s = kc % S;
+          if (QLORA_G4_AMTMA) {  // the stage's absmax first: its ring is the deeper one
+            const int sa = kc % SA;
+            mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
+            mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
+            bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
+                          C::kRows * 4, &am_full[sa]);
+          }
+          mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
+          mbar_arrive_expect_tx(&full[s], SB);
+          tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
+        }
+      } else if (!QLORA_G4_AMTMA && tid >= 32 &&
+                 tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
+        constexpr int R = C::kRows / 64;
+        G4AbsmaxRows<R> cache;
+        std::size_t e0[R];  // element index of (row, 0)
+        bool live[R];
+#pragma unroll
+        for (int j = 0; j < R; ++j) {
+          cache.code_word[j] = nullptr;
+          cache.nested[j] = cache.plain[j] = ~std::size_t(0);
+          const int r = row0 + tid - 32 + 64 * j;
+          live[j] = r < a.N;
+          e0[j] = std::size_t(live[j] ? r : 0) * std::size_t(a.K);
+        }
+        for (int kc = 0; kc < KC; ++kc) {
+          const int s = kc % SA;
+          float v[R];
+#pragma unroll
+          for (int j = 0; j < R; ++j)  // the loads before the wait: they overlap it
+            v[j] =
+                QLORA_G4_AMCONST || !live[j]
+                    ? float(live[j])
+                    : g4_row_absmax(cache, j, a.am, s_map, (e0[j] + std::size_t(kc) * 64) >> a.block_shift);
+          mbar_wait_sleep(&am_empty[s], ((kc / SA) & 1) ^ 1);
+#pragma unroll
+          for (int j = 0; j < R; ++j) s_am[s * C::kRows + g4_am_slot(tid - 32 + 64 * j)] = v[j];
+          mbar_arrive(&am_full[s]);  // release: the stores above are seen by whoever waits for the phase
+        }
+      }
+      return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
 
   const int c = wg - 1, wt = tid % 128, wi = wt / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  std::uint32_t sel_a, sel_b;
-  g4_transpose_selectors(t, sel_a, sel_b);
-  const G4Lut<Table> lut(s_lut, lane);
-  const int tiles = a.N / 16;
-
-  // This warp's 16-row tile of each half h (rows row0 + 64·(H·c + h) + 16·wi ..): packed pointer at
-  // the lane's slice of unit 0, whether the tile exists, where rows g and g + 8's absmax pair lies in a
-  // stage of the absmax ring.
-  const std::uint8_t* pw[H];
-  bool valid[H];
-  int am_slot[H];
+  float acc[H][T / 2];  // zeroed in each feed's branch (where the register feed always did it)
+  auto zero_acc = [&] {
 #pragma unroll
-  for (int h = 0; h < H; ++h) {
-    const int tile = (row0 + 64 * (H * c + h) + 16 * wi) / 16;
-    valid[h] = tile < tiles;
-    pw[h] = a.packed + std::size_t(valid[h] ? tile : 0) * KC * 512 + lane * 16;
-    am_slot[h] = g4_am_slot(64 * (H * c + h) + 16 * wi + g);
-  }
-
-  float acc[H][T / 2];
+    for (int h = 0; h < H; ++h)
 #pragma unroll
-  for (int h = 0; h < H; ++h)
-#pragma unroll
-    for (int i = 0; i < T / 2; ++i) acc[h][i] = 0.0f;
+      for (int i = 0; i < T / 2; ++i) acc[h][i] = 0.0f;
+  };
 
-  // Units kc and kc + 1 in flight (a ring of two per half, by the parity of kc); their values are
-  // first used a unit later (g4_decode), so a load has a unit's worth of products to land.
-  G4Unit u[2][H];
+  if constexpr (kG4SharedFeed) {  // the consumers only multiply
+    static_assert(H == 1, "the shared feed is written for 128-row blocks");
+    zero_acc();
+    const std::uint32_t x_base = smem_addr(s_x), w_base = smem_addr(s_w);
+    for (int kc = 0; kc < KC; ++kc) {
+      const int s = kc % S, sw = kc % SW;
+      mbar_wait(&full[s], (kc / S) & 1);
+      mbar_wait(&w_full[sw], (kc / SW) & 1);
+      const std::uint64_t db = sw128_desc(x_base + s * SB);
+      const std::uint64_t da =
+          sw128_desc(w_base + sw * C::kWStageBytes + c * 64 * 128);  // this warpgroup's 64 rows
 #pragma unroll
-  for (int h = 0; h < H; ++h) {
-    g4_load(u[0][h], pw[h], valid[h]);
-    if (KC > 1) g4_load(u[1][h], pw[h] + 512, valid[h]);
-  }
+      for (int j = 0; j < 4; ++j) {
+        wgmma_fence();
+        wgmma_m64n256k16_ss(acc[0], da + 2 * j, db + 2 * j);
+        wgmma_commit();
+        wgmma_wait<D - 1>();
+        if (j == D - 2 && kc > 0 && lane == 0) {  // unit kc - 1's x and W are done
+          mbar_arrive(&empty[(kc - 1) % S]);
+          mbar_arrive(&w_empty[(kc - 1) % SW]);
+        }
+      }
+    }
+  } else {
+    std::uint32_t sel_a, sel_b;
+    g4_transpose_selectors(t, sel_a, sel_b);
+    const G4Lut<Table> lut(s_lut, lane);
+    const int tiles = a.N / 16;
 
-  const std::uint32_t x_base = smem_addr(s_x);
-  // Decoding a unit: all four slabs' A fragments at once, into one of two sets of A registers (by
-  // the unit's parity). It runs during the unit before, as soon as the unit before that is done
-  // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
-  // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
-  // wgmma and the next one's first. The set written was last read by that finished unit.
-  auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
-    const int sd = kc % SA;
-    mbar_wait(&am_full[sd], (kc / SA) & 1);  // the unit's absmax
+    // This warp's 16-row tile of each half h (rows row0 + 64·(H·c + h) + 16·wi ..): packed pointer at
+    // the lane's slice of unit 0, whether the tile exists, where rows g and g + 8's absmax pair lies in a
+    // stage of the absmax ring.
+    const std::uint8_t* pw[H];
+    bool valid[H];
+    int am_slot[H];
 #pragma unroll
     for (int h = 0; h < H; ++h) {
-      G4Frag f;
-      g4_decode(f, uu[h], s_am + sd * C::kRows + am_slot[h], sel_a, sel_b);
-      if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
-        g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
-      const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
+      const int tile = (row0 + 64 * (H * c + h) + 16 * wi) / 16;
+      valid[h] = tile < tiles;
+      pw[h] = a.packed + std::size_t(valid[h] ? tile : 0) * KC * 512 + lane * 16;
+      am_slot[h] = g4_am_slot(64 * (H * c + h) + 16 * wi + g);
+    }
+    zero_acc();
+
+    // Units kc and kc + 1 in flight (a ring of two per half, by the parity of kc); their values are
+    // first used a unit later (g4_decode), so a load has a unit's worth of products to land.
+    G4Unit u[2][H];
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+      g4_load(u[0][h], pw[h], valid[h]);
+      if (KC > 1) g4_load(u[1][h], pw[h] + 512, valid[h]);
+    }
+
+    const std::uint32_t x_base = smem_addr(s_x);
+    // Decoding a unit: all four slabs' A fragments at once, into one of two sets of A registers (by
+    // the unit's parity). It runs during the unit before, as soon as the unit before that is done
+    // (after slab D - 2's wait, when at most D - 1 groups of this unit are in flight): the table reads
+    // and the multiplies then overlap the wgmmas in flight instead of standing between one unit's last
+    // wgmma and the next one's first. The set written was last read by that finished unit.
+    auto decode = [&](int kc, G4Unit(&uu)[H], std::uint32_t(&ra)[H][4][4]) {
+      const int sd = kc % SA;
+      mbar_wait(&am_full[sd], (kc / SA) & 1);  // the unit's absmax
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        G4Frag f;
+        g4_decode(f, uu[h], s_am + sd * C::kRows + am_slot[h], sel_a, sel_b);
+        if (kc + 2 < KC)  // the unit two ahead into the registers just decoded
+          g4_load(uu[h], pw[h] + std::size_t(kc + 2) * 512, valid[h]);
+        const auto s0 = G4Lut<Table>::scale(f.am0), s1 = G4Lut<Table>::scale(f.am1);
 #ifdef QLORA_G4_NODECODE  // lab probes (wrong results): which part of the decoding costs
-      // 1: the transposed words masked to exponent bits (zero mantissas), no table, absmax unused (the
-      // absmax warps still run; with QLORA_G4_AMCONST=1 they load nothing); 2: the same with random
-      // signs and mantissas (tensor-core activity like real weights'); 3: as 2, times the absmax (one
-      // bf16x2 multiply per register); 4: the table reads of the chosen table, absmax 1. (Before the
-      // absmax warps, 1 and 4 also dropped the consumers' absmax loads: docs/performance.md.)
-      constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 1 ? 0x3f803f80u : 0x807f807fu;
-      constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 1 ? 0u : 0x3f003f00u;
-      if constexpr (QLORA_G4_NODECODE == 4) {
-        lut.unit(ra[h], f, G4Lut<Table>::scale(1.0f), G4Lut<Table>::scale(1.0f));
-      } else {
-        for (int j = 0; j < 4; ++j)
+        // 1: the transposed words masked to exponent bits (zero mantissas), no table, absmax unused (the
+        // absmax warps still run; with QLORA_G4_AMCONST=1 they load nothing); 2: the same with random
+        // signs and mantissas (tensor-core activity like real weights'); 3: as 2, times the absmax (one
+        // bf16x2 multiply per register); 4: the table reads of the chosen table, absmax 1. (Before the
+        // absmax warps, 1 and 4 also dropped the consumers' absmax loads: docs/performance.md.)
+        constexpr std::uint32_t kKeep = QLORA_G4_NODECODE == 1 ? 0x3f803f80u : 0x807f807fu;
+        constexpr std::uint32_t kSet = QLORA_G4_NODECODE == 1 ? 0u : 0x3f003f00u;
+        if constexpr (QLORA_G4_NODECODE == 4) {
+          lut.unit(ra[h], f, G4Lut<Table>::scale(1.0f), G4Lut<Table>::scale(1.0f));
+        } else {
+          for (int j = 0; j < 4; ++j)
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const std::uint32_t v = (f.q[j] & kKeep) | kSet;
-            ra[h][j][r] =
-                QLORA_G4_NODECODE == 3 ? bf16x2_scale(v, __float2bfloat162_rn(r & 1 ? f.am1 : f.am0)) : v;
-          }
-      }
+            for (int r = 0; r < 4; ++r) {
+              const std::uint32_t v = (f.q[j] & kKeep) | kSet;
+              ra[h][j][r] =
+                  QLORA_G4_NODECODE == 3 ? bf16x2_scale(v, __float2bfloat162_rn(r & 1 ? f.am1 : f.am0)) : v;
+            }
+        }
 #else
-      lut.unit(ra[h], f, s0, s1);
+        lut.unit(ra[h], f, s0, s1);
 #endif
-    }
-  };
-  // Unit kc's wgmmas from its decoded set ra; after slab D - 2's wait, the next unit's decoding into rn.
-  auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
-    const int s = kc % S;
-    mbar_wait(&full[s], (kc / S) & 1);
-    const std::uint64_t desc = sw128_desc(x_base + s * SB);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      wgmma_fence();
-#pragma unroll
-      for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][j], desc + 2 * j);
-      wgmma_commit();
-      wgmma_wait<D - 1>();
-      if (j == D - 2 && kc > 0 && lane == 0) {  // unit kc - 1's x and absmax (read in its decoding) are done
-        mbar_arrive(&empty[(kc - 1) % S]);
-        mbar_arrive(&am_empty[(kc - 1) % SA]);
       }
-      if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
+    };
+    // Unit kc's wgmmas from its decoded set ra; after slab D - 2's wait, the next unit's decoding into rn.
+    auto unit = [&](int kc, std::uint32_t(&ra)[H][4][4], G4Unit(&un)[H], std::uint32_t(&rn)[H][4][4]) {
+      const int s = kc % S;
+      mbar_wait(&full[s], (kc / S) & 1);
+      const std::uint64_t desc = sw128_desc(x_base + s * SB);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wgmma_fence();
+#pragma unroll
+        for (int h = 0; h < H; ++h) wgmma_m64k16_rs<T>(acc[h], ra[h][j], desc + 2 * j);
+        wgmma_commit();
+        wgmma_wait<D - 1>();
+        if (j == D - 2 && kc > 0 &&
+            lane == 0) {  // unit kc - 1's x and absmax (read in its decoding) are done
+          mbar_arrive(&empty[(kc - 1) % S]);
+          mbar_arrive(&am_empty[(kc - 1) % SA]);
+        }
+        if (j == D - 2 && kc + 1 < KC) decode(kc + 1, un, rn);
+      }
+    };
+    std::uint32_t ra[2][H][4][4];
+    decode(0, u[0], ra[0]);
+    int kc = 0;
+    for (; kc + 1 < KC; kc += 2) {
+      unit(kc, ra[0], u[1], ra[1]);
+      unit(kc + 1, ra[1], u[0], ra[0]);
     }
-  };
-  std::uint32_t ra[2][H][4][4];
-  decode(0, u[0], ra[0]);
-  int kc = 0;
-  for (; kc + 1 < KC; kc += 2) {
-    unit(kc, ra[0], u[1], ra[1]);
-    unit(kc + 1, ra[1], u[0], ra[0]);
-  }
-  if (kc < KC) unit(kc, ra[0], u[1], ra[1]);
+    if (kc < KC) unit(kc, ra[0], u[1], ra[1]);
+  }  // the register feed
   wgmma_wait<0>();
 
   // Epilogue. Every consumer warp is done with the ring (its last wgmma has completed) before either

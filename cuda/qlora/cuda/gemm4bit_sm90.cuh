@@ -82,6 +82,10 @@ namespace detail {
 #define QLORA_G4_SHARED_FEED 0
 #endif
 constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
+#if QLORA_G4_SHARED_FEED && \
+    (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST) || defined(QLORA_G4_AMTMA))
+#error "QLORA_G4_SHARED_FEED decodes in its own warps: the register feed's lab switches do not apply to it"
+#endif
 
 template <int H>
 struct G4Config {
@@ -914,21 +918,28 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
                     unsigned((M + C::kTokens - 1) / C::kTokens));
     QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y,
                 " token tiles, at most 65535");
-    float* am_tiles = nullptr;
     if constexpr (QLORA_G4_AMTMA != 0) {  // lab: stream-ordered scratch (graph-capturable), freed after
       static_assert(H == 1, "QLORA_G4_AMTMA: the pass writes 128-row tiles");
       const std::size_t count = std::size_t(grid.x) * (args.K / 64) * C::kRows;
+      float* am_tiles = nullptr;
       QLORA_CUDA_CHECK(
           cudaMallocAsync(reinterpret_cast<void**>(&am_tiles), count * sizeof(float), ctx.stream()));
+      struct Free {  // also when a launch check below throws
+        float* p;
+        cudaStream_t s;
+        ~Free() { cudaFreeAsync(p, s); }
+      } const free_am{am_tiles, ctx.stream()};
       detail::g4_absmax_tiles_kernel<>
           <<<unsigned(std::min<std::size_t>((count + 255) / 256, 4096)), 256, 0, ctx.stream()>>>(
               args, am_tiles, count);
       QLORA_CUDA_CHECK_LAUNCH("g4_absmax_tiles_kernel");
       args.am_tiles = am_tiles;
+      kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
+      QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
+      return;
     }
     kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
     QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
-    if (am_tiles) QLORA_CUDA_CHECK(cudaFreeAsync(am_tiles, ctx.stream()));
   };
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;

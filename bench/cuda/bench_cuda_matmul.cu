@@ -35,10 +35,10 @@
 using namespace qlora;
 using benchutil::fill;
 using benchutil::fmt;
+using benchutil::PairTiming;
 using benchutil::report;
 using benchutil::time_blocking;
 using benchutil::time_graph;
-using benchutil::PairTiming;
 using benchutil::time_graph_pair;
 using cuda::DeviceBuffer;
 
@@ -308,9 +308,9 @@ int main(int argc, char** argv) {
                                            cuda::Gemm4Sm90Variant{cuda::Gemm4Table::Fast, 2}}) {
             const double us = time_graph(
                 ctx, [&](int i) { cuda::gemm_4bit_sm90(ctx, wq[i % nq], x.data(), M, y.data(), false, v); });
-            const char* tn = v.table == cuda::Gemm4Table::Exact ? "exact" : "fast";
-            report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + tn + "_d" + std::to_string(v.depth), us,
-                   rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+            report("gemm4_lab/cuda/nf4dq/" + suffix + "/sm90_" + cuda::gemm4_table_name(v.table) + "_d" +
+                       std::to_string(v.depth),
+                   us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
           }
       }
       if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)

@@ -33,8 +33,6 @@ struct Errors {
 
 // force_cublas: dequantize + cuBLAS; kernel: a GEMV kernel forced; sm90: gemm_4bit_sm90 on the tiles
 // layout; else matmul_4bit's own choice.
-const char* table_name(cuda::Gemm4Table t) { return t == cuda::Gemm4Table::Exact ? "exact" : "fast"; }
-
 Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
                     cuda::GemvKernel kernel = cuda::GemvKernel::Auto, bool sm90 = false,
                     cuda::Gemm4Sm90Variant variant = {}) {
@@ -299,8 +297,8 @@ TEST_CASE("cuda gemm_4bit_sm90 meets the bound", "[cuda][matmul][sm90]") {
         std::printf(
             "gemm_4bit_sm90 %s d%d N=%d K=%d M=%d bs=%d %s dq=%d acc=%d: max scaled error %.3g "
             "(bound %.3g), rel norm %.3g\n",
-            table_name(table), depth, c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type), int(c.dq),
-            int(acc), e.max_scaled, bound, e.rel_norm);
+            cuda::gemm4_table_name(table), depth, c.N, c.K, c.M, c.blocksize, quant::quant4_name(c.type),
+            int(c.dq), int(acc), e.max_scaled, bound, e.rel_norm);
         REQUIRE(e.max_scaled <= bound * 1.01);
         REQUIRE(e.rel_norm < 5e-3);
       }
@@ -340,8 +338,8 @@ TEST_CASE("cuda gemm_4bit_sm90 agrees with dequantize + cuBLAS at 4096 x 4096", 
         den += v * v;
       }
       std::printf("gemm_4bit_sm90 %s d%d 4096x4096 M=%d against dequantize + cuBLAS: rel norm %.3g\n",
-                  table_name(table), depth, M, std::sqrt(num / den));
-      INFO("table " << table_name(table) << " depth " << depth);
+                  cuda::gemm4_table_name(table), depth, M, std::sqrt(num / den));
+      INFO("table " << cuda::gemm4_table_name(table) << " depth " << depth);
       REQUIRE(bad == 0);
       REQUIRE(std::sqrt(num / den) < (exact ? 2e-3 : 6e-3));
     }
@@ -371,16 +369,18 @@ TEST_CASE("cuda matmul_4bit routes its sm90 window to gemm_4bit_sm90", "[cuda][m
   REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), cuda::kSm90MaxTokens + 1, y1.data()) ==
           cuda::Matmul4Path::DequantCublas);
   REQUIRE(cuda::matmul_4bit_path(ctx, dw, dx.data(), 40, y1.data()) == cuda::Matmul4Path::GemvTwice);
-  {  // a weight of ≥ kSm90LargeValues values keeps the kernel up to kSm90MaxTokensLarge tokens
+  {  // a weight of ≥ kSm90LargeValues values keeps the kernel up to kSm90MaxTokensLarge tokens. The path
+     // depends on the weight's shape and format only, so a weight without data stands for it.
     const int NL = 14336;
     static_assert(std::int64_t(NL) * K >= cuda::kSm90LargeValues, "the weight must be a large one");
     static_assert(std::int64_t(N) * K < cuda::kSm90LargeValues, "and the one above must not");
-    const auto wl = cudatest::gaussian(std::size_t(NL) * K, 45, 0.02f);
-    auto big = cuda::to_device(quant::quantize_4bit(wl.data(), {NL, K}, quant::Quant4Config{}), ctx);
-    cuda::set_layout(ctx, big, cuda::Packed4Layout::Tiles);
-    cuda::DeviceBuffer<__nv_bfloat16> xl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * K),
-        yl(std::size_t(cuda::kSm90MaxTokensLarge + 1) * NL);
-    const auto large_path = [&](int m) { return cuda::matmul_4bit_path(ctx, big, xl.data(), m, yl.data()); };
+    cuda::DeviceQuantized4bit big;
+    big.shape = {NL, K};
+    big.blocksize = dw.blocksize;
+    big.double_quant = dw.double_quant;
+    big.nested_blocksize = dw.nested_blocksize;
+    big.layout = cuda::Packed4Layout::Tiles;
+    const auto large_path = [&](int m) { return cuda::matmul_4bit_path(ctx, big, dx.data(), m, y1.data()); };
     REQUIRE(large_path(cuda::kSm90MaxTokensLarge) ==
             (ctx.sm90a_code() ? cuda::Matmul4Path::Sm90 : cuda::Matmul4Path::DequantCublas));
     REQUIRE(large_path(cuda::kSm90MaxTokensLarge + 1) == cuda::Matmul4Path::DequantCublas);

@@ -99,9 +99,9 @@ struct G4Config {
                                                       // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
                                                       // 64·H outputs (+16: stmatrix rows hit 8 bank groups)
-  // Dynamic shared memory: x ring, pair table, absmax code map, absmax ring (kRows fp32 per stage),
-  // barriers; +1 KB to align the ring to 1024 bytes (the 128-byte swizzle's period, which the wgmma
-  // descriptor's base offset 0 assumes).
+  // Dynamic shared memory: x ring, decoded W ring (shared feed only), pair table, absmax code map,
+  // absmax ring (kRows fp32 per stage), barriers; +1 KB to align the rings to 1024 bytes (the 128-byte
+  // swizzle's period, which the wgmma descriptor's base offset 0 assumes).
   static constexpr std::size_t kSmemBytes =
       1024 + std::size_t(kStages) * kStageBytes + std::size_t(kWStages) * kWStageBytes + kLutBytes +
       256 * sizeof(float) + std::size_t(kAmStages) * kRows * sizeof(float) +
@@ -275,8 +275,8 @@ __device__ __forceinline__ void g4_decode(G4Frag& f, const G4Unit& u, const floa
 }
 
 // The absmax warps (warps 1 and 2 of the producer warpgroup): for each unit kc, the absmax of the
-// block's 128 rows (block_absmax's value for the block of (row, 64·kc)) into stage kc % S of the absmax
-// ring, on the same full / empty barriers as x's stage. Why a warp of its own: decoded by the consumers
+// block's 128 rows (block_absmax's value for the block of (row, 64·kc)) into stage kc % kAmStages of the
+// absmax ring, on its own full / empty barriers. Why warps of their own: decoded by the consumers
 // (as the first version of this kernel did), each unit cost every consumer lane 4 scattered global
 // loads (2 codes, 2 nested absmax of rows g and g + 8: 8 sectors per warp load) and their decoding;
 // with the table left out (lab probe 3) the kernel still took 1.35x cuBLAS against 1.0x without them.
@@ -290,6 +290,13 @@ struct G4AbsmaxRows {
   float nested_v[kRowsPerLane];
   std::size_t plain[kRowsPerLane];  // index of the plain absmax held
   float plain_v[kRowsPerLane];
+  __device__ G4AbsmaxRows() {  // nothing held: every first use loads
+#pragma unroll
+    for (int j = 0; j < kRowsPerLane; ++j) {
+      code_word[j] = nullptr;
+      nested[j] = plain[j] = ~std::size_t(0);
+    }
+  }
 };
 
 template <int R>
@@ -485,9 +492,6 @@ __device__ __forceinline__ void g4_decode_w(const Gemm4Args& a, const unsigned c
     pw[i] = a.packed + std::size_t(ok[i] ? tile : 0) * KC * 512 + lane * 16;
     e0[i] = (std::size_t(ok[i] ? tile : 0) * 16 + g) * std::size_t(a.K);
     cur[i] = ok[i] ? load_stream16(pw[i]) : make_uint4(0, 0, 0, 0);
-    cache.code_word[2 * i] = cache.code_word[2 * i + 1] = nullptr;
-    cache.nested[2 * i] = cache.nested[2 * i + 1] = cache.plain[2 * i] = cache.plain[2 * i + 1] =
-        ~std::size_t(0);
   }
   const std::size_t far = 8 * std::size_t(a.K);  // row g + 8
   const std::uint32_t w_base = smem_addr(s_w);
@@ -580,18 +584,19 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int KC = a.K / 64;  // units (stages) along K
   const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
+  auto load_x_stage = [&](int kc) {  // the TMA thread: x's stage for unit kc, once the ring has room
+    const int s = kc % S;
+    mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
+    mbar_arrive_expect_tx(&full[s], SB);
+    tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
+  };
 
   if constexpr (kG4SharedFeed) {
     // The shared feed (QLORA_G4_SHARED_FEED): no register rebalancing (168 a thread serve everyone).
     // Warpgroup 0: thread 0 streams x; warps 1-3 decode W, tiles w - 1, w + 2, w + 5 (< 8) of the block.
     if (wg == 0) {
       if (tid == 0) {
-        for (int kc = 0; kc < KC; ++kc) {
-          const int s = kc % S;
-          mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
-          mbar_arrive_expect_tx(&full[s], SB);
-          tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
-        }
+        for (int kc = 0; kc < KC; ++kc) load_x_stage(kc);
       } else if (tid >= 32) {
         g4_decode_w<C, Table>(a, s_lut, s_map, s_w, w_full, w_empty, tid / 32 - 1, tid & 31, row0, KC);
       }
@@ -604,7 +609,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
       if (tid == 0) {  // x, by TMA
         for (int kc = 0; kc < KC; ++kc) {
-          const int s = kc % S;
           if (QLORA_G4_AMTMA) {  // the stage's absmax first: its ring is the deeper one
             const int sa = kc % SA;
             mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
@@ -612,9 +616,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
             bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
                           C::kRows * 4, &am_full[sa]);
           }
-          mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
-          mbar_arrive_expect_tx(&full[s], SB);
-          tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
+          load_x_stage(kc);
         }
       } else if (!QLORA_G4_AMTMA && tid >= 32 &&
                  tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
@@ -624,8 +626,6 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         bool live[R];
 #pragma unroll
         for (int j = 0; j < R; ++j) {
-          cache.code_word[j] = nullptr;
-          cache.nested[j] = cache.plain[j] = ~std::size_t(0);
           const int r = row0 + tid - 32 + 64 * j;
           live[j] = r < a.N;
           e0[j] = std::size_t(live[j] ? r : 0) * std::size_t(a.K);
@@ -885,6 +885,7 @@ inline bool gemm_4bit_sm90_supported(const Context& ctx, const DeviceQuantized4b
 // weights of dequantize_4bit; Fast, bf16 roundings); depth, the wgmma groups a warpgroup keeps in
 // flight (the kernel's D). The block shape is G4Config<1>.
 enum class Gemm4Table { Fast = detail::kG4Fast, Exact = detail::kG4Exact };
+inline const char* gemm4_table_name(Gemm4Table t) { return t == Gemm4Table::Exact ? "exact" : "fast"; }
 struct Gemm4Sm90Variant {
   Gemm4Table table = Gemm4Table::Exact;
   int depth = 2;  // wgmma groups in flight per warpgroup: 2 or 3

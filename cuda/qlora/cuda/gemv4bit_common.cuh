@@ -133,8 +133,6 @@ __device__ __forceinline__ void fill_pair_lut(unsigned char* s_lut, const Code16
   }
 }
 
-// The tables every GEMV kernel decodes with: the lane copies of the pair table, and with double
-// quantization the 256 values of the absmax codes (s_map). The caller synchronizes the block.
 // The 256 values of the absmax codes into shared memory, one per warp step (a uniform index per warp:
 // a divergent index into the kernel parameters would serialize). `threads`: a multiple of 32.
 __device__ __forceinline__ void fill_absmax_map(float* s_map, const Code256Param& map, int tid, int threads) {
@@ -143,6 +141,8 @@ __device__ __forceinline__ void fill_absmax_map(float* s_map, const Code256Param
     if (lane == 0) s_map[i] = map.v[i];
 }
 
+// The tables every GEMV kernel decodes with: the lane copies of the pair table, and with double
+// quantization the 256 values of the absmax codes (s_map). The caller synchronizes the block.
 template <bool DQ>
 __device__ __forceinline__ void fill_tables(unsigned char* s_lut, float* s_map, const GemvArgs& a, int tid,
                                             int threads) {

@@ -82,6 +82,11 @@ namespace detail {
 #define QLORA_G4_SHARED_FEED 0
 #endif
 constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
+// The shared feed's decoded W ring: 2 stages (16 KB each), or 3 (-DQLORA_G4_WSTAGES=3: 219 KB of shared
+// memory in all), which lets the decoders run two units ahead of the consumers instead of one.
+#ifndef QLORA_G4_WSTAGES
+#define QLORA_G4_WSTAGES 2
+#endif
 #if QLORA_G4_SHARED_FEED && \
     (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST) || defined(QLORA_G4_AMTMA))
 #error "QLORA_G4_SHARED_FEED decodes in its own warps: the register feed's lab switches do not apply to it"
@@ -93,7 +98,7 @@ struct G4Config {
   static constexpr int kTokens = 256 / H;            // tokens per block
   static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
   static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);  // 96 or 128 KB of x ring
-  static constexpr int kWStages = kG4SharedFeed ? 2 : 0;                // shared feed: decoded W ring
+  static constexpr int kWStages = kG4SharedFeed ? QLORA_G4_WSTAGES : 0;  // shared feed: decoded W ring
   static constexpr int kWStageBytes = kRows * 128;                      // kRows rows of 64 bf16
   static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
                                                       // so its warps' load latency hides behind it
@@ -107,6 +112,7 @@ struct G4Config {
       256 * sizeof(float) + std::size_t(kAmStages) * kRows * sizeof(float) +
       2 * (kStages + kAmStages + kWStages) * 8;
   static_assert(2 * kTokens * kOutStride <= kStages * kStageBytes, "epilogue tiles must fit in the ring");
+  static_assert(kSmemBytes <= 227 * 1024, "more than an sm_90 block's dynamic shared memory");
 };
 constexpr int kG4Threads = 384;  // producer warpgroup (with the shared feed: also the decoders) + 2 consumers
 

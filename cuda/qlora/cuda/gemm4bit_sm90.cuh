@@ -97,9 +97,9 @@ struct G4Config {
   static constexpr int kRows = 128 * H;              // rows of W per block
   static constexpr int kTokens = 256 / H;            // tokens per block
   static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
-  static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);  // 96 or 128 KB of x ring
+  static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);   // 96 or 128 KB of x ring
   static constexpr int kWStages = kG4SharedFeed ? QLORA_G4_WSTAGES : 0;  // shared feed: decoded W ring
-  static constexpr int kWStageBytes = kRows * 128;                      // kRows rows of 64 bf16
+  static constexpr int kWStageBytes = kRows * 128;                       // kRows rows of 64 bf16
   static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
                                                       // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's

@@ -17,7 +17,9 @@ mkdir -p "$OUT" build-cuda
 # wgmma kernels plain 90 would leave out)
 ARCH=""
 for a in ${QLORA_CUDA_ARCHS:-80 90a}; do ARCH="$ARCH -gencode=arch=compute_$a,code=sm_$a"; done
-FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo"
+# QLORA_NVCC_EXTRA="-DQLORA_G4_SHARED_FEED=1": more nvcc flags for every CUDA build (a lab switch, tested
+# through the whole suite without changing the default)
+FLAGS="-std=c++17 -O3 -Iinclude -Icuda -I.deps -Xcompiler -Wall,-Wextra,-march=native -lineinfo ${QLORA_NVCC_EXTRA:-}"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 rc=0
 if has build; then

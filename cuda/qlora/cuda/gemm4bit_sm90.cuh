@@ -87,8 +87,7 @@ constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
 #ifndef QLORA_G4_WSTAGES
 #define QLORA_G4_WSTAGES 2
 #endif
-#if QLORA_G4_SHARED_FEED && \
-    (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST) || defined(QLORA_G4_AMTMA))
+#if QLORA_G4_SHARED_FEED && (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST))
 #error "QLORA_G4_SHARED_FEED decodes in its own warps: the register feed's lab switches do not apply to it"
 #endif
 
@@ -100,6 +99,8 @@ struct G4Config {
   static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);   // 96 or 128 KB of x ring
   static constexpr int kWStages = kG4SharedFeed ? QLORA_G4_WSTAGES : 0;  // shared feed: decoded W ring
   static constexpr int kWStageBytes = kRows * 128;                       // kRows rows of 64 bf16
+  static constexpr int kPkStages = kG4SharedFeed ? 4 : 0;                // shared feed: packed W ring, by TMA
+  static constexpr int kPkStageBytes = kRows / 16 * 512;                 // a unit of the block's 16-row tiles
   static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
                                                       // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's
@@ -108,9 +109,9 @@ struct G4Config {
   // absmax ring (kRows fp32 per stage), barriers; +1 KB to align the rings to 1024 bytes (the 128-byte
   // swizzle's period, which the wgmma descriptor's base offset 0 assumes).
   static constexpr std::size_t kSmemBytes =
-      1024 + std::size_t(kStages) * kStageBytes + std::size_t(kWStages) * kWStageBytes + kLutBytes +
-      256 * sizeof(float) + std::size_t(kAmStages) * kRows * sizeof(float) +
-      2 * (kStages + kAmStages + kWStages) * 8;
+      1024 + std::size_t(kStages) * kStageBytes + std::size_t(kWStages) * kWStageBytes +
+      std::size_t(kPkStages) * kPkStageBytes + kLutBytes + 256 * sizeof(float) +
+      std::size_t(kAmStages) * kRows * sizeof(float) + 2 * (kStages + kAmStages + kWStages + kPkStages) * 8;
   static_assert(2 * kTokens * kOutStride <= kStages * kStageBytes, "epilogue tiles must fit in the ring");
   static_assert(kSmemBytes <= 227 * 1024, "more than an sm_90 block's dynamic shared memory");
 };
@@ -450,6 +451,9 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #ifndef QLORA_G4_AMTMA
 #define QLORA_G4_AMTMA 0
 #endif
+// The absmax by that pass and bulk copies: with QLORA_G4_AMTMA, and always in the shared feed (whose
+// decoders then read no global memory).
+constexpr bool kG4AmPass = QLORA_G4_AMTMA != 0 || kG4SharedFeed;
 
 // QLORA_G4_AMTMA's pass: out[(row block, unit kc) · kRows + g4_am_slot(r)] = the absmax of row
 // 128·(row block) + r for the block of (row, 64·kc) (0 past N). One thread per value; blockDim 256.
@@ -475,68 +479,59 @@ __global__ void g4_absmax_tiles_kernel(Gemm4Args a, float* out, std::size_t coun
 // block's 16-row tiles dw, dw + 3, dw + 6 (< 8), unit by unit, into the decoded W ring (stage kc % SW:
 // row r's 64 values at 128·r bytes, 16-byte chunk j at chunk j ^ (r % 8), the 128-byte swizzle of
 // wgmma's K-major operand, as TMA writes x). Lane (g, t) holds bytes [8t, 8t + 8) of rows g and g + 8
-// of a unit (the tiles layout), i.e. chunks 2t and 2t + 1 of both rows: no transposes. The absmax of
-// its rows comes from its own loads (G4AbsmaxRows): these warps are off the tensor cores' path.
+// of a unit (the tiles layout), i.e. chunks 2t and 2t + 1 of both rows: no transposes. The packed
+// bytes come by TMA (ring s_pk) and the absmax by the pass's bulk copies (ring s_am): these warps read
+// no global memory, whose latency had held the first version (loads one unit ahead, 2.4x cuBLAS).
 template <class C, int Table>
-__device__ __forceinline__ void g4_decode_w(const Gemm4Args& a, const unsigned char* s_lut,
-                                            const float* s_map, unsigned char* s_w, std::uint64_t* w_full,
-                                            std::uint64_t* w_empty, int dw, int lane, int row0, int KC) {
-  constexpr int kMaxTiles = 3, SW = C::kWStages;
-  const int g = lane >> 2, t = lane & 3, tiles = a.N / 16;
+__device__ __forceinline__ void g4_decode_w(const unsigned char* s_lut, const unsigned char* s_pk,
+                                            const float* s_am, unsigned char* s_w, std::uint64_t* pk_full,
+                                            std::uint64_t* pk_empty, std::uint64_t* am_full,
+                                            std::uint64_t* am_empty, std::uint64_t* w_full,
+                                            std::uint64_t* w_empty, int dw, int lane, int KC) {
+  constexpr int kMaxTiles = 3, SW = C::kWStages, SP = C::kPkStages, SA = C::kAmStages;
+  const int g = lane >> 2, t = lane & 3;
   const G4Lut<Table> lut(s_lut, lane);
-  G4AbsmaxRows<2 * kMaxTiles> cache;
-  const std::uint8_t* pw[kMaxTiles];
-  std::size_t e0[kMaxTiles];  // element index of (row g, k 0) of the tile
-  bool ok[kMaxTiles];
   int rb[kMaxTiles];  // the tile's first row in the block
-  uint4 cur[kMaxTiles], next[kMaxTiles];
 #pragma unroll
-  for (int i = 0; i < kMaxTiles; ++i) {
-    rb[i] = 16 * (dw + 3 * i);
-    const int tile = (row0 + rb[i]) / 16;
-    ok[i] = rb[i] < C::kRows && tile < tiles;
-    pw[i] = a.packed + std::size_t(ok[i] ? tile : 0) * KC * 512 + lane * 16;
-    e0[i] = (std::size_t(ok[i] ? tile : 0) * 16 + g) * std::size_t(a.K);
-    cur[i] = ok[i] ? load_stream16(pw[i]) : make_uint4(0, 0, 0, 0);
-  }
-  const std::size_t far = 8 * std::size_t(a.K);  // row g + 8
+  for (int i = 0; i < kMaxTiles; ++i) rb[i] = 16 * (dw + 3 * i);
   const std::uint32_t w_base = smem_addr(s_w);
   for (int kc = 0; kc < KC; ++kc) {
-    const int sw = kc % SW;
-    float am[kMaxTiles][2];
-#pragma unroll
-    for (int i = 0; i < kMaxTiles; ++i) {
-      next[i] =
-          ok[i] && kc + 1 < KC ? load_stream16(pw[i] + std::size_t(kc + 1) * 512) : make_uint4(0, 0, 0, 0);
-      const std::size_t k0 = std::size_t(kc) * 64;
-      am[i][0] = ok[i] ? g4_row_absmax(cache, 2 * i, a.am, s_map, (e0[i] + k0) >> a.block_shift) : 0.0f;
-      am[i][1] =
-          ok[i] ? g4_row_absmax(cache, 2 * i + 1, a.am, s_map, (e0[i] + far + k0) >> a.block_shift) : 0.0f;
-    }
-    mbar_wait(&w_empty[sw], ((kc / SW) & 1) ^ 1);
+    const int sw = kc % SW, sp = kc % SP, sa = kc % SA;
+    uint4 q[kMaxTiles];
+    float2 am[kMaxTiles];
+    mbar_wait(&pk_full[sp], (kc / SP) & 1);
+    mbar_wait(&am_full[sa], (kc / SA) & 1);
 #pragma unroll
     for (int i = 0; i < kMaxTiles; ++i) {
       if (rb[i] >= C::kRows) continue;  // warp 2 has two tiles
-      const auto s0 = G4Lut<Table>::scale(am[i][0]), s1 = G4Lut<Table>::scale(am[i][1]);
+      q[i] = *reinterpret_cast<const uint4*>(s_pk + sp * C::kPkStageBytes + rb[i] * 32 + lane * 16);
+      am[i] = *reinterpret_cast<const float2*>(s_am + sa * C::kRows + g4_am_slot(rb[i] + g));  // g, g + 8
+    }
+    mbar_arrive(&pk_empty[sp]);  // release: the loads above are done before the stages are refilled
+    mbar_arrive(&am_empty[sa]);
+    mbar_wait(&w_empty[sw], ((kc / SW) & 1) ^ 1);
+#pragma unroll
+    for (int i = 0; i < kMaxTiles; ++i) {
+      if (rb[i] >= C::kRows) continue;
+      const auto s0 = G4Lut<Table>::scale(am[i].x), s1 = G4Lut<Table>::scale(am[i].y);
       const int r0 = rb[i] + g;
+      // the stores carry no memory clobber: the table reads of later chunks may be issued before them
+      // (only wgmma reads s_w, after the proxy fence below, which the volatile asm keeps in order)
       auto put = [&](int r, int ch, std::uint32_t word, typename G4Lut<Table>::Scale sc) {
         const std::uint32_t addr =
             w_base + std::uint32_t(sw * C::kWStageBytes + r * 128 + ((ch ^ (r & 7)) << 4));
         asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr),
                      "r"(lut.template get<0>(word, sc)), "r"(lut.template get<1>(word, sc)),
-                     "r"(lut.template get<2>(word, sc)), "r"(lut.template get<3>(word, sc))
-                     : "memory");
+                     "r"(lut.template get<2>(word, sc)), "r"(lut.template get<3>(word, sc)));
       };
-      put(r0, 2 * t, cur[i].x, s0);
-      put(r0, 2 * t + 1, cur[i].y, s0);
-      put(r0 + 8, 2 * t, cur[i].z, s1);
-      put(r0 + 8, 2 * t + 1, cur[i].w, s1);
+      put(r0, 2 * t, q[i].x, s0);
+      put(r0, 2 * t + 1, q[i].y, s0);
+      put(r0 + 8, 2 * t, q[i].z, s1);
+      put(r0 + 8, 2 * t + 1, q[i].w, s1);
     }
     // the stores above are read by wgmma, the async proxy: fence them into it, then release the stage
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     mbar_arrive(&w_full[sw]);
-#pragma unroll
-    for (int i = 0; i < kMaxTiles; ++i) cur[i] = next[i];
   }
 }
 
@@ -544,7 +539,8 @@ __device__ __forceinline__ void g4_decode_w(const Gemm4Args& a, const unsigned c
 // after each slab's wait, at most D - 1 stay in flight.
 template <int H, int Table, int D>
 __global__ void __launch_bounds__(kG4Threads, 1)
-    gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const Gemm4Args a) {
+    gemm4_sm90_kernel(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
+                      const Gemm4Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = G4Config<H>;
   constexpr int T = C::kTokens, S = C::kStages, SB = C::kStageBytes;
@@ -553,11 +549,12 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   // the compiler still knows every pointer below is shared memory and emits LDS, not generic loads.
   const std::uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
-  unsigned char* s_x = smem;                                   // (stage, token T, k 64) swizzled
-  unsigned char* s_w = smem + S * SB;                          // shared feed: (stage, row, k 64) swizzled
-  unsigned char* s_lut = s_w + C::kWStages * C::kWStageBytes;  // code table, lane copies
-  float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);  // absmax codes (double quantization)
-  float* s_am = s_map + 256;                                   // (am stage, C::kRows) absmax ring
+  unsigned char* s_x = smem;                                      // (stage, token T, k 64) swizzled
+  unsigned char* s_w = smem + S * SB;                             // shared feed: (stage, row, k 64) swizzled
+  unsigned char* s_pk = s_w + C::kWStages * C::kWStageBytes;      // shared feed: (stage, tile, 512 B) packed
+  unsigned char* s_lut = s_pk + C::kPkStages * C::kPkStageBytes;  // code table, lane copies
+  float* s_map = reinterpret_cast<float*>(s_lut + kLutBytes);     // absmax codes (double quantization)
+  float* s_am = s_map + 256;                                      // (am stage, C::kRows) absmax ring
   constexpr int SA = C::kAmStages;
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(s_am + SA * C::kRows);
   std::uint64_t* empty = full + S;
@@ -566,6 +563,9 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   constexpr int SW = C::kWStages;
   std::uint64_t* w_full = am_empty + SA;  // shared feed: the decoded W ring
   std::uint64_t* w_empty = w_full + SW;
+  constexpr int SP = C::kPkStages;
+  std::uint64_t* pk_full = w_empty + SW;  // shared feed: the packed W ring
+  std::uint64_t* pk_empty = pk_full + SP;
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -574,12 +574,16 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     for (int s = 0; s < SA; ++s) {
-      mbar_init(&am_full[s], QLORA_G4_AMTMA ? 1 : 64);  // the absmax warps' lanes (or the TMA thread)
-      mbar_init(&am_empty[s], 8);
+      mbar_init(&am_full[s], kG4AmPass ? 1 : 64);       // the absmax warps' lanes (or the TMA thread)
+      mbar_init(&am_empty[s], kG4SharedFeed ? 96 : 8);  // the consumer warps (or the decoder lanes)
     }
     for (int s = 0; s < SW; ++s) {
       mbar_init(&w_full[s], 96);  // the decoder lanes
       mbar_init(&w_empty[s], 8);  // the consumer warps
+    }
+    for (int s = 0; s < SP; ++s) {
+      mbar_init(&pk_full[s], 1);    // the TMA thread (and the copy's bytes)
+      mbar_init(&pk_empty[s], 96);  // the decoder lanes
     }
     mbar_fence_init();
   }
@@ -599,12 +603,32 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 
   if constexpr (kG4SharedFeed) {
     // The shared feed (QLORA_G4_SHARED_FEED): no register rebalancing (168 a thread serve everyone).
-    // Warpgroup 0: thread 0 streams x; warps 1-3 decode W, tiles w - 1, w + 2, w + 5 (< 8) of the block.
+    // Warpgroup 0: thread 0 streams x, the packed W and the absmax; warps 1-3 decode W, tiles w - 1,
+    // w + 2, w + 5 (< 8) of the block.
     if (wg == 0) {
       if (tid == 0) {
-        for (int kc = 0; kc < KC; ++kc) load_x_stage(kc);
+        // unit kc's packed W (one 2D TMA box: the block's 8 tiles × 512 bytes) and absmax (the pass's
+        // 512 bytes), issued L units ahead of its x so that the decoders, who run ahead of the consumers,
+        // find them landed
+        auto load_w_stage = [&](int kc) {
+          const int sa = kc % SA, sp = kc % SP;
+          mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
+          mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
+          bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
+                        C::kRows * 4, &am_full[sa]);
+          mbar_wait(&pk_empty[sp], ((kc / SP) & 1) ^ 1);
+          mbar_arrive_expect_tx(&pk_full[sp], C::kPkStageBytes);
+          tma_load_2d(s_pk + sp * C::kPkStageBytes, &wmap, kc * 128, row0 / 16, &pk_full[sp]);
+        };
+        constexpr int L = SP - 1;  // < SA too
+        for (int kc = 0; kc < L && kc < KC; ++kc) load_w_stage(kc);
+        for (int kc = 0; kc < KC; ++kc) {
+          if (kc + L < KC) load_w_stage(kc + L);
+          load_x_stage(kc);
+        }
       } else if (tid >= 32) {
-        g4_decode_w<C, Table>(a, s_lut, s_map, s_w, w_full, w_empty, tid / 32 - 1, tid & 31, row0, KC);
+        g4_decode_w<C, Table>(s_lut, s_pk, s_am, s_w, pk_full, pk_empty, am_full, am_empty, w_full, w_empty,
+                              tid / 32 - 1, tid & 31, KC);
       }
       return;
     }
@@ -615,7 +639,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
       if (tid == 0) {  // x, by TMA
         for (int kc = 0; kc < KC; ++kc) {
-          if (QLORA_G4_AMTMA) {  // the stage's absmax first: its ring is the deeper one
+          if (kG4AmPass) {  // the stage's absmax first: its ring is the deeper one
             const int sa = kc % SA;
             mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
             mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
@@ -624,8 +648,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
           }
           load_x_stage(kc);
         }
-      } else if (!QLORA_G4_AMTMA && tid >= 32 &&
-                 tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
+      } else if (!kG4AmPass && tid >= 32 && tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)
         constexpr int R = C::kRows / 64;
         G4AbsmaxRows<R> cache;
         std::size_t e0[R];  // element index of (row, 0)
@@ -845,9 +868,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
 #endif
 }
 
-// x (M, K) row-major bf16 as a TMA tensor map: boxes of `tokens` tokens × 64 values, 128-byte swizzle,
-// zeros past M.
-inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
+inline PFN_cuTensorMapEncodeTiled_v12000 g4_tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -857,6 +878,13 @@ inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
                 "cuda::gemm_4bit_sm90: the driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  return encode;
+}
+
+// x (M, K) row-major bf16 as a TMA tensor map: boxes of `tokens` tokens × 64 values, 128-byte swizzle,
+// zeros past M.
+inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
+  const auto encode = g4_tensor_map_encoder();
   CUtensorMap map{};
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
   const cuuint64_t strides[1] = {cuuint64_t(K) * 2};
@@ -867,6 +895,24 @@ inline CUtensorMap g4_x_map(const __nv_bfloat16* x, int M, int K, int tokens) {
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   QLORA_CHECK(r == CUDA_SUCCESS, "cuda::gemm_4bit_sm90: cuTensorMapEncodeTiled failed (CUresult ", int(r),
               ") for x of (", M, ", ", K, ")");
+  return map;
+}
+
+// The packed weights of the tiles layout (tile, unit kc, 512 bytes) as a 2D map of 32-bit words:
+// (tiles, KC · 128); boxes of `box_tiles` tiles × one unit, zeros past the last tile.
+inline CUtensorMap g4_w_map(const std::uint8_t* packed, int tiles, int KC, int box_tiles) {
+  const auto encode = g4_tensor_map_encoder();
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {cuuint64_t(KC) * 128, cuuint64_t(tiles)};
+  const cuuint64_t strides[1] = {cuuint64_t(KC) * 512};
+  const cuuint32_t box[2] = {128, cuuint32_t(box_tiles)};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r =
+      encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT32, 2, const_cast<void*>(static_cast<const void*>(packed)),
+             dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  QLORA_CHECK(r == CUDA_SUCCESS, "cuda::gemm_4bit_sm90: cuTensorMapEncodeTiled failed (CUresult ", int(r),
+              ") for the packed weights (", tiles, " tiles, ", KC, " units)");
   return map;
 }
 
@@ -919,13 +965,16 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
     using C = detail::G4Config<H>;
     auto kernel = detail::gemm4_sm90_kernel<H, decltype(table_tag)::value, decltype(depth_tag)::value>;
     const CUtensorMap map = detail::g4_x_map(x, M, args.K, C::kTokens);
+    // the shared feed's packed W (the register feed loads its own: it gets x's map, unused)
+    const CUtensorMap wmap =
+        detail::kG4SharedFeed ? detail::g4_w_map(args.packed, args.N / 16, args.K / 64, C::kRows / 16) : map;
     QLORA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)));
     const dim3 grid(unsigned((args.N + C::kRows - 1) / C::kRows),
                     unsigned((M + C::kTokens - 1) / C::kTokens));
     QLORA_CHECK(grid.y <= 65535u, "cuda::gemm_4bit_sm90: M = ", M, " needs ", grid.y,
                 " token tiles, at most 65535");
-    if constexpr (QLORA_G4_AMTMA != 0) {  // lab: stream-ordered scratch (graph-capturable), freed after
+    if constexpr (detail::kG4AmPass) {  // lab: stream-ordered scratch (graph-capturable), freed after
       static_assert(H == 1, "QLORA_G4_AMTMA: the pass writes 128-row tiles");
       const std::size_t count = std::size_t(grid.x) * (args.K / 64) * C::kRows;
       float* am_tiles = nullptr;
@@ -941,11 +990,11 @@ inline void gemm_4bit_sm90(const Context& ctx, const DeviceQuantized4bit& w, con
               args, am_tiles, count);
       QLORA_CUDA_CHECK_LAUNCH("g4_absmax_tiles_kernel");
       args.am_tiles = am_tiles;
-      kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
+      kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, wmap, args);
       QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
       return;
     }
-    kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, args);
+    kernel<<<grid, detail::kG4Threads, C::kSmemBytes, ctx.stream()>>>(map, wmap, args);
     QLORA_CUDA_CHECK_LAUNCH("gemm4_sm90_kernel");
   };
   using I1 = std::integral_constant<int, 1>;

@@ -87,6 +87,10 @@ constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
 #ifndef QLORA_G4_WSTAGES
 #define QLORA_G4_WSTAGES 2
 #endif
+// and its ring of packed W, by TMA (4 stages; with 3 W stages only 3 fit: -DQLORA_G4_PKSTAGES=3)
+#ifndef QLORA_G4_PKSTAGES
+#define QLORA_G4_PKSTAGES 4
+#endif
 #if QLORA_G4_SHARED_FEED && (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST))
 #error "QLORA_G4_SHARED_FEED decodes in its own warps: the register feed's lab switches do not apply to it"
 #endif
@@ -96,11 +100,11 @@ struct G4Config {
   static constexpr int kRows = 128 * H;              // rows of W per block
   static constexpr int kTokens = 256 / H;            // tokens per block
   static constexpr int kStageBytes = kTokens * 128;  // x: kTokens rows of 64 bf16 (128 B, swizzled)
-  static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);   // 96 or 128 KB of x ring
-  static constexpr int kWStages = kG4SharedFeed ? QLORA_G4_WSTAGES : 0;  // shared feed: decoded W ring
-  static constexpr int kWStageBytes = kRows * 128;                       // kRows rows of 64 bf16
-  static constexpr int kPkStages = kG4SharedFeed ? 4 : 0;                // shared feed: packed W ring, by TMA
-  static constexpr int kPkStageBytes = kRows / 16 * 512;                 // a unit of the block's 16-row tiles
+  static constexpr int kStages = H == 2 ? 6 : (kG4SharedFeed ? 3 : 4);     // 96 or 128 KB of x ring
+  static constexpr int kWStages = kG4SharedFeed ? QLORA_G4_WSTAGES : 0;    // shared feed: decoded W ring
+  static constexpr int kWStageBytes = kRows * 128;                         // kRows rows of 64 bf16
+  static constexpr int kPkStages = kG4SharedFeed ? QLORA_G4_PKSTAGES : 0;  // shared feed: packed W ring
+  static constexpr int kPkStageBytes = kRows / 16 * 512;  // a unit of the block's 16-row tiles
   static constexpr int kAmStages = 8;                 // absmax ring (kRows fp32 a stage): deeper than x's,
                                                       // so its warps' load latency hides behind it
   static constexpr int kOutStride = 64 * H * 2 + 16;  // epilogue: bytes per token row of a warpgroup's

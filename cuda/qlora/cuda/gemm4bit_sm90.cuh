@@ -73,11 +73,13 @@ namespace detail {
 // L2 traffic per product, but decodes twice as much per product; on an H100 it measured 1.4-1.5x
 // the time of H = 1 at M = 128 .. 4096 (docs/performance.md), and is no longer instantiated (its
 // wgmma m64n128k16 wrapper went with it: commit 44ebdeb has it).
-// Lab switch QLORA_G4_SHARED_FEED=1 (written in the tenth session, not yet run on a GPU): three warps
-// of the producer warpgroup decode W into a ring of bf16 tiles in shared memory (128 rows × 64 values a
-// stage, 128-byte swizzle, the layout TMA gives x), and the consumers issue wgmma with both operands in
-// shared memory and decode nothing. Why: the consumers' decoding stands between their wgmma issues (docs/
-// performance.md, tenth session); here it runs beside them. The x ring drops to 3 stages to make room.
+// Lab switch QLORA_G4_SHARED_FEED=1 (correct; its first version measured 1.8x the register feed's time
+// on an H100, eleventh session): three warps of the producer warpgroup decode W into a ring of bf16
+// tiles in shared memory (128 rows × 64 values a stage, 128-byte swizzle, the layout TMA gives x), and
+// the consumers issue wgmma with both operands in shared memory and decode nothing. Why: the consumers'
+// decoding stands between their wgmma issues (docs/performance.md, tenth session); here it runs beside
+// them. The x ring drops to 3 stages to make room; the packed W and the absmax come by TMA and bulk
+// copies (second version: the first one's decoders waited on their own global loads).
 #ifndef QLORA_G4_SHARED_FEED
 #define QLORA_G4_SHARED_FEED 0
 #endif
@@ -448,10 +450,11 @@ __device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t saddr, std::uint
 #ifndef QLORA_G4_AMCONST  // lab switch (wrong results): the absmax warps write 1 and load nothing
 #define QLORA_G4_AMCONST 0
 #endif
-// Lab switch QLORA_G4_AMTMA=1 (written in the tenth session, not yet run on a GPU): no absmax warps;
-// gemm_4bit_sm90 first writes the absmax decoded, in the ring's order (g4_absmax_tiles_kernel), and
-// the TMA thread brings each stage's 512 bytes with one bulk copy on the absmax ring's barriers. The
-// absmax warps' own cost measured ~100 µs at 14336 x 4096, M = 4096 (docs/performance.md).
+// Lab switch QLORA_G4_AMTMA=1: no absmax warps; gemm_4bit_sm90 first writes the absmax decoded, in
+// the ring's order (g4_absmax_tiles_kernel), and the TMA thread brings each stage's 512 bytes with one
+// bulk copy on the absmax ring's barriers. Measured on an H100 (eleventh session): 2-4% faster at
+// M = 4096, 10 µs slower at M = 256 (the pass reads and writes the whole absmax every call): not the
+// default (docs/performance.md).
 #ifndef QLORA_G4_AMTMA
 #define QLORA_G4_AMTMA 0
 #endif

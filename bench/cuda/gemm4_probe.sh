@@ -10,7 +10,8 @@
 # "a=-DQLORA_G4_AMTMA=1": the absmax by a per-call pass and bulk copies instead of absmax warps;
 # "s=-DQLORA_G4_SHARED_FEED=1": W decoded into shared memory by producer warps, SS wgmma),
 # TESTED= the names of those variants whose [sm90] tests run too (their results must be right: not the
-# probes), NCU=0 skips Nsight Compute. Needs .deps/ as device_run.sh does.
+# probes), NCU=0 skips Nsight Compute (which profiles the kernel, probe 1 and each variant at
+# 14336x4096, M = 4096). Needs .deps/ as device_run.sh does.
 set -uo pipefail
 OUT=$1
 SH=${SH:-14336x4096}
@@ -32,6 +33,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv > $OUT
   done
   for v in $VARIANTS; do
     nvcc $F $(echo ${v#*=} | tr , " ") bench/cuda/bench_cuda_matmul.cu -o build-cuda/bench_${v%%=*} -lcublas &
+    if [ "${NCU:-1}" = 1 ]; then
+      nvcc $F $(echo ${v#*=} | tr , " ") bench/cuda/prof_gemv.cu -o build-cuda/prof_${v%%=*} -lcublas &
+    fi
     if [[ " $TESTED " == *" ${v%%=*} "* ]]; then
       nvcc $F $(echo ${v#*=} | tr , " ") -c tests/cuda/test_cuda_matmul.cu -o build-cuda/test_${v%%=*}.o &
     fi
@@ -60,13 +64,13 @@ for b in p0 $(for p in $PROBES; do echo p$p; done) $(for v in $VARIANTS; do echo
   grep -E "gemm4_lab|matmul/cuda/bf16" $OUT/bench_$b.txt | grep -v _d2 | cut -c1-110
 done
 if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
-  for p in 0 1; do
+  for p in p0 p1 $(for v in $VARIANTS; do echo ${v%%=*}; done); do
     timeout 150 ncu --clock-control none --kernel-name regex:gemm4 --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats --section InstructionStats \
-      ./build-cuda/prof_p$p 14336 4096 4096 sm90 > $OUT/ncu_p$p.txt 2>&1
-    echo "== ncu p$p rc=$?"
+      ./build-cuda/prof_$p 14336 4096 4096 sm90 > $OUT/ncu_$p.txt 2>&1
+    echo "== ncu $p rc=$?"
     grep -E "Duration|Throughput|Busy|Pipe|Stall|Issued|Eligible|Shared|Bank|Wavefront|Executed Ipc" \
-      $OUT/ncu_p$p.txt | head -40
+      $OUT/ncu_$p.txt | head -40
   done
 fi

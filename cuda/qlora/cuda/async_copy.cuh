@@ -45,6 +45,19 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, std::uint32_t pari
   } while (!done);
 }
 
+// Whether the phase of the given parity has completed, without waiting (a thread that has other work
+// to do while it waits polls this).
+__device__ __forceinline__ bool mbar_test(std::uint64_t* bar, std::uint32_t parity) {
+  std::uint32_t done = 0;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, "
+      "p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // mbar_wait for a warp that runs far ahead of the phase it waits for (a producer of a deep ring): it
 // sleeps between tries, so that its spinning does not take issue slots from the warps it shares a
 // scheduler with.

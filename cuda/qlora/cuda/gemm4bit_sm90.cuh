@@ -94,6 +94,15 @@ constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
 #ifndef QLORA_G4_PKSTAGES
 #define QLORA_G4_PKSTAGES 4
 #endif
+// and its decoder warps: 3 (warps 1-3 of the producer warpgroup, thread 0 the TMA thread), or 4
+// (-DQLORA_G4_DECODERS=4: the whole producer warpgroup, two tiles a warp instead of up to three; the
+// TMA copies are then issued by the first consumer thread, the packed W stages as soon as their slots
+// are free, polled while it waits for W; with -DQLORA_G4_PKSTAGES=5 that ring is a unit deeper).
+#ifndef QLORA_G4_DECODERS
+#define QLORA_G4_DECODERS 3
+#endif
+constexpr int kG4Decoders = QLORA_G4_DECODERS;
+static_assert(kG4Decoders == 3 || kG4Decoders == 4, "QLORA_G4_DECODERS: 3 or 4");
 #if QLORA_G4_SHARED_FEED && (defined(QLORA_G4_NODECODE) || defined(QLORA_G4_AMCONST))
 #error "QLORA_G4_SHARED_FEED decodes in its own warps: the register feed's lab switches do not apply to it"
 #endif
@@ -496,12 +505,13 @@ __device__ __forceinline__ void g4_decode_w(const unsigned char* s_lut, const un
                                             std::uint64_t* pk_empty, std::uint64_t* am_full,
                                             std::uint64_t* am_empty, std::uint64_t* w_full,
                                             std::uint64_t* w_empty, int dw, int lane, int KC) {
-  constexpr int kMaxTiles = 3, SW = C::kWStages, SP = C::kPkStages, SA = C::kAmStages;
+  constexpr int kMaxTiles = (C::kRows / 16 + kG4Decoders - 1) / kG4Decoders;
+  constexpr int SW = C::kWStages, SP = C::kPkStages, SA = C::kAmStages;
   const int g = lane >> 2, t = lane & 3;
   const G4Lut<Table> lut(s_lut, lane);
   int rb[kMaxTiles];  // the tile's first row in the block
 #pragma unroll
-  for (int i = 0; i < kMaxTiles; ++i) rb[i] = 16 * (dw + 3 * i);
+  for (int i = 0; i < kMaxTiles; ++i) rb[i] = 16 * (dw + kG4Decoders * i);
   const std::uint32_t w_base = smem_addr(s_w);
   for (int kc = 0; kc < KC; ++kc) {
     const int sw = kc % SW, sp = kc % SP, sa = kc % SA;
@@ -511,7 +521,7 @@ __device__ __forceinline__ void g4_decode_w(const unsigned char* s_lut, const un
     mbar_wait(&am_full[sa], (kc / SA) & 1);
 #pragma unroll
     for (int i = 0; i < kMaxTiles; ++i) {
-      if (rb[i] >= C::kRows) continue;  // warp 2 has two tiles
+      if (rb[i] >= C::kRows) continue;  // 3 decoders: warp 2 has two tiles
       q[i] = *reinterpret_cast<const uint4*>(s_pk + sp * C::kPkStageBytes + rb[i] * 32 + lane * 16);
       am[i] = *reinterpret_cast<const float2*>(s_am + sa * C::kRows + g4_am_slot(rb[i] + g));  // g, g + 8
     }
@@ -582,16 +592,16 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     for (int s = 0; s < SA; ++s) {
-      mbar_init(&am_full[s], kG4AmPass ? 1 : 64);       // the absmax warps' lanes (or the TMA thread)
-      mbar_init(&am_empty[s], kG4SharedFeed ? 96 : 8);  // the consumer warps (or the decoder lanes)
+      mbar_init(&am_full[s], kG4AmPass ? 1 : 64);  // the absmax warps' lanes (or the TMA thread)
+      mbar_init(&am_empty[s], kG4SharedFeed ? 32 * kG4Decoders : 8);  // consumer warps (decoder lanes)
     }
     for (int s = 0; s < SW; ++s) {
-      mbar_init(&w_full[s], 96);  // the decoder lanes
-      mbar_init(&w_empty[s], 8);  // the consumer warps
+      mbar_init(&w_full[s], 32 * kG4Decoders);  // the decoder lanes
+      mbar_init(&w_empty[s], 8);                // the consumer warps
     }
     for (int s = 0; s < SP; ++s) {
-      mbar_init(&pk_full[s], 1);    // the TMA thread (and the copy's bytes)
-      mbar_init(&pk_empty[s], 96);  // the decoder lanes
+      mbar_init(&pk_full[s], 1);                  // the TMA thread (and the copy's bytes)
+      mbar_init(&pk_empty[s], 32 * kG4Decoders);  // the decoder lanes
     }
     mbar_fence_init();
   }
@@ -608,30 +618,37 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     mbar_arrive_expect_tx(&full[s], SB);
     tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
   };
+  // The shared feed: unit kc's packed W (one 2D TMA box: the block's 8 tiles × 512 bytes) and absmax
+  // (the pass's 512 bytes), once their ring slots are free (wait: whether to wait for that, or to issue
+  // a slot already seen free).
+  auto load_w_stage = [&](int kc, bool wait = true) {
+    constexpr int SPn = SP > 0 ? SP : 1;  // (the register feed has no packed ring and never calls this)
+    const int sa = kc % SA, sp = kc % SPn;
+    if (wait) mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
+    mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
+    bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
+                  C::kRows * 4, &am_full[sa]);
+    if (wait) mbar_wait(&pk_empty[sp], ((kc / SPn) & 1) ^ 1);
+    mbar_arrive_expect_tx(&pk_full[sp], C::kPkStageBytes);
+    tma_load_2d(s_pk + sp * C::kPkStageBytes, &wmap, kc * 128, row0 / 16, &pk_full[sp]);
+  };
+  // 3 decoders: the TMA thread issues W stage kc + kWAhead before x stage kc, so that the decoders, who
+  // run ahead of the consumers, find them landed
+  constexpr int kWAhead = SP - 1;  // < SA too
 
   if constexpr (kG4SharedFeed) {
     // The shared feed (QLORA_G4_SHARED_FEED): no register rebalancing (168 a thread serve everyone).
-    // Warpgroup 0: thread 0 streams x, the packed W and the absmax; warps 1-3 decode W, tiles w - 1,
-    // w + 2, w + 5 (< 8) of the block.
+    // Warpgroup 0: 3 decoders: thread 0 streams x, the packed W and the absmax, warps 1-3 decode W,
+    // tiles w - 1, w + 2, w + 5 (< 8) of the block; 4 decoders: warp w decodes tiles w, w + 4, and the
+    // first consumer thread issues the copies (below).
     if (wg == 0) {
-      if (tid == 0) {
-        // unit kc's packed W (one 2D TMA box: the block's 8 tiles × 512 bytes) and absmax (the pass's
-        // 512 bytes), issued L units ahead of its x so that the decoders, who run ahead of the consumers,
-        // find them landed
-        auto load_w_stage = [&](int kc) {
-          const int sa = kc % SA, sp = kc % SP;
-          mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
-          mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
-          bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
-                        C::kRows * 4, &am_full[sa]);
-          mbar_wait(&pk_empty[sp], ((kc / SP) & 1) ^ 1);
-          mbar_arrive_expect_tx(&pk_full[sp], C::kPkStageBytes);
-          tma_load_2d(s_pk + sp * C::kPkStageBytes, &wmap, kc * 128, row0 / 16, &pk_full[sp]);
-        };
-        constexpr int L = SP - 1;  // < SA too
-        for (int kc = 0; kc < L && kc < KC; ++kc) load_w_stage(kc);
+      if (kG4Decoders == 4) {
+        g4_decode_w<C, Table>(s_lut, s_pk, s_am, s_w, pk_full, pk_empty, am_full, am_empty, w_full, w_empty,
+                              tid / 32, tid & 31, KC);
+      } else if (tid == 0) {
+        for (int kc = 0; kc < kWAhead && kc < KC; ++kc) load_w_stage(kc);
         for (int kc = 0; kc < KC; ++kc) {
-          if (kc + L < KC) load_w_stage(kc + L);
+          if (kc + kWAhead < KC) load_w_stage(kc + kWAhead);
           load_x_stage(kc);
         }
       } else if (tid >= 32) {
@@ -700,10 +717,28 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     static_assert(H == 1, "the shared feed is written for 128-row blocks");
     zero_acc();
     const std::uint32_t x_base = smem_addr(s_x), w_base = smem_addr(s_w);
+    // 4 decoders: this thread issues the copies. The packed W stages go out as soon as the decoders
+    // free their slots (polled, never waited for, here and while this thread waits for W), x's
+    // stage kc + S - 1 once unit kc - 1 is released.
+    const bool issuer = kG4Decoders == 4 && tid == 128;
+    int next_w = 0;  // the next packed W stage to issue
+    auto pump_w = [&] {
+      while (next_w < KC && mbar_test(&pk_empty[next_w % SP], ((next_w / SP) & 1) ^ 1) &&
+             mbar_test(&am_empty[next_w % SA], ((next_w / SA) & 1) ^ 1))
+        load_w_stage(next_w++, false);
+    };
+    if (issuer) {
+      pump_w();
+      for (int kc = 0; kc < S && kc < KC; ++kc) load_x_stage(kc);
+    }
     for (int kc = 0; kc < KC; ++kc) {
       const int s = kc % S, sw = kc % SW;
       mbar_wait(&full[s], (kc / S) & 1);
-      mbar_wait(&w_full[sw], (kc / SW) & 1);
+      if (issuer) {
+        while (!mbar_test(&w_full[sw], (kc / SW) & 1)) pump_w();
+      } else {
+        mbar_wait(&w_full[sw], (kc / SW) & 1);
+      }
       const std::uint64_t db = sw128_desc(x_base + s * SB);
       const std::uint64_t da =
           sw128_desc(w_base + sw * C::kWStageBytes + c * 64 * 128);  // this warpgroup's 64 rows
@@ -716,6 +751,10 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         if (j == D - 2 && kc > 0 && lane == 0) {  // unit kc - 1's x and W are done
           mbar_arrive(&empty[(kc - 1) % S]);
           mbar_arrive(&w_empty[(kc - 1) % SW]);
+          if (issuer) {
+            pump_w();
+            if (kc - 1 + S < KC) load_x_stage(kc - 1 + S);
+          }
         }
       }
     }

@@ -100,6 +100,8 @@ constexpr bool kG4SharedFeed = QLORA_G4_SHARED_FEED != 0;
 // are free, polled while it waits for W; with -DQLORA_G4_PKSTAGES=5 that ring is a unit deeper).
 #ifndef QLORA_G4_DECODERS
 #define QLORA_G4_DECODERS 3
+#elif !QLORA_G4_SHARED_FEED
+#error "QLORA_G4_DECODERS sets the shared feed's decoders: it needs QLORA_G4_SHARED_FEED=1"
 #endif
 constexpr int kG4Decoders = QLORA_G4_DECODERS;
 static_assert(kG4Decoders == 3 || kG4Decoders == 4, "QLORA_G4_DECODERS: 3 or 4");
@@ -492,13 +494,13 @@ __global__ void g4_absmax_tiles_kernel(Gemm4Args a, float* out, std::size_t coun
   }
 }
 
-// The shared feed's decoders (QLORA_G4_SHARED_FEED): decoder warp dw (0..2) of a block decodes the
-// block's 16-row tiles dw, dw + 3, dw + 6 (< 8), unit by unit, into the decoded W ring (stage kc % SW:
-// row r's 64 values at 128·r bytes, 16-byte chunk j at chunk j ^ (r % 8), the 128-byte swizzle of
-// wgmma's K-major operand, as TMA writes x). Lane (g, t) holds bytes [8t, 8t + 8) of rows g and g + 8
-// of a unit (the tiles layout), i.e. chunks 2t and 2t + 1 of both rows: no transposes. The packed
-// bytes come by TMA (ring s_pk) and the absmax by the pass's bulk copies (ring s_am): these warps read
-// no global memory, whose latency had held the first version (loads one unit ahead, 2.4x cuBLAS).
+// The shared feed's decoders (QLORA_G4_SHARED_FEED): decoder warp dw (0 .. kG4Decoders - 1) of a block
+// decodes the block's 16-row tiles dw, dw + kG4Decoders, .. (< 8), unit by unit, into the decoded W ring
+// (stage kc % SW: row r's 64 values at 128·r bytes, 16-byte chunk j at chunk j ^ (r % 8), the 128-byte
+// swizzle of wgmma's K-major operand, as TMA writes x). Lane (g, t) holds bytes [8t, 8t + 8) of rows g and g
+// + 8 of a unit (the tiles layout), i.e. chunks 2t and 2t + 1 of both rows: no transposes. The packed bytes
+// come by TMA (ring s_pk) and the absmax by the pass's bulk copies (ring s_am): these warps read no global
+// memory, whose latency had held the first version (loads one unit ahead, 2.4x cuBLAS).
 template <class C, int Table>
 __device__ __forceinline__ void g4_decode_w(const unsigned char* s_lut, const unsigned char* s_pk,
                                             const float* s_am, unsigned char* s_w, std::uint64_t* pk_full,
@@ -588,7 +590,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(&full[s], 1);   // the TMA thread (and the copy's bytes)
+      mbar_init(&full[s], 1);   // the thread that issues the copies (and the copy's bytes)
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     for (int s = 0; s < SA; ++s) {
@@ -600,7 +602,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       mbar_init(&w_empty[s], 8);                // the consumer warps
     }
     for (int s = 0; s < SP; ++s) {
-      mbar_init(&pk_full[s], 1);                  // the TMA thread (and the copy's bytes)
+      mbar_init(&pk_full[s], 1);                  // the issuing thread (and the copy's bytes)
       mbar_init(&pk_empty[s], 32 * kG4Decoders);  // the decoder lanes
     }
     mbar_fence_init();
@@ -612,9 +614,11 @@ __global__ void __launch_bounds__(kG4Threads, 1)
   const int KC = a.K / 64;  // units (stages) along K
   const int row0 = blockIdx.x * C::kRows, tok0 = blockIdx.y * T;
   const int wg = tid / 128;
-  auto load_x_stage = [&](int kc) {  // the TMA thread: x's stage for unit kc, once the ring has room
+  // the TMA thread: x's stage for unit kc, once the ring has room (wait: whether to wait for that, or to
+  // issue a slot already seen free)
+  auto load_x_stage = [&](int kc, bool wait = true) {
     const int s = kc % S;
-    mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
+    if (wait) mbar_wait(&empty[s], ((kc / S) & 1) ^ 1);
     mbar_arrive_expect_tx(&full[s], SB);
     tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
   };
@@ -717,28 +721,27 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     static_assert(H == 1, "the shared feed is written for 128-row blocks");
     zero_acc();
     const std::uint32_t x_base = smem_addr(s_x), w_base = smem_addr(s_w);
-    // 4 decoders: this thread issues the copies. The packed W stages go out as soon as the decoders
-    // free their slots (polled, never waited for, here and while this thread waits for W), x's
-    // stage kc + S - 1 once unit kc - 1 is released.
+    // 4 decoders: this thread issues the copies, at its releases, every stage whose slot is then free
+    // (tested, not waited for: a wait here would hold its warpgroup's next wgmma until the other
+    // warpgroup's release). Enough for progress: when it releases unit kc - 1 it has seen unit kc's W,
+    // so the decoders have freed the packed slots through unit kc + SP - 1. An x stage not yet issued
+    // when its unit comes is issued then, waiting.
     const bool issuer = kG4Decoders == 4 && tid == 128;
-    int next_w = 0;  // the next packed W stage to issue
-    auto pump_w = [&] {
+    int next_w = 0, next_x = 0;  // the next packed W and x stages to issue
+    auto pump = [&] {
+      while (next_x < KC && mbar_test(&empty[next_x % S], ((next_x / S) & 1) ^ 1))
+        load_x_stage(next_x++, false);
       while (next_w < KC && mbar_test(&pk_empty[next_w % SP], ((next_w / SP) & 1) ^ 1) &&
              mbar_test(&am_empty[next_w % SA], ((next_w / SA) & 1) ^ 1))
         load_w_stage(next_w++, false);
     };
-    if (issuer) {
-      pump_w();
-      for (int kc = 0; kc < S && kc < KC; ++kc) load_x_stage(kc);
-    }
+    if (issuer) pump();  // x's first S stages, then the packed ring's SP
     for (int kc = 0; kc < KC; ++kc) {
       const int s = kc % S, sw = kc % SW;
+      if (issuer)
+        while (next_x <= kc) load_x_stage(next_x++);
       mbar_wait(&full[s], (kc / S) & 1);
-      if (issuer) {
-        while (!mbar_test(&w_full[sw], (kc / SW) & 1)) pump_w();
-      } else {
-        mbar_wait(&w_full[sw], (kc / SW) & 1);
-      }
+      mbar_wait(&w_full[sw], (kc / SW) & 1);
       const std::uint64_t db = sw128_desc(x_base + s * SB);
       const std::uint64_t da =
           sw128_desc(w_base + sw * C::kWStageBytes + c * 64 * 128);  // this warpgroup's 64 rows
@@ -751,10 +754,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
         if (j == D - 2 && kc > 0 && lane == 0) {  // unit kc - 1's x and W are done
           mbar_arrive(&empty[(kc - 1) % S]);
           mbar_arrive(&w_empty[(kc - 1) % SW]);
-          if (issuer) {
-            pump_w();
-            if (kc - 1 + S < KC) load_x_stage(kc - 1 + S);
-          }
+          if (issuer) pump();
         }
       }
     }

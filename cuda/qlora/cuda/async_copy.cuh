@@ -62,17 +62,7 @@ __device__ __forceinline__ bool mbar_test(std::uint64_t* bar, std::uint32_t pari
 // sleeps between tries, so that its spinning does not take issue slots from the warps it shares a
 // scheduler with.
 __device__ __forceinline__ void mbar_wait_sleep(std::uint64_t* bar, std::uint32_t parity) {
-  std::uint32_t done = 0;
-  for (;;) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, "
-        "p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-    if (done) return;
-    __nanosleep(100);
-  }
+  while (!mbar_test(bar, parity)) __nanosleep(100);
 }
 
 __device__ __forceinline__ void mbar_arrive(std::uint64_t* bar) {

@@ -74,7 +74,7 @@ namespace detail {
 // the time of H = 1 at M = 128 .. 4096 (docs/performance.md), and is no longer instantiated (its
 // wgmma m64n128k16 wrapper went with it: commit 44ebdeb has it).
 // Lab switch QLORA_G4_SHARED_FEED=1 (correct; on an H100, eleventh session, its first version took
-// 1.8x the register feed's time, this second one 1.15-1.2x: docs/performance.md): three warps of the
+// 1.8x the register feed's time, this second one 1.13-1.25x: docs/performance.md): three warps of the
 // producer warpgroup decode W into a ring of bf16 tiles in shared memory (128 rows × 64 values a
 // stage, 128-byte swizzle, the layout TMA gives x), and the consumers issue wgmma with both operands
 // in shared memory and decode nothing. Why: the consumers' decoding stands between their wgmma issues

@@ -622,16 +622,20 @@ __global__ void __launch_bounds__(kG4Threads, 1)
     mbar_arrive_expect_tx(&full[s], SB);
     tma_load_2d(s_x + s * SB, &xmap, kc * 64, tok0, &full[s]);
   };
-  // The shared feed: unit kc's packed W (one 2D TMA box: the block's 8 tiles × 512 bytes) and absmax
-  // (the pass's 512 bytes), once their ring slots are free (wait: whether to wait for that, or to issue
-  // a slot already seen free).
-  auto load_w_stage = [&](int kc, bool wait = true) {
-    constexpr int SPn = SP > 0 ? SP : 1;  // (the register feed has no packed ring and never calls this)
-    const int sa = kc % SA, sp = kc % SPn;
+  // The absmax pass (kG4AmPass): unit kc's 512 bytes of absmax by bulk copy, once its ring slot is free
+  // (wait: whether to wait for that, or to issue a slot already seen free).
+  auto load_am_stage = [&](int kc, bool wait = true) {
+    const int sa = kc % SA;
     if (wait) mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
     mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
     bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
                   C::kRows * 4, &am_full[sa]);
+  };
+  // The shared feed: unit kc's absmax and packed W (one 2D TMA box: the block's 8 tiles × 512 bytes).
+  auto load_w_stage = [&](int kc, bool wait = true) {
+    constexpr int SPn = SP > 0 ? SP : 1;  // (the register feed has no packed ring and never calls this)
+    const int sp = kc % SPn;
+    load_am_stage(kc, wait);
     if (wait) mbar_wait(&pk_empty[sp], ((kc / SPn) & 1) ^ 1);
     mbar_arrive_expect_tx(&pk_full[sp], C::kPkStageBytes);
     tma_load_2d(s_pk + sp * C::kPkStageBytes, &wmap, kc * 128, row0 / 16, &pk_full[sp]);
@@ -668,13 +672,7 @@ __global__ void __launch_bounds__(kG4Threads, 1)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
       if (tid == 0) {  // x, by TMA
         for (int kc = 0; kc < KC; ++kc) {
-          if (kG4AmPass) {  // the stage's absmax first: its ring is the deeper one
-            const int sa = kc % SA;
-            mbar_wait(&am_empty[sa], ((kc / SA) & 1) ^ 1);
-            mbar_arrive_expect_tx(&am_full[sa], C::kRows * 4);
-            bulk_copy_g2s(s_am + sa * C::kRows, a.am_tiles + (std::size_t(blockIdx.x) * KC + kc) * C::kRows,
-                          C::kRows * 4, &am_full[sa]);
-          }
+          if (kG4AmPass) load_am_stage(kc);  // the stage's absmax first: its ring is the deeper one
           load_x_stage(kc);
         }
       } else if (!kG4AmPass && tid >= 32 && tid < 96) {  // the absmax of rows tid - 32 + 64j (G4AbsmaxRows)

@@ -15,6 +15,7 @@
 #include "qlora/cuda/gemm4bit_sm90.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/matmul4chain.cuh"
 #include "qlora/quant/blockwise4bit.hpp"
 
 using namespace qlora;
@@ -264,6 +265,113 @@ TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound
     INFO("M " << M);
     REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
   }
+}
+
+// Matmul4Chain: products of distinct weights (two shapes) in a chain, each weight dequantized on the
+// side during the product before, each y within the bound of its own weight (a product with the wrong
+// weight, or with a scratch still being written, would be far off); a `next` that is not the next
+// weight used; accumulate; a small M (the GEMV path, no prefetch) in the middle; and the same chain
+// captured in a graph and replayed gives the eager y bit for bit.
+TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "[cuda][matmul]") {
+  QLORA_REQUIRE_CUDA_OR_SKIP();
+  auto& ctx = cudatest::context();
+  const int K = 512;
+  struct Layer {
+    int N;
+    std::vector<float> w;  // dequantized exactly (fp32)
+    cuda::DeviceQuantized4bit d;
+  };
+  std::vector<Layer> layers;
+  for (int i = 0; i < 5; ++i) {
+    const int N = i % 2 ? 768 : 1024;
+    const auto wf = cudatest::gaussian(std::size_t(N) * K, 300 + i, 0.02f);
+    const auto q = quant::quantize_4bit(
+        wf.data(), {N, K},
+        quant::Quant4Config{i == 3 ? quant::Quant4Type::FP4 : quant::Quant4Type::NF4, 64, i != 2});
+    Layer l{N, std::vector<float>(wf.size()), cuda::to_device(q, ctx)};
+    quant::dequantize(q, l.w.data());
+    cuda::use_gemv_layout(ctx, l.d);
+    layers.push_back(std::move(l));
+  }
+  // (layer, M, next layer or -1, accumulate)
+  struct Call {
+    int layer, M, next;
+    bool acc;
+  };
+  const std::vector<Call> calls = {
+      {0, 300, 1, false}, {1, 300, 2, false}, {2, 300, 4, true},  // 4: not the next
+      {3, 300, 4, false}, {4, 8, 0, false},   {0, 300, 1, true}, {1, 300, -1, false}};
+  const auto xb = cudatest::to_bf16(cudatest::gaussian(std::size_t(300) * K, 77, 1.0f));
+  auto dx = cudatest::upload_bf16(xb);
+  std::vector<std::vector<bf16>> y0s;
+  std::vector<cuda::DeviceBuffer<__nv_bfloat16>> dys;
+  auto reset_y = [&] {  // into the same buffers: the graph below writes where it was captured
+    for (std::size_t c = 0; c < calls.size(); ++c)
+      if (dys.size() == c)
+        dys.push_back(cudatest::upload_bf16(y0s[c]));
+      else
+        QLORA_CUDA_CHECK(cudaMemcpy(dys[c].data(), y0s[c].data(), dys[c].bytes(), cudaMemcpyHostToDevice));
+  };
+  for (std::size_t c = 0; c < calls.size(); ++c)
+    y0s.push_back(cudatest::to_bf16(
+        cudatest::gaussian(std::size_t(calls[c].M) * layers[calls[c].layer].N, 90 + c, 0.5f)));
+  reset_y();
+  cuda::Matmul4Chain chain(ctx, 3);
+  auto run = [&] {
+    for (std::size_t c = 0; c < calls.size(); ++c) {
+      const Call& k = calls[c];
+      chain.matmul(layers[k.layer].d, dx.data(), k.M, dys[c].data(),
+                   k.next >= 0 ? &layers[k.next].d : nullptr, k.acc);
+    }
+    chain.finish();
+  };
+  run();
+  ctx.synchronize();
+  std::vector<std::vector<bf16>> eager;
+  for (std::size_t c = 0; c < calls.size(); ++c) {
+    const Call& k = calls[c];
+    const Layer& l = layers[k.layer];
+    const auto y = cudatest::download_bf16(dys[c]);
+    eager.push_back(y);
+    double worst = 0;
+    for (int m = 0; m < k.M; ++m)
+      for (int n = 0; n < l.N; ++n) {
+        double ref = k.acc ? double(to_float(y0s[c][std::size_t(m) * l.N + n])) : 0.0, scale = std::fabs(ref);
+        for (int j = 0; j < K; ++j) {
+          const double p = double(to_float(xb[std::size_t(m) * K + j])) * double(l.w[std::size_t(n) * K + j]);
+          ref += p;
+          scale += std::fabs(p);
+        }
+        const double got = to_float(y[std::size_t(m) * l.N + n]);
+        worst = std::max(worst, std::isfinite(got) ? std::fabs(got - ref) / scale : INFINITY);
+      }
+    INFO("call " << c << ": layer " << k.layer << " M " << k.M << " accumulate " << k.acc);
+    REQUIRE(worst <= std::ldexp(1.0, -8) * 1.01);
+  }
+  // the same calls captured in a graph (after the eager warm-up above), replayed twice
+  reset_y();
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+  run();
+  QLORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
+  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int r = 0; r < 2; ++r) {
+    reset_y();
+    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
+    ctx.synchronize();
+    for (std::size_t c = 0; c < calls.size(); ++c) {
+      INFO("graph replay " << r << ", call " << c);
+      const auto y = cudatest::download_bf16(dys[c]);
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < y.size(); ++i) differ += y[i].bits != eager[c][i].bits;
+      REQUIRE(differ == 0);
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, 0), Catch::Contains("0 side SMs asked for"));
+  REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, ctx.sm_count()), Catch::Contains("side SMs asked for"));
 }
 
 // The Hopper kernel (wgmma, W decoded in registers), each variant, on shapes that exercise a partial

@@ -195,6 +195,62 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The tiles-layout dequantizer for running beside another kernel on a few SMs (Matmul4Chain,
+// matmul4chain.cuh): one block of 32 warps per SM, whose dynamic shared memory keeps any other block
+// off its SM, so a grid of k blocks occupies exactly k SMs; each warp has two units' loads in flight
+// (with few SMs, the bytes in flight per SM set the rate). Same arithmetic as the kernel above:
+// bit for bit its values. bf16 out.
+constexpr int kSmDequantWarps = 32;
+__global__ void __launch_bounds__(kSmDequantWarps * 32, 1)
+    dequantize4_tiles_sms_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
+                                 int block_shift, AbsmaxView am, Code16Param code, Code256Param map,
+                                 __nv_bfloat16* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char sms_smem[];
+  __shared__ float s_code[16];
+  __shared__ float s_map[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
+  if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
+  __syncthreads();
+  // two 16 × 64 bf16 units per warp (4 KB)
+  __nv_bfloat16* su = reinterpret_cast<__nv_bfloat16*>(sms_smem) + warp * 2 * 16 * 64;
+  const std::size_t KC = K / 64, warps = std::size_t(gridDim.x) * kSmDequantWarps;
+  const int g = lane >> 2, t = lane & 3;
+  for (std::size_t u0 = blockIdx.x * std::size_t(kSmDequantWarps) + warp; u0 < units; u0 += 2 * warps) {
+    const bool second = u0 + warps < units;
+    const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(packed + u0 * 512) + lane);
+    const uint4 v1 = second ? __ldcs(reinterpret_cast<const uint4*>(packed + (u0 + warps) * 512) + lane)
+                            : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (p == 1 && !second) break;
+      const std::size_t unit = u0 + p * warps;
+      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
+      const uint4 v = p == 0 ? v0 : v1;
+      const std::uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      __nv_bfloat16* s = su + p * 16 * 64;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // row g, then row g + 8
+        const float amax = block_absmax(am, s_map, ((r + g + 8 * h) * K + k + 16 * t) >> block_shift);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float f[8];
+          decode8(w[2 * h + q], s_code, amax, f);
+          store8(s + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
+        const int row = i * 4 + lane / 8, c = lane % 8;
+        *reinterpret_cast<uint4*>(out + (r + row) * K + k + c * 8) =
+            *reinterpret_cast<const uint4*>(s + row * 64 + c * 8);
+      }
+      __syncwarp();
+    }
+  }
+}
+
 // The grid of a grid-stride kernel of 256 threads: `blocks` (what the work needs), at most as many as
 // are resident on the device at once (more would run in waves; measured slower, docs/performance.md).
 template <class Kernel>
@@ -272,6 +328,39 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
       <<<grid, 256, 0, s>>>(q.packed.data(), first, count, detail::log2_exact(q.blocksize),
                             detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
+}
+
+// All of q (tiles layout) into out (N·K bf16, 16-byte aligned) on `sms` SMs only, on `stream`: the
+// side dequantizer of Matmul4Chain (matmul4chain.cuh), which runs it beside a cuBLAS product told to
+// leave those SMs free. Values identical to dequantize_4bit's.
+inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, __nv_bfloat16* out,
+                                   int sms, cudaStream_t stream) {
+  QLORA_CHECK(q.layout == Packed4Layout::Tiles && q.shape.size() == 2,
+              "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
+              q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(),
+              " dimensions");
+  QLORA_CHECK(sms >= 1 && sms <= ctx.sm_count(), "cuda::dequantize_4bit_on_sms: ", sms,
+              " SMs asked for, the device has ", ctx.sm_count());
+  QLORA_CHECK(q.packed.size() == std::size_t(q.numel()) / 2, "cuda::dequantize_4bit_on_sms: packed has ",
+              q.packed.size(), " bytes, expected ", q.numel() / 2);
+  QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit_on_sms: nested blocksize ",
+              q.nested_blocksize, ", expected 256");
+  QLORA_CHECK((reinterpret_cast<std::uintptr_t>(out) & 15) == 0,
+              "cuda::dequantize_4bit_on_sms: the output must be 16-byte aligned");
+  quant::check_blocksize4(q.blocksize);
+  ctx.activate();
+  // more than half the SM's shared memory (so no second block of any kernel fits beside it), at
+  // least the 4 KB a warp stages, at most what a block may opt in to
+  const int per_sm = int(ctx.props().sharedMemPerMultiprocessor),
+            opt_in = int(ctx.props().sharedMemPerBlockOptin);
+  const int smem = std::min(opt_in - 2048, std::max(detail::kSmDequantWarps * 4096, per_sm / 2 + 1024));
+  QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::dequantize4_tiles_sms_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
+  detail::dequantize4_tiles_sms_kernel<<<sms, detail::kSmDequantWarps * 32, smem, stream>>>(
+      q.packed.data(), units, K, detail::log2_exact(q.blocksize), detail::absmax_view(q),
+      detail::decode_table(q), detail::map_param(q), out);
+  QLORA_CUDA_CHECK_LAUNCH("dequantize4_tiles_sms_kernel");
 }
 
 // All of q: out holds numel() values.

@@ -1,0 +1,289 @@
+// Lab: the large-M 4-bit product as dequantize + cuBLAS, with the dequantization of the NEXT product's
+// weight run on a side stream on k SMs while cuBLAS, told to target sm_count - k SMs
+// (cublasSetSmCountTarget), multiplies with the weight dequantized one call earlier.
+//
+// Why: dequantize + cuBLAS is 1.09x cuBLAS bf16 at 14336x4096, M = 4096 on the H100 (dequantizing
+// costs 60 µs of a 673 µs product), and slicing the product to overlap the two on a second stream
+// without a carve-out found no room on the SMs (docs/performance.md). With k SMs carved out, the
+// product loses k / 132 of the tensor cores and the dequantization is hidden, if k SMs can write
+// N·K bf16 in the product's time.
+//
+// Rows (every ratio is the median of 11 rounds timed in alternation with cuBLAS bf16, time_graph_pair):
+//   dq_cublas      dequantize (whole GPU) + cuBLAS, the path matmul_4bit takes today
+//   carve_k        cuBLAS bf16 alone, targeting sm_count - k SMs (what the carve-out costs)
+//   dq_only_k      the side dequantizer alone on k SMs (µs per weight; must fit in the product's time)
+//   chain_k        the pipelined chain of 30 products (weights rotated): per product
+// Usage: overlap_lab [csv]; OV_SHAPES="14336x4096,4096x4096", OV_M=4096, OV_KS="2,4,8".
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench_util.cuh"
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemm_bf16.cuh"
+#include "qlora/cuda/layout4bit.cuh"
+#include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/quantize4bit.cuh"
+
+using namespace qlora;
+using benchutil::fill;
+using benchutil::fmt;
+using benchutil::PairTiming;
+using benchutil::report;
+using benchutil::time_graph;
+using benchutil::time_graph_pair;
+using cuda::DeviceBuffer;
+
+namespace {
+
+constexpr int kWarps = 32;  // one 1024-thread block per SM (its shared memory keeps a second off)
+
+// The tiles-layout dequantizer of dequantize4bit.cuh with one block of 32 warps per SM and two units
+// per warp in flight: grid = k puts it on exactly k SMs.
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    dq_side_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K, int block_shift,
+                   cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
+                   cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_code[16];
+  __shared__ float s_map[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
+  if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
+  __syncthreads();
+  __nv_bfloat16* su = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 2 * 16 * 64;
+  const std::size_t KC = K / 64;
+  const std::size_t warps = std::size_t(gridDim.x) * kWarps;
+  for (std::size_t u0 = blockIdx.x * std::size_t(kWarps) + warp; u0 < units; u0 += 2 * warps) {
+    uint4 v[2];
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const std::size_t ui = u0 + p * warps;
+      v[p] = ui < units ? __ldcs(reinterpret_cast<const uint4*>(packed + ui * 512) + lane)
+                        : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const std::size_t unit = u0 + p * warps;
+      if (unit >= units) break;
+      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
+      const int g = lane >> 2, t = lane & 3;
+      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
+      __nv_bfloat16* s = su + p * 16 * 64;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float amax =
+            cuda::detail::block_absmax(am, s_map, ((r + g + 8 * h) * K + k + 16 * t) >> block_shift);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float f[8];
+          cuda::detail::decode8(w[2 * h + q], s_code, amax, f);
+          cuda::detail::store8(s + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
+        const int row = i * 4 + lane / 8, c = lane % 8;
+        *reinterpret_cast<uint4*>(out + (r + row) * K + k + c * 8) =
+            *reinterpret_cast<const uint4*>(s + row * 64 + c * 8);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+constexpr int kSideSmem = 160 << 10;  // > half an SM's shared memory: one block per SM
+
+void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cudaStream_t s) {
+  const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
+  dq_side_kernel<<<k, kWarps * 32, kSideSmem, s>>>(
+      q.packed.data(), units, K, cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
+      cuda::detail::decode_table(q), cuda::detail::map_param(q), out);
+  QLORA_CUDA_CHECK_LAUNCH("dq_side_kernel");
+}
+
+cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
+  cuda::DeviceQuantized4bit c;
+  c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
+  c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
+  c.nested_code = q.nested_code, c.layout = q.layout;
+  auto cp = [&](auto& dst, const auto& src) {
+    using T = std::remove_reference_t<decltype(*src.data())>;
+    dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
+    if (src.size())
+      QLORA_CUDA_CHECK(
+          cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
+  };
+  cp(c.packed, q.packed);
+  cp(c.absmax, q.absmax);
+  cp(c.qabsmax, q.qabsmax);
+  cp(c.absmax2, q.absmax2);
+  return c;
+}
+
+std::vector<int> int_list(const char* env, std::vector<int> def) {
+  const char* e = std::getenv(env);
+  if (!e) return def;
+  std::vector<int> v;
+  std::istringstream in(e);
+  for (std::string item; std::getline(in, item, ',');)
+    if (!item.empty()) v.push_back(std::atoi(item.c_str()));
+  return v;
+}
+
+void gemm_on(cublasHandle_t h, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
+             __nv_bfloat16* y) {
+  const float alpha = 1.0f, beta = 0.0f;
+  QLORA_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
+                                  CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!benchutil::start(argc, argv)) return 0;
+  cuda::Context ctx(0);
+  const int sms = ctx.sm_count();
+  std::printf("device: %s, %d SMs, L2 %d MB\n", ctx.name().c_str(), sms, ctx.props().l2CacheSize >> 20);
+  QLORA_CUDA_CHECK(
+      cudaFuncSetAttribute(dq_side_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  int lo = 0, hi = 0;
+  QLORA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+  cudaStream_t side;
+  QLORA_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, hi));
+  DeviceBuffer<unsigned char> ws(std::size_t(32) << 20);
+
+  std::vector<std::pair<int, int>> shapes = {{14336, 4096}, {4096, 4096}};
+  if (const char* e = std::getenv("OV_SHAPES")) {
+    shapes.clear();
+    std::istringstream in(e);
+    for (std::string item; std::getline(in, item, ',');) {
+      int n = 0, k = 0;
+      if (std::sscanf(item.c_str(), "%dx%d", &n, &k) == 2) shapes.emplace_back(n, k);
+    }
+  }
+  const int M = int_list("OV_M", {4096})[0];
+  const std::vector<int> ks = int_list("OV_KS", {2, 4, 8});
+  const std::size_t rotate_bytes = std::size_t(512) << 20;
+
+  for (const auto& nk_pair : shapes) {
+    const int N = nk_pair.first, K = nk_pair.second;
+    const std::string suffix = std::to_string(N) + "x" + std::to_string(K) + "/m" + std::to_string(M);
+    const std::size_t nk = std::size_t(N) * K;
+    const int nbf =
+        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
+    std::vector<DeviceBuffer<__nv_bfloat16>> wb;
+    for (int i = 0; i < nbf; ++i) {
+      wb.emplace_back(nk);
+      fill(ctx, wb.back().data(), nk, 100 + i, 0.05f);
+    }
+    std::vector<cuda::DeviceQuantized4bit> wq;
+    wq.push_back(cuda::quantize_4bit(ctx, wb[0].data(), {N, K},
+                                     quant::Quant4Config{quant::Quant4Type::NF4, 64, true}));
+    const int nq = int(std::min<std::size_t>(
+        64, std::max<std::size_t>(2, (rotate_bytes + wq[0].weight_bytes() - 1) / wq[0].weight_bytes())));
+    for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
+    for (auto& w : wq) cuda::use_gemv_layout(ctx, w);
+    DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N), yref(std::size_t(M) * N);
+    fill(ctx, x.data(), x.size(), 7, 2.0f);
+    DeviceBuffer<__nv_bfloat16> scratch[2] = {DeviceBuffer<__nv_bfloat16>(nk),
+                                              DeviceBuffer<__nv_bfloat16>(nk)};
+    ctx.synchronize();
+
+    // the side dequantizer gives the library's values
+    {
+      cuda::dequantize_4bit(ctx, wq[1], scratch[0].data());
+      dq_side(wq[1], 4, scratch[1].data(), ctx.stream());
+      const auto a = scratch[0].to_host(ctx.stream()), b = scratch[1].to_host(ctx.stream());
+      std::size_t bad = 0;
+      for (std::size_t i = 0; i < nk; ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
+      std::printf("side dequantizer against dequantize_4bit: %zu of %zu values differ\n", bad, nk);
+    }
+
+    auto base = [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); };
+    const double flops = 2.0 * M * double(nk);
+    {
+      const PairTiming p = time_graph_pair(ctx, base, [&](int i) {
+        cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), scratch[0]);
+      });
+      report("ov/dq_cublas/" + suffix, p.best_b,
+             fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); cuBLAS %.2f us", p.ratio_median,
+                 p.ratio_min, p.ratio_max, p.best_a));
+      std::printf("  cuBLAS bf16 %.1f TFLOP/s\n", flops / p.best_a * 1e-6);
+    }
+    for (int k : ks) {
+      cublasHandle_t h;
+      QLORA_CUBLAS_CHECK(cublasCreate(&h));
+      QLORA_CUBLAS_CHECK(cublasSetStream(h, ctx.stream()));
+      QLORA_CUBLAS_CHECK(cublasSetWorkspace(h, ws.data(), ws.bytes()));
+      QLORA_CUBLAS_CHECK(cublasSetSmCountTarget(h, sms - k));
+      {
+        const PairTiming p = time_graph_pair(
+            ctx, base, [&](int i) { gemm_on(h, x.data(), M, K, wb[i % nbf].data(), N, y.data()); });
+        report("ov/carve_" + std::to_string(k) + "/" + suffix, p.best_b,
+               fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); cuBLAS targeting %d SMs",
+                   p.ratio_median, p.ratio_min, p.ratio_max, double(sms - k)));
+      }
+      {
+        const double us =
+            time_graph(ctx, [&](int i) { dq_side(wq[i % nq], k, scratch[0].data(), ctx.stream()); });
+        report("ov/dq_only_" + std::to_string(k) + "/" + suffix, us,
+               fmt("%.3f TB/s on %d SMs (read + write)", (wq[0].weight_bytes() + 2.0 * nk) / us * 1e-6, k));
+      }
+      // the chain: call i multiplies with scratch[i % 2] (dequantized during call i - 1) while the side
+      // stream dequantizes weight i + 1 into scratch[(i + 1) % 2]; call 0 dequantizes its own first
+      cudaEvent_t before[2], ready[2];
+      for (int j = 0; j < 2; ++j) {
+        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&before[j], cudaEventDisableTiming));
+        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&ready[j], cudaEventDisableTiming));
+      }
+      const int calls = 30;
+      auto chain = [&](int i) {
+        const int cur = i % 2, nxt = (i + 1) % 2;
+        if (i == 0)
+          cuda::dequantize_4bit(ctx, wq[0], scratch[0].data());
+        else
+          QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[cur], 0));
+        // scratch[nxt] was read by call i - 1, done in stream order before this point
+        QLORA_CUDA_CHECK(cudaEventRecord(before[cur], ctx.stream()));
+        QLORA_CUDA_CHECK(cudaStreamWaitEvent(side, before[cur], 0));
+        dq_side(wq[(i + 1) % nq], k, scratch[nxt].data(), side);
+        QLORA_CUDA_CHECK(cudaEventRecord(ready[nxt], side));
+        gemm_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
+        if (i == calls - 1) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[nxt], 0));  // join
+      };
+      {
+        const PairTiming p = time_graph_pair(ctx, base, chain, calls);
+        report("ov/chain_" + std::to_string(k) + "/" + suffix, p.best_b,
+               fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); %.0f TFLOP/s", p.ratio_median,
+                   p.ratio_min, p.ratio_max, flops / p.best_b * 1e-6));
+      }
+      {  // the chain's last product against the plain path's
+        for (int i = 0; i < 3; ++i) chain(i == 2 ? calls - 1 : i);
+        ctx.synchronize();
+        cuda::matmul_4bit_dequant(ctx, wq[(calls - 1) % nq], x.data(), M, yref.data(), scratch[0]);
+        const auto a = y.to_host(ctx.stream()), b = yref.to_host(ctx.stream());
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < a.size(); ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
+        std::printf("  chain_%d result against dequantize + cuBLAS: %zu of %zu values differ\n", k, bad,
+                    a.size());
+      }
+      for (int j = 0; j < 2; ++j) {
+        cudaEventDestroy(before[j]);
+        cudaEventDestroy(ready[j]);
+      }
+      cublasDestroy(h);
+    }
+  }
+  cudaStreamDestroy(side);
+  return 0;
+}

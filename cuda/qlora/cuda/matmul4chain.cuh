@@ -1,0 +1,173 @@
+#pragma once
+// Matmul4Chain: a sequence of large-M 4-bit products (a model's layers, one weight after another),
+// y = x · Wᵀ each, where the dequantization of the NEXT weight runs on a side stream on a few SMs
+// while cuBLAS multiplies with the current one, told to leave those SMs free
+// (cublasSetSmCountTarget).
+//
+// Why: above the sm90 window matmul_4bit dequantizes W into a bf16 scratch, then calls cuBLAS. On an
+// H100 at 14336x4096, M = 4096, dequantizing costs 60 µs of a 673 µs product: 1.09x cuBLAS bf16 for
+// an isolated product (docs/performance.md). A product cannot overlap its own dequantization (it
+// needs all of W), and a cuBLAS GEMM fills every SM, so a dequantizer on a second stream found no
+// room (measured: sliced products ran 1.26-1.32x). With k SMs carved out of the product, the product
+// loses k / sm_count of the tensor cores and the next weight's dequantization costs nothing more, if
+// k SMs write the N·K bf16 values in the product's time.
+//
+//   Matmul4Chain chain(ctx);                     // the side stream, two scratches, a carved handle
+//   chain.matmul(w1, x1, M, y1, &w2);            // y1 = x1·W1ᵀ; W2 dequantizes meanwhile
+//   chain.matmul(w2, x2, M, y2, &w3);            // uses W2's prefetched copy
+//   chain.matmul(w3, x3, M, y3);                 // nothing next
+//   chain.finish();                              // the side stream joins ctx's (graph capture needs it)
+//
+// Results: each product is cuBLAS on dequantize_4bit's values; the carved handle may choose another
+// cuBLAS kernel than ctx's, so y can differ from matmul_4bit's in the last bf16 bit.
+// Products that matmul_4bit would not take through dequantize + cuBLAS (GEMV and sm90 window) go to
+// matmul_4bit and prefetch nothing: the side dequantizer would take SMs those kernels use.
+// The weight named as `next` must stay alive, unchanged, until the call that uses it (or finish()).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <utility>
+
+#include "qlora/cuda/buffer.cuh"
+#include "qlora/cuda/context.cuh"
+#include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
+
+namespace qlora {
+namespace cuda {
+
+// SMs given to the side dequantizer by default. It must write N·K bf16 in the product's time:
+// measured on an H100 (docs/performance.md, "Twelfth session").
+constexpr int kChainSideSms = 4;
+
+class Matmul4Chain {
+ public:
+  // side_sms: SMs for the dequantizer of the next weight (the product targets the rest).
+  explicit Matmul4Chain(const Context& ctx, int side_sms = kChainSideSms) : ctx_(&ctx), side_sms_(side_sms) {
+    QLORA_CHECK(side_sms >= 1 && side_sms < ctx.sm_count(), "cuda::Matmul4Chain: ", side_sms,
+                " side SMs asked for, expected 1 to ", ctx.sm_count() - 1);
+    ctx.activate();
+    int lo = 0, hi = 0;
+    QLORA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    try {
+      QLORA_CUDA_CHECK(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, hi));
+      for (int i = 0; i < 2; ++i) {
+        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&free_[i], cudaEventDisableTiming));
+        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&ready_[i], cudaEventDisableTiming));
+      }
+      QLORA_CUBLAS_CHECK(cublasCreate(&carved_));
+      QLORA_CUBLAS_CHECK(cublasSetStream(carved_, ctx.stream()));
+      workspace_ = DeviceBuffer<unsigned char>(Context::kDefaultWorkspace);
+      QLORA_CUBLAS_CHECK(cublasSetWorkspace(carved_, workspace_.data(), workspace_.bytes()));
+      QLORA_CUBLAS_CHECK(cublasSetSmCountTarget(carved_, ctx.sm_count() - side_sms));
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~Matmul4Chain() {
+    if (side_) cudaStreamSynchronize(side_);  // a pending prefetch still writes a scratch
+    release();
+  }
+  Matmul4Chain(const Matmul4Chain&) = delete;
+  Matmul4Chain& operator=(const Matmul4Chain&) = delete;
+
+  int side_sms() const { return side_sms_; }
+
+  // y (M, N) = x (M, K) · Wᵀ (+ y with accumulate); then, if `next` is given and this product goes
+  // through dequantize + cuBLAS, dequantizes *next on the side while cuBLAS multiplies.
+  void matmul(const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
+              const DeviceQuantized4bit* next = nullptr, bool accumulate = false) {
+    QLORA_CHECK(w.shape.size() == 2, "cuda::Matmul4Chain: weight has ", w.shape.size(),
+                " dimensions, expected 2");
+    const Context& ctx = *ctx_;
+    if (matmul_4bit_path(ctx, w, x, M, y) != Matmul4Path::DequantCublas) {
+      join_pending();
+      return matmul_4bit(ctx, w, x, M, y, scratch_[slot_], accumulate);
+    }
+    const int N = int(w.shape[0]), K = int(w.shape[1]);
+    const std::size_t need = std::size_t(N) * std::size_t(K);
+    if (pending_ == &w && pending_packed_ == w.packed.data()) {  // prefetched by the call before
+      QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready_[slot_], 0));
+      pending_ = nullptr;
+      side_joined_ = true;
+    } else {
+      join_pending();
+      if (scratch_[slot_].size() < need) scratch_[slot_] = DeviceBuffer<__nv_bfloat16>(need);
+      dequantize_4bit(ctx, w, scratch_[slot_].data());
+    }
+    const __nv_bfloat16* wd = scratch_[slot_].data();
+    const bool prefetch = next && next->shape.size() == 2 && next->layout == Packed4Layout::Tiles;
+    if (prefetch) {
+      const int nxt = 1 - slot_;
+      const std::size_t need_next = std::size_t(next->numel());
+      // scratch_[nxt] was last read by a product before this point of ctx's stream
+      if (scratch_[nxt].size() < need_next) {
+        QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));  // its old memory may still be read
+        scratch_[nxt] = DeviceBuffer<__nv_bfloat16>(need_next);
+      }
+      QLORA_CUDA_CHECK(cudaEventRecord(free_[nxt], ctx.stream()));
+      QLORA_CUDA_CHECK(cudaStreamWaitEvent(side_, free_[nxt], 0));
+      dequantize_4bit_on_sms(ctx, *next, scratch_[nxt].data(), side_sms_, side_);
+      QLORA_CUDA_CHECK(cudaEventRecord(ready_[nxt], side_));
+      pending_ = next;
+      pending_packed_ = next->packed.data();
+      side_joined_ = false;
+      gemm_on(carved_, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
+      slot_ = nxt;
+    } else {
+      gemm_bf16(ctx, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
+    }
+  }
+
+  // ctx's stream waits for the side stream (a prefetch nobody used is dropped). Call it before the end
+  // of a graph capture, and before the weight named as `next` is freed or changed.
+  void finish() {
+    join_pending();
+    pending_ = nullptr;
+  }
+
+ private:
+  static void gemm_on(cublasHandle_t h, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
+                      __nv_bfloat16* y, float beta) {
+    const float alpha = 1.0f;
+    QLORA_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
+                                    CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+  }
+  // ctx's stream waits for the last prefetch, so its scratch may be reused or dropped.
+  void join_pending() {
+    if (!side_joined_) {
+      QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), ready_[slot_], 0));
+      side_joined_ = true;
+    }
+    pending_ = nullptr;
+  }
+  void release() noexcept {
+    if (carved_) cublasDestroy(carved_);
+    for (int i = 0; i < 2; ++i) {
+      if (free_[i]) cudaEventDestroy(free_[i]);
+      if (ready_[i]) cudaEventDestroy(ready_[i]);
+      free_[i] = ready_[i] = nullptr;
+    }
+    if (side_) cudaStreamDestroy(side_);
+    carved_ = nullptr;
+    side_ = nullptr;
+  }
+
+  const Context* ctx_;
+  int side_sms_;
+  cudaStream_t side_ = nullptr;
+  cublasHandle_t carved_ = nullptr;
+  cudaEvent_t free_[2] = {nullptr, nullptr}, ready_[2] = {nullptr, nullptr};
+  DeviceBuffer<unsigned char> workspace_;
+  DeviceBuffer<__nv_bfloat16> scratch_[2];
+  int slot_ = 0;                                  // the scratch the next product reads
+  const DeviceQuantized4bit* pending_ = nullptr;  // the weight prefetched into scratch_[slot_]
+  const std::uint8_t* pending_packed_ = nullptr;
+  bool side_joined_ = true;  // no side work since ctx's stream last waited for it
+};
+
+}  // namespace cuda
+}  // namespace qlora

@@ -45,12 +45,11 @@ namespace {
 
 constexpr int kWarps = 32;  // one 1024-thread block per SM (its shared memory keeps a second off)
 
-// The tiles-layout dequantizer of dequantize4bit.cuh with one block of 32 warps per SM and two units
-// per warp in flight: grid = k puts it on exactly k SMs.
+// v1: the first side kernel (two units per warp in flight, each unit's absmax loaded after its bytes).
 __global__ void __launch_bounds__(kWarps * 32, 1)
-    dq_side_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K, int block_shift,
-                   cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
-                   cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
+    dq_side1_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
+                    int block_shift, cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
+                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float s_code[16];
   __shared__ float s_map[256];
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       }
       __syncwarp();
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
+      for (int i = 0; i < 4; ++i) {
         const int row = i * 4 + lane / 8, c = lane % 8;
         *reinterpret_cast<uint4*>(out + (r + row) * K + k + c * 8) =
             *reinterpret_cast<const uint4*>(s + row * 64 + c * 8);
@@ -100,14 +99,120 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
 }
 
+// v1: the tiles-layout dequantizer of dequantize4bit.cuh with one block of 32 warps per SM and two
+// units per warp in flight: grid = k puts it on exactly k SMs (the library's dequantize_4bit_on_sms).
+// v2 (template U): a warp issues every load of U units first (packed bytes, absmax codes and nested
+// absmax: one memory latency per U units instead of three per unit), stages one unit at a time, and
+// stores with the streaming hint (the next product reads W from DRAM; keep x in L2).
+template <int U, bool kStream>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    dq_side2_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
+                    int block_shift, cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
+                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float s_code[16];
+  __shared__ float s_map[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
+  if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
+  __syncthreads();
+  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 16 * 64;
+  const std::size_t KC = K / 64;
+  const std::size_t warps = std::size_t(gridDim.x) * kWarps;
+  const int g = lane >> 2, t = lane & 3;
+  for (std::size_t u0 = blockIdx.x * std::size_t(kWarps) + warp; u0 < units; u0 += U * warps) {
+    uint4 v[U];
+    float a2[U][2];
+    unsigned c[U][2];
+#pragma unroll
+    for (int p = 0; p < U; ++p) {
+      const std::size_t unit = min(u0 + p * warps, units - 1);  // past the end: load the last unit again
+      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + unit * 512) + lane);
+      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const std::size_t b = ((r + g + 8 * h) * K + k + 16 * t) >> block_shift;
+        if (am.absmax) {
+          a2[p][h] = __ldg(am.absmax + b);
+          c[p][h] = 0;
+        } else {
+          c[p][h] = __ldg(am.qabsmax + b);
+          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < U; ++p) {
+      const std::size_t unit = u0 + p * warps;
+      if (unit >= units) break;
+      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
+      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float amax =
+            am.absmax ? a2[p][h] : cuda::detail::nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float f[8];
+          cuda::detail::decode8(w[2 * h + q], s_code, amax, f);
+          cuda::detail::store8(s + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
+        const int row = i * 4 + lane / 8, cc = lane % 8;
+        const uint4 val = *reinterpret_cast<const uint4*>(s + row * 64 + cc * 8);
+        uint4* dst = reinterpret_cast<uint4*>(out + (r + row) * K + k + cc * 8);
+        if (kStream)
+          __stcs(dst, val);
+        else
+          *dst = val;
+      }
+      __syncwarp();
+    }
+  }
+}
+
 constexpr int kSideSmem = 160 << 10;  // > half an SM's shared memory: one block per SM
 
-void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cudaStream_t s) {
+// variant: 1 = v1; L = the library's dequantize_4bit_on_sms (v2, U = 4, streaming, clusters of 2
+// for an even k); 2 = v2, U = 4, streaming stores; 3 = v2, U = 4,
+// plain stores; 4 = v2, U = 2, streaming. cluster: launch as clusters of 2 blocks (whole pairs of SMs
+// of a GPC, as cuBLAS's 2-CTA clusters need them).
+int g_variant = 1;
+const cuda::Context* g_ctx_ptr = nullptr;
+const cuda::Context& g_ctx() { return *g_ctx_ptr; }
+bool g_cluster = false;
+
+template <class Kern>
+void launch_side(Kern kern, int k, cudaStream_t s, const cuda::DeviceQuantized4bit& q, __nv_bfloat16* out) {
   const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
-  dq_side_kernel<<<k, kWarps * 32, kSideSmem, s>>>(
-      q.packed.data(), units, K, cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
-      cuda::detail::decode_table(q), cuda::detail::map_param(q), out);
-  QLORA_CUDA_CHECK_LAUNCH("dq_side_kernel");
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(k));
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = kSideSmem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_cluster ? 1 : 0;
+  QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, q.packed.data(), units, K,
+                                      cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
+                                      cuda::detail::decode_table(q), cuda::detail::map_param(q), out));
+}
+
+void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cudaStream_t s) {
+  switch (g_variant) {
+    case 1: return launch_side(dq_side1_kernel, k, s, q, out);
+    case 'L' - '0': return cuda::dequantize_4bit_on_sms(g_ctx(), q, out, k, s);
+    case 2: return launch_side(dq_side2_kernel<4, true>, k, s, q, out);
+    case 3: return launch_side(dq_side2_kernel<4, false>, k, s, q, out);
+    default: return launch_side(dq_side2_kernel<2, true>, k, s, q, out);
+  }
 }
 
 cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
@@ -154,8 +259,22 @@ int main(int argc, char** argv) {
   cuda::Context ctx(0);
   const int sms = ctx.sm_count();
   std::printf("device: %s, %d SMs, L2 %d MB\n", ctx.name().c_str(), sms, ctx.props().l2CacheSize >> 20);
+  g_ctx_ptr = &ctx;
   QLORA_CUDA_CHECK(
-      cudaFuncSetAttribute(dq_side_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+      cudaFuncSetAttribute(dq_side1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  QLORA_CUDA_CHECK(
+      cudaFuncSetAttribute(dq_side2_kernel<4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  QLORA_CUDA_CHECK(cudaFuncSetAttribute(dq_side2_kernel<4, false>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  QLORA_CUDA_CHECK(
+      cudaFuncSetAttribute(dq_side2_kernel<2, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  std::vector<std::string> variants = {"1", "2", "2c", "3c", "4c", "L"};
+  if (const char* e = std::getenv("OV_VARIANTS")) {
+    variants.clear();
+    std::istringstream in(e);
+    for (std::string item; std::getline(in, item, ',');)
+      if (!item.empty()) variants.push_back(item);
+  }
   int lo = 0, hi = 0;
   QLORA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
   cudaStream_t side;
@@ -199,16 +318,6 @@ int main(int argc, char** argv) {
                                               DeviceBuffer<__nv_bfloat16>(nk)};
     ctx.synchronize();
 
-    // the side dequantizer gives the library's values
-    {
-      cuda::dequantize_4bit(ctx, wq[1], scratch[0].data());
-      dq_side(wq[1], 4, scratch[1].data(), ctx.stream());
-      const auto a = scratch[0].to_host(ctx.stream()), b = scratch[1].to_host(ctx.stream());
-      std::size_t bad = 0;
-      for (std::size_t i = 0; i < nk; ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
-      std::printf("side dequantizer against dequantize_4bit: %zu of %zu values differ\n", bad, nk);
-    }
-
     auto base = [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); };
     const double flops = 2.0 * M * double(nk);
     {
@@ -230,56 +339,62 @@ int main(int argc, char** argv) {
         const PairTiming p = time_graph_pair(
             ctx, base, [&](int i) { gemm_on(h, x.data(), M, K, wb[i % nbf].data(), N, y.data()); });
         report("ov/carve_" + std::to_string(k) + "/" + suffix, p.best_b,
-               fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); cuBLAS targeting %d SMs",
+               fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); cuBLAS targeting %.0f SMs",
                    p.ratio_median, p.ratio_min, p.ratio_max, double(sms - k)));
       }
-      {
-        const double us =
-            time_graph(ctx, [&](int i) { dq_side(wq[i % nq], k, scratch[0].data(), ctx.stream()); });
-        report("ov/dq_only_" + std::to_string(k) + "/" + suffix, us,
-               fmt("%.3f TB/s on %d SMs (read + write)", (wq[0].weight_bytes() + 2.0 * nk) / us * 1e-6, k));
-      }
-      // the chain: call i multiplies with scratch[i % 2] (dequantized during call i - 1) while the side
-      // stream dequantizes weight i + 1 into scratch[(i + 1) % 2]; call 0 dequantizes its own first
-      cudaEvent_t before[2], ready[2];
-      for (int j = 0; j < 2; ++j) {
-        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&before[j], cudaEventDisableTiming));
-        QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&ready[j], cudaEventDisableTiming));
-      }
-      const int calls = 30;
-      auto chain = [&](int i) {
-        const int cur = i % 2, nxt = (i + 1) % 2;
-        if (i == 0)
-          cuda::dequantize_4bit(ctx, wq[0], scratch[0].data());
-        else
-          QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[cur], 0));
-        // scratch[nxt] was read by call i - 1, done in stream order before this point
-        QLORA_CUDA_CHECK(cudaEventRecord(before[cur], ctx.stream()));
-        QLORA_CUDA_CHECK(cudaStreamWaitEvent(side, before[cur], 0));
-        dq_side(wq[(i + 1) % nq], k, scratch[nxt].data(), side);
-        QLORA_CUDA_CHECK(cudaEventRecord(ready[nxt], side));
-        gemm_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
-        if (i == calls - 1) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[nxt], 0));  // join
-      };
-      {
-        const PairTiming p = time_graph_pair(ctx, base, chain, calls);
-        report("ov/chain_" + std::to_string(k) + "/" + suffix, p.best_b,
-               fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); %.0f TFLOP/s", p.ratio_median,
-                   p.ratio_min, p.ratio_max, flops / p.best_b * 1e-6));
-      }
-      {  // the chain's last product against the plain path's
-        for (int i = 0; i < 3; ++i) chain(i == 2 ? calls - 1 : i);
-        ctx.synchronize();
-        cuda::matmul_4bit_dequant(ctx, wq[(calls - 1) % nq], x.data(), M, yref.data(), scratch[0]);
-        const auto a = y.to_host(ctx.stream()), b = yref.to_host(ctx.stream());
-        std::size_t bad = 0;
-        for (std::size_t i = 0; i < a.size(); ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
-        std::printf("  chain_%d result against dequantize + cuBLAS: %zu of %zu values differ\n", k, bad,
-                    a.size());
-      }
-      for (int j = 0; j < 2; ++j) {
-        cudaEventDestroy(before[j]);
-        cudaEventDestroy(ready[j]);
+      for (const std::string& v : variants) {
+        g_variant = v[0] - '0';
+        g_cluster = v.size() > 1 && v[1] == 'c';
+        if (g_cluster && k % 2) continue;
+        if (k == ks[0] || (k == 2 && ks[0] != 2)) {  // the side dequantizer gives the library's values
+          cuda::dequantize_4bit(ctx, wq[1], scratch[0].data());
+          QLORA_CUDA_CHECK(cudaMemsetAsync(scratch[1].data(), 0xff, scratch[1].bytes(), ctx.stream()));
+          dq_side(wq[1], k, scratch[1].data(), ctx.stream());
+          const auto a = scratch[0].to_host(ctx.stream()), b = scratch[1].to_host(ctx.stream());
+          std::size_t bad = 0;
+          for (std::size_t i = 0; i < nk; ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
+          std::printf("side dequantizer v%s on %d SMs against dequantize_4bit: %zu of %zu values differ\n",
+                      v.c_str(), k, bad, nk);
+        }
+        {
+          const double us =
+              time_graph(ctx, [&](int i) { dq_side(wq[i % nq], k, scratch[0].data(), ctx.stream()); });
+          report("ov/dq_only_" + std::to_string(k) + "_v" + v + "/" + suffix, us,
+                 fmt("%.3f TB/s on %.0f SMs (read + write)", (wq[0].weight_bytes() + 2.0 * nk) / us * 1e-6,
+                     double(k)));
+        }
+        // the chain: call i multiplies with scratch[i % 2] (dequantized during call i - 1) while the side
+        // stream dequantizes weight i + 1 into scratch[(i + 1) % 2]; call 0 dequantizes its own first
+        cudaEvent_t before[2], ready[2];
+        for (int j = 0; j < 2; ++j) {
+          QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&before[j], cudaEventDisableTiming));
+          QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&ready[j], cudaEventDisableTiming));
+        }
+        const int calls = 30;
+        auto chain = [&](int i) {
+          const int cur = i % 2, nxt = (i + 1) % 2;
+          if (i == 0)
+            cuda::dequantize_4bit(ctx, wq[0], scratch[0].data());
+          else
+            QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[cur], 0));
+          // scratch[nxt] was read by call i - 1, done in stream order before this point
+          QLORA_CUDA_CHECK(cudaEventRecord(before[cur], ctx.stream()));
+          QLORA_CUDA_CHECK(cudaStreamWaitEvent(side, before[cur], 0));
+          dq_side(wq[(i + 1) % nq], k, scratch[nxt].data(), side);
+          QLORA_CUDA_CHECK(cudaEventRecord(ready[nxt], side));
+          gemm_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
+          if (i == calls - 1) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[nxt], 0));  // join
+        };
+        {
+          const PairTiming p = time_graph_pair(ctx, base, chain, calls);
+          report("ov/chain_" + std::to_string(k) + "_v" + v + "/" + suffix, p.best_b,
+                 fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); %.0f TFLOP/s", p.ratio_median,
+                     p.ratio_min, p.ratio_max, flops / p.best_b * 1e-6));
+        }
+        for (int j = 0; j < 2; ++j) {
+          cudaEventDestroy(before[j]);
+          cudaEventDestroy(ready[j]);
+        }
       }
       cublasDestroy(h);
     }

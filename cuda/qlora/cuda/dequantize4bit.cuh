@@ -197,10 +197,13 @@ __global__ void __launch_bounds__(256)
 
 // The tiles-layout dequantizer for running beside another kernel on a few SMs (Matmul4Chain,
 // matmul4chain.cuh): one block of 32 warps per SM, whose dynamic shared memory keeps any other block
-// off its SM, so a grid of k blocks occupies exactly k SMs; each warp has two units' loads in flight
-// (with few SMs, the bytes in flight per SM set the rate). Same arithmetic as the kernel above:
-// bit for bit its values. bf16 out.
+// off its SM, so a grid of k blocks occupies exactly k SMs. With few SMs, each SM's rate is what
+// counts: a warp issues every load of 4 units first (packed bytes, absmax codes, nested absmax: one
+// memory latency per 4 units, not three per unit), then decodes and stages one unit at a time and
+// stores it with the streaming hint (the product reads W back from DRAM; x should keep L2). Same
+// arithmetic as the kernel above: bit for bit its values. bf16 out.
 constexpr int kSmDequantWarps = 32;
+constexpr int kSmDequantUnits = 4;  // units in flight per warp
 __global__ void __launch_bounds__(kSmDequantWarps * 32, 1)
     dequantize4_tiles_sms_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
                                  int block_shift, AbsmaxView am, Code16Param code, Code256Param map,
@@ -212,26 +215,40 @@ __global__ void __launch_bounds__(kSmDequantWarps * 32, 1)
   if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
   if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
   __syncthreads();
-  // two 16 × 64 bf16 units per warp (4 KB)
-  __nv_bfloat16* su = reinterpret_cast<__nv_bfloat16*>(sms_smem) + warp * 2 * 16 * 64;
+  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(sms_smem) + warp * 16 * 64;  // one 16 × 64 unit
   const std::size_t KC = K / 64, warps = std::size_t(gridDim.x) * kSmDequantWarps;
   const int g = lane >> 2, t = lane & 3;
-  for (std::size_t u0 = blockIdx.x * std::size_t(kSmDequantWarps) + warp; u0 < units; u0 += 2 * warps) {
-    const bool second = u0 + warps < units;
-    const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(packed + u0 * 512) + lane);
-    const uint4 v1 = second ? __ldcs(reinterpret_cast<const uint4*>(packed + (u0 + warps) * 512) + lane)
-                            : make_uint4(0, 0, 0, 0);
+  constexpr int U = kSmDequantUnits;
+  for (std::size_t u0 = blockIdx.x * std::size_t(kSmDequantWarps) + warp; u0 < units; u0 += U * warps) {
+    uint4 v[U];
+    float a2[U][2];  // absmax, or the nested absmax of its code
+    unsigned c[U][2];
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      if (p == 1 && !second) break;
-      const std::size_t unit = u0 + p * warps;
+    for (int p = 0; p < U; ++p) {
+      const std::size_t unit = min(u0 + p * warps, units - 1);  // past the end: the last unit again, unused
+      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + unit * 512) + lane);
       const std::size_t r = unit / KC * 16, k = unit % KC * 64;
-      const uint4 v = p == 0 ? v0 : v1;
-      const std::uint32_t w[4] = {v.x, v.y, v.z, v.w};
-      __nv_bfloat16* s = su + p * 16 * 64;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // row g, then row g + 8
-        const float amax = block_absmax(am, s_map, ((r + g + 8 * h) * K + k + 16 * t) >> block_shift);
+        const std::size_t b = ((r + g + 8 * h) * K + k + 16 * t) >> block_shift;
+        if (am.absmax) {
+          a2[p][h] = __ldg(am.absmax + b);
+          c[p][h] = 0;
+        } else {
+          c[p][h] = __ldg(am.qabsmax + b);
+          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < U; ++p) {
+      const std::size_t unit = u0 + p * warps;
+      if (unit >= units) break;
+      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
+      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float amax = am.absmax ? a2[p][h] : nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           float f[8];
@@ -242,9 +259,9 @@ __global__ void __launch_bounds__(kSmDequantWarps * 32, 1)
       __syncwarp();
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
-        const int row = i * 4 + lane / 8, c = lane % 8;
-        *reinterpret_cast<uint4*>(out + (r + row) * K + k + c * 8) =
-            *reinterpret_cast<const uint4*>(s + row * 64 + c * 8);
+        const int row = i * 4 + lane / 8, cc = lane % 8;
+        __stcs(reinterpret_cast<uint4*>(out + (r + row) * K + k + cc * 8),
+               *reinterpret_cast<const uint4*>(s + row * 64 + cc * 8));
       }
       __syncwarp();
     }
@@ -350,16 +367,31 @@ inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit
   quant::check_blocksize4(q.blocksize);
   ctx.activate();
   // more than half the SM's shared memory (so no second block of any kernel fits beside it), at
-  // least the 4 KB a warp stages, at most what a block may opt in to
+  // least the 2 KB a warp stages, at most what a block may opt in to
   const int per_sm = int(ctx.props().sharedMemPerMultiprocessor),
             opt_in = int(ctx.props().sharedMemPerBlockOptin);
-  const int smem = std::min(opt_in - 2048, std::max(detail::kSmDequantWarps * 4096, per_sm / 2 + 1024));
+  const int smem = std::min(opt_in - 2048, std::max(detail::kSmDequantWarps * 2048, per_sm / 2 + 1024));
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::dequantize4_tiles_sms_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
-  detail::dequantize4_tiles_sms_kernel<<<sms, detail::kSmDequantWarps * 32, smem, stream>>>(
-      q.packed.data(), units, K, detail::log2_exact(q.blocksize), detail::absmax_view(q),
-      detail::decode_table(q), detail::map_param(q), out);
+  // An even count goes as clusters of 2 blocks (sm_90): each takes two SMs of one GPC, so every GPC
+  // keeps an even number of free SMs for the 2-block clusters cuBLAS's Hopper GEMMs launch; single
+  // blocks could leave an odd SM per GPC that no cluster can use.
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(sms));
+  cfg.blockDim = dim3(detail::kSmDequantWarps * 32);
+  cfg.dynamicSmemBytes = std::size_t(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = (sms % 2 == 0 && ctx.props().major >= 9) ? 1 : 0;
+  QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, detail::dequantize4_tiles_sms_kernel, q.packed.data(), units, K,
+                                      detail::log2_exact(q.blocksize), detail::absmax_view(q),
+                                      detail::decode_table(q), detail::map_param(q), out));
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_tiles_sms_kernel");
 }
 

@@ -301,23 +301,27 @@ int main(int argc, char** argv) {
           cuda::matmul_4bit_path(ctx, wq[0], x.data(), M, y.data()) == cuda::Matmul4Path::DequantCublas) {
         // the 30 calls as a chain (Matmul4Chain): each call's dequantization of the next weight runs on
         // kChainSideSms SMs beside its product; paired with cuBLAS bf16 as above
-        cuda::Matmul4Chain chain(ctx);
-        const int calls = 30;
-        const PairTiming p = time_graph_pair(
-            ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
-            [&](int i) {
-              chain.matmul(wq[i % nq], x.data(), M, y.data(), &wq[(i + 1) % nq]);
-              cudaStreamCaptureStatus st;
-              QLORA_CUDA_CHECK(cudaStreamIsCapturing(ctx.stream(), &st));
-              if (i == calls - 1 || st != cudaStreamCaptureStatusActive)
-                chain.finish();  // join the side stream
-            },
-            calls);
-        report(
-            "matmul_chain/cuda/nf4dq/" + suffix, p.best_b,
-            fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); a chain of products, "
-                "the next weight dequantized on %.0f SMs beside each",
-                p.ratio_median, p.ratio_min, p.ratio_max, double(chain.side_sms())));
+        for (int sms : {cuda::kChainSideSms, 2 * cuda::kChainSideSms}) {  // the default, then a lab row
+          cuda::Matmul4Chain chain(ctx, sms);
+          const int calls = 30;
+          const PairTiming p = time_graph_pair(
+              ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
+              [&](int i) {
+                chain.matmul(wq[i % nq], x.data(), M, y.data(), &wq[(i + 1) % nq]);
+                cudaStreamCaptureStatus st;
+                QLORA_CUDA_CHECK(cudaStreamIsCapturing(ctx.stream(), &st));
+                if (i == calls - 1 || st != cudaStreamCaptureStatusActive)
+                  chain.finish();  // join the side stream
+              },
+              calls);
+          report((sms == cuda::kChainSideSms ? "matmul_chain/cuda/nf4dq/" : "matmul_chain_lab/cuda/nf4dq/") +
+                     suffix + (sms == cuda::kChainSideSms ? "" : "/sms" + std::to_string(sms)),
+                 p.best_b,
+                 fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); a chain of "
+                     "products, "
+                     "the next weight dequantized on %.0f SMs beside each",
+                     p.ratio_median, p.ratio_min, p.ratio_max, double(sms)));
+        }
       }
       if (M > 32) {  // lab: the large-M paths, each forced (matmul_4bit's rows above pick one of them)
         const double us_dq = time_graph(

@@ -37,8 +37,11 @@
 namespace qlora {
 namespace cuda {
 
-// SMs given to the side dequantizer by default. It must write N·K bf16 in the product's time:
-// measured on an H100 (docs/performance.md, "Twelfth session").
+// SMs given to the side dequantizer by default. On an H100 at M = 4096 a cuBLAS bf16 product planned
+// for 128 SMs ran at its full-GPU time (1.006x at 14336x4096: 1792 tiles of 128x256 take 14 waves
+// on 128 SMs as on 132; 8 SMs cost 1-12%), and the side kernel must write N·K bf16 in the product's
+// time: ~55 GB/s per SM on 4 SMs at 14336x4096. The first side kernel moved 30 GB/s per SM
+// (docs/performance.md, "Twelfth session").
 constexpr int kChainSideSms = 4;
 
 class Matmul4Chain {

@@ -174,12 +174,92 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
 }
 
+// v5: v2 (U = 4, streaming) with fewer instructions per unit: the v1 kernel issues ~280 SASS
+// instructions per unit and warp (~63 GB/s per SM if issue-bound; it ran at 30), much of it 64-bit
+// index arithmetic (a 64-bit division by KC per unit, in v2 twice). Here a unit's index, tile and
+// column are 32-bit and computed once, its output row pointer once, and the codes come from a
+// byte-indexed table of value pairs (one 8-byte shared load per packed byte instead of a shift, a
+// mask and a 4-byte load per value).
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    dq_side5_kernel(const std::uint8_t* __restrict__ packed, unsigned units, unsigned K, int block_shift,
+                    cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
+                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
+  constexpr int U = 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ float2 s_pair[256];  // byte b -> (code[b >> 4], code[b & 15]): the high nibble is first
+  __shared__ float s_map[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x < 256) {
+    s_pair[threadIdx.x] = make_float2(code.v[threadIdx.x >> 4], code.v[threadIdx.x & 15]);
+    if (!am.absmax) s_map[threadIdx.x] = map.v[threadIdx.x];
+  }
+  __syncthreads();
+  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 16 * 64;
+  const unsigned KC = K / 64;
+  const unsigned warps = gridDim.x * kWarps;
+  const int g = lane >> 2, t = lane & 3;
+  for (unsigned u0 = blockIdx.x * kWarps + warp; u0 < units; u0 += U * warps) {
+    uint4 v[U];
+    float a2[U][2];
+    unsigned c[U][2];
+    std::size_t base[U];  // the unit's first output element: row r, column k
+#pragma unroll
+    for (int p = 0; p < U; ++p) {
+      const unsigned unit = min(u0 + p * warps, units - 1);  // past the end: the last unit again, unused
+      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + std::size_t(unit) * 512) + lane);
+      const unsigned tile = unit / KC, k = (unit - tile * KC) * 64;
+      base[p] = std::size_t(tile) * 16 * K + k;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // row g, then row g + 8
+        const std::size_t b = (base[p] + std::size_t(g + 8 * h) * K + 16 * t) >> block_shift;
+        if (am.absmax) {
+          a2[p][h] = __ldg(am.absmax + b);
+          c[p][h] = 0;
+        } else {
+          c[p][h] = __ldg(am.qabsmax + b);
+          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < U; ++p) {
+      if (u0 + p * warps >= units) break;
+      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float amax =
+            am.absmax ? a2[p][h] : cuda::detail::nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const std::uint32_t word = w[2 * h + q];
+          uint4 o;
+          std::uint32_t* ou = reinterpret_cast<std::uint32_t*>(&o);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // byte j: values 2j (high nibble) and 2j + 1
+            const float2 cv = s_pair[(word >> (8 * j)) & 0xffu];
+            const __nv_bfloat162 hv = __floats2bfloat162_rn(__fmul_rn(cv.x, amax), __fmul_rn(cv.y, amax));
+            ou[j] = *reinterpret_cast<const std::uint32_t*>(&hv);
+          }
+          *reinterpret_cast<uint4*>(s + (g + 8 * h) * 64 + 16 * t + 8 * q) = o;
+        }
+      }
+      __syncwarp();
+      __nv_bfloat16* dst = out + base[p] + std::size_t(lane / 8) * K + (lane % 8) * 8;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)  // 8 16-byte chunks a row, 4 rows per store instruction
+        __stcs(reinterpret_cast<uint4*>(dst + std::size_t(4 * i) * K),
+               *reinterpret_cast<const uint4*>(s + (i * 4 + lane / 8) * 64 + (lane % 8) * 8));
+      __syncwarp();
+    }
+  }
+}
+
 constexpr int kSideSmem = 160 << 10;  // > half an SM's shared memory: one block per SM
 
-// variant: 1 = v1; L = the library's dequantize_4bit_on_sms (v2, U = 4, streaming, clusters of 2
+// variant: 1 = v1; L = the library's dequantize_4bit_on_sms (v5, clusters of 2
 // for an even k); 2 = v2, U = 4, streaming stores; 3 = v2, U = 4,
-// plain stores; 4 = v2, U = 2, streaming. cluster: launch as clusters of 2 blocks (whole pairs of SMs
-// of a GPC, as cuBLAS's 2-CTA clusters need them).
+// plain stores; 4 = v2, U = 2, streaming; 5 = v5 (32-bit indices, pair table). cluster: launch as clusters of
+// 2 blocks (whole pairs of SMs of a GPC, as cuBLAS's 2-CTA clusters need them).
 int g_variant = 1;
 const cuda::Context* g_ctx_ptr = nullptr;
 const cuda::Context& g_ctx() { return *g_ctx_ptr; }
@@ -211,6 +291,25 @@ void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cuda
     case 'L' - '0': return cuda::dequantize_4bit_on_sms(g_ctx(), q, out, k, s);
     case 2: return launch_side(dq_side2_kernel<4, true>, k, s, q, out);
     case 3: return launch_side(dq_side2_kernel<4, false>, k, s, q, out);
+    case 5: {
+      const unsigned K = unsigned(q.cols()), units = unsigned(q.rows() / 16) * (K / 64);
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(unsigned(k));
+      cfg.blockDim = dim3(kWarps * 32);
+      cfg.dynamicSmemBytes = kSideSmem;
+      cfg.stream = s;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 2;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = g_cluster ? 1 : 0;
+      QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dq_side5_kernel, q.packed.data(), units, K,
+                                          cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
+                                          cuda::detail::decode_table(q), cuda::detail::map_param(q), out));
+      return;
+    }
     default: return launch_side(dq_side2_kernel<2, true>, k, s, q, out);
   }
 }
@@ -268,6 +367,8 @@ int main(int argc, char** argv) {
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
   QLORA_CUDA_CHECK(
       cudaFuncSetAttribute(dq_side2_kernel<2, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
+  QLORA_CUDA_CHECK(
+      cudaFuncSetAttribute(dq_side5_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
   std::vector<std::string> variants = {"1", "2", "2c", "3c", "4c", "L"};
   if (const char* e = std::getenv("OV_VARIANTS")) {
     variants.clear();

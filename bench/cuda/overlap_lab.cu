@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
 }
 
-// v5: v2 (U = 4, streaming) with fewer instructions per unit: the v1 kernel issues ~280 SASS
-// instructions per unit and warp (~63 GB/s per SM if issue-bound; it ran at 30), much of it 64-bit
+// v5: v2 (U = 4, streaming) with fewer instructions per unit: the v1 kernel issues ~300 SASS
+// instructions per unit and warp (~60 GB/s per SM if issue-bound; it ran at 30), much of it 64-bit
 // index arithmetic (a 64-bit division by KC per unit, in v2 twice). Here a unit's index, tile and
 // column are 32-bit and computed once, its output row pointer once, and the codes come from a
 // byte-indexed table of value pairs (one 8-byte shared load per packed byte instead of a shift, a

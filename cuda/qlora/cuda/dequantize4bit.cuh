@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(256)
 // matmul4chain.cuh): one block of 32 warps per SM, whose dynamic shared memory keeps any other block
 // off its SM, so a grid of k blocks occupies exactly k SMs. With few SMs each SM's rate is what
 // counts, and a first version (3 dependent loads per unit, 64-bit index arithmetic, a shift, mask and
-// load per value: ~280 instructions per unit and warp) moved 30 GB/s per SM on an H100. Here a warp
+// load per value: ~300 SASS instructions per unit and warp) moved 30 GB/s per SM on an H100. Here a warp
 // issues every load of 4 units first (packed bytes, absmax codes, nested absmax: one memory latency
 // per 4 units), a unit's index arithmetic is 32-bit and done once, the codes come from a byte-indexed
 // table of value pairs (one 8-byte shared load per packed byte; ~7 instructions per byte), and each

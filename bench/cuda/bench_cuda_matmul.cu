@@ -34,6 +34,7 @@
 #include "qlora/cuda/quantize8bit.cuh"
 
 using namespace qlora;
+using benchutil::clone;
 using benchutil::fill;
 using benchutil::fmt;
 using benchutil::PairTiming;
@@ -59,25 +60,6 @@ __global__ void read_kernel(const uint4* __restrict__ a, std::size_t n, unsigned
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
-}
-
-cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
-  cuda::DeviceQuantized4bit c;
-  c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
-  c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
-  c.nested_code = q.nested_code, c.layout = q.layout;
-  auto cp = [&](auto& dst, const auto& src) {
-    using T = std::remove_reference_t<decltype(*src.data())>;
-    dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
-    if (src.size())
-      QLORA_CUDA_CHECK(
-          cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
-  };
-  cp(c.packed, q.packed);
-  cp(c.absmax, q.absmax);
-  cp(c.qabsmax, q.qabsmax);
-  cp(c.absmax2, q.absmax2);
-  return c;
 }
 
 }  // namespace

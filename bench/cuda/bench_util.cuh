@@ -12,9 +12,11 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "qlora/cuda/context.cuh"
+#include "qlora/cuda/quantized4bit.cuh"
 
 namespace qlora {
 namespace benchutil {
@@ -31,6 +33,27 @@ static __global__ void fill_uniform(__nv_bfloat16* p, std::size_t n, std::uint32
 inline void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std::uint32_t seed, float scale) {
   fill_uniform<<<4096, 256, 0, ctx.stream()>>>(p, n, seed, scale);
   QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
+}
+
+// A copy of q in new device memory (the benchmarks rotate through copies, so no call finds its
+// weight in the L2 the call before left).
+inline cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
+  cuda::DeviceQuantized4bit c;
+  c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
+  c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
+  c.nested_code = q.nested_code, c.layout = q.layout;
+  auto cp = [&](auto& dst, const auto& src) {
+    using T = std::remove_reference_t<decltype(*src.data())>;
+    dst = cuda::DeviceBuffer<std::remove_const_t<T>>(src.size());
+    if (src.size())
+      QLORA_CUDA_CHECK(
+          cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
+  };
+  cp(c.packed, q.packed);
+  cp(c.absmax, q.absmax);
+  cp(c.qabsmax, q.qabsmax);
+  cp(c.absmax2, q.absmax2);
+  return c;
 }
 
 // Milliseconds between two events around fn's work on stream s (waits for it).

@@ -5,7 +5,7 @@
 # bench_cuda_matmul's rows at M = 4096 (matmul, matmul_paired, matmul_chain beside cuBLAS bf16).
 # Usage: bash bench/cuda/chain_lab.sh OUTDIR; SH= shapes (default 14336x4096,11008x4096,4096x4096),
 # KS= side SM counts for overlap_lab (default 2,4,8), VARIANTS= its side dequantizers (default
-# 1,2,5,L; overlap_lab.cu says what each is), MS= token counts (default 4096). Needs .deps/ as
+# 5,L; overlap_lab.cu says what each is), MS= token counts (default 4096). Needs .deps/ as
 # device_run.sh does.
 set -uo pipefail
 OUT=$1
@@ -34,7 +34,7 @@ timeout 120 ./build-cuda/test_cuda_matmul "cuda Matmul4Chain*" >> "$OUT/tests.lo
 echo "chain test rc=$?"
 grep -E "passed|failed" "$OUT/tests.log"
 grep -B5 -A15 FAILED "$OUT/tests.log" | head -60
-OV_SHAPES=$SH OV_KS=$KS OV_VARIANTS=${VARIANTS:-1,2,5,L} OV_M=${MS%%,*} timeout 330 ./build-cuda/overlap_lab "$OUT/ov.csv" > "$OUT/ov.txt" 2>&1
+OV_SHAPES=$SH OV_KS=$KS OV_VARIANTS=${VARIANTS:-5,L} OV_M=${MS%%,*} timeout 330 ./build-cuda/overlap_lab "$OUT/ov.csv" > "$OUT/ov.txt" 2>&1
 echo "overlap_lab rc=$?"
 cat "$OUT/ov.txt"
 QLORA_BENCH_SHAPES=$SH QLORA_BENCH_MS=$MS timeout 240 ./build-cuda/bench_cuda_matmul "$OUT/bench.csv" \

@@ -13,7 +13,8 @@
 //   carve_k        cuBLAS bf16 alone, targeting sm_count - k SMs (what the carve-out costs)
 //   dq_only_k      the side dequantizer alone on k SMs (µs per weight; must fit in the product's time)
 //   chain_k        the pipelined chain of 30 products (weights rotated): per product
-// Usage: overlap_lab [csv]; OV_SHAPES="14336x4096,4096x4096", OV_M=4096, OV_KS="2,4,8".
+// Usage: overlap_lab [csv]; OV_SHAPES="14336x4096,4096x4096", OV_M=4096, OV_KS="2,4,8",
+// OV_VARIANTS="5,L" (the side kernel as single blocks; as the library launches it).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
@@ -33,6 +34,7 @@
 #include "qlora/cuda/quantize4bit.cuh"
 
 using namespace qlora;
+using benchutil::clone;
 using benchutil::fill;
 using benchutil::fmt;
 using benchutil::PairTiming;
@@ -43,294 +45,13 @@ using cuda::DeviceBuffer;
 
 namespace {
 
-constexpr int kWarps = 32;  // one 1024-thread block per SM (its shared memory keeps a second off)
-
-// v1: the first side kernel (two units per warp in flight, each unit's absmax loaded after its bytes).
-__global__ void __launch_bounds__(kWarps * 32, 1)
-    dq_side1_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
-                    int block_shift, cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
-                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_code[16];
-  __shared__ float s_map[256];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
-  if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
-  __syncthreads();
-  __nv_bfloat16* su = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 2 * 16 * 64;
-  const std::size_t KC = K / 64;
-  const std::size_t warps = std::size_t(gridDim.x) * kWarps;
-  for (std::size_t u0 = blockIdx.x * std::size_t(kWarps) + warp; u0 < units; u0 += 2 * warps) {
-    uint4 v[2];
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const std::size_t ui = u0 + p * warps;
-      v[p] = ui < units ? __ldcs(reinterpret_cast<const uint4*>(packed + ui * 512) + lane)
-                        : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const std::size_t unit = u0 + p * warps;
-      if (unit >= units) break;
-      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
-      const int g = lane >> 2, t = lane & 3;
-      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
-      __nv_bfloat16* s = su + p * 16 * 64;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float amax =
-            cuda::detail::block_absmax(am, s_map, ((r + g + 8 * h) * K + k + 16 * t) >> block_shift);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          float f[8];
-          cuda::detail::decode8(w[2 * h + q], s_code, amax, f);
-          cuda::detail::store8(s + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
-        }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = i * 4 + lane / 8, c = lane % 8;
-        *reinterpret_cast<uint4*>(out + (r + row) * K + k + c * 8) =
-            *reinterpret_cast<const uint4*>(s + row * 64 + c * 8);
-      }
-      __syncwarp();
-    }
-  }
-}
-
-// v1: the tiles-layout dequantizer of dequantize4bit.cuh with one block of 32 warps per SM and two
-// units per warp in flight: grid = k puts it on exactly k SMs (the library's dequantize_4bit_on_sms).
-// v2 (template U): a warp issues every load of U units first (packed bytes, absmax codes and nested
-// absmax: one memory latency per U units instead of three per unit), stages one unit at a time, and
-// stores with the streaming hint (the next product reads W from DRAM; keep x in L2).
-template <int U, bool kStream>
-__global__ void __launch_bounds__(kWarps * 32, 1)
-    dq_side2_kernel(const std::uint8_t* __restrict__ packed, std::size_t units, std::size_t K,
-                    int block_shift, cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
-                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_code[16];
-  __shared__ float s_map[256];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x < 16) s_code[threadIdx.x] = code.v[threadIdx.x];
-  if (!am.absmax && threadIdx.x < 256) s_map[threadIdx.x] = map.v[threadIdx.x];
-  __syncthreads();
-  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 16 * 64;
-  const std::size_t KC = K / 64;
-  const std::size_t warps = std::size_t(gridDim.x) * kWarps;
-  const int g = lane >> 2, t = lane & 3;
-  for (std::size_t u0 = blockIdx.x * std::size_t(kWarps) + warp; u0 < units; u0 += U * warps) {
-    uint4 v[U];
-    float a2[U][2];
-    unsigned c[U][2];
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      const std::size_t unit = min(u0 + p * warps, units - 1);  // past the end: load the last unit again
-      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + unit * 512) + lane);
-      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const std::size_t b = ((r + g + 8 * h) * K + k + 16 * t) >> block_shift;
-        if (am.absmax) {
-          a2[p][h] = __ldg(am.absmax + b);
-          c[p][h] = 0;
-        } else {
-          c[p][h] = __ldg(am.qabsmax + b);
-          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
-        }
-      }
-    }
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      const std::size_t unit = u0 + p * warps;
-      if (unit >= units) break;
-      const std::size_t r = unit / KC * 16, k = unit % KC * 64;
-      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float amax =
-            am.absmax ? a2[p][h] : cuda::detail::nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          float f[8];
-          cuda::detail::decode8(w[2 * h + q], s_code, amax, f);
-          cuda::detail::store8(s + (g + 8 * h) * 64 + 16 * t + 8 * q, f);
-        }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // 8 16-byte chunks a row, 4 rows per store instruction
-        const int row = i * 4 + lane / 8, cc = lane % 8;
-        const uint4 val = *reinterpret_cast<const uint4*>(s + row * 64 + cc * 8);
-        uint4* dst = reinterpret_cast<uint4*>(out + (r + row) * K + k + cc * 8);
-        if (kStream)
-          __stcs(dst, val);
-        else
-          *dst = val;
-      }
-      __syncwarp();
-    }
-  }
-}
-
-// v5: v2 (U = 4, streaming) with fewer instructions per unit: the v1 kernel issues ~300 SASS
-// instructions per unit and warp (~60 GB/s per SM if issue-bound; it ran at 30), much of it 64-bit
-// index arithmetic (a 64-bit division by KC per unit, in v2 twice). Here a unit's index, tile and
-// column are 32-bit and computed once, its output row pointer once, and the codes come from a
-// byte-indexed table of value pairs (one 8-byte shared load per packed byte instead of a shift, a
-// mask and a 4-byte load per value).
-__global__ void __launch_bounds__(kWarps * 32, 1)
-    dq_side5_kernel(const std::uint8_t* __restrict__ packed, unsigned units, unsigned K, int block_shift,
-                    cuda::detail::AbsmaxView am, cuda::detail::Code16Param code,
-                    cuda::detail::Code256Param map, __nv_bfloat16* __restrict__ out) {
-  constexpr int U = 4;
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float2 s_pair[256];  // byte b -> (code[b >> 4], code[b & 15]): the high nibble is first
-  __shared__ float s_map[256];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x < 256) {
-    s_pair[threadIdx.x] = make_float2(code.v[threadIdx.x >> 4], code.v[threadIdx.x & 15]);
-    if (!am.absmax) s_map[threadIdx.x] = map.v[threadIdx.x];
-  }
-  __syncthreads();
-  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(smem) + warp * 16 * 64;
-  const unsigned KC = K / 64;
-  const unsigned warps = gridDim.x * kWarps;
-  const int g = lane >> 2, t = lane & 3;
-  for (unsigned u0 = blockIdx.x * kWarps + warp; u0 < units; u0 += U * warps) {
-    uint4 v[U];
-    float a2[U][2];
-    unsigned c[U][2];
-    std::size_t base[U];  // the unit's first output element: row r, column k
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      const unsigned unit = min(u0 + p * warps, units - 1);  // past the end: the last unit again, unused
-      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + std::size_t(unit) * 512) + lane);
-      const unsigned tile = unit / KC, k = (unit - tile * KC) * 64;
-      base[p] = std::size_t(tile) * 16 * K + k;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // row g, then row g + 8
-        const std::size_t b = (base[p] + std::size_t(g + 8 * h) * K + 16 * t) >> block_shift;
-        if (am.absmax) {
-          a2[p][h] = __ldg(am.absmax + b);
-          c[p][h] = 0;
-        } else {
-          c[p][h] = __ldg(am.qabsmax + b);
-          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
-        }
-      }
-    }
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      if (u0 + p * warps >= units) break;
-      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float amax =
-            am.absmax ? a2[p][h] : cuda::detail::nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const std::uint32_t word = w[2 * h + q];
-          uint4 o;
-          std::uint32_t* ou = reinterpret_cast<std::uint32_t*>(&o);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {  // byte j: values 2j (high nibble) and 2j + 1
-            const float2 cv = s_pair[(word >> (8 * j)) & 0xffu];
-            const __nv_bfloat162 hv = __floats2bfloat162_rn(__fmul_rn(cv.x, amax), __fmul_rn(cv.y, amax));
-            ou[j] = *reinterpret_cast<const std::uint32_t*>(&hv);
-          }
-          *reinterpret_cast<uint4*>(s + (g + 8 * h) * 64 + 16 * t + 8 * q) = o;
-        }
-      }
-      __syncwarp();
-      __nv_bfloat16* dst = out + base[p] + std::size_t(lane / 8) * K + (lane % 8) * 8;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)  // 8 16-byte chunks a row, 4 rows per store instruction
-        __stcs(reinterpret_cast<uint4*>(dst + std::size_t(4 * i) * K),
-               *reinterpret_cast<const uint4*>(s + (i * 4 + lane / 8) * 64 + (lane % 8) * 8));
-      __syncwarp();
-    }
-  }
-}
-
-constexpr int kSideSmem = 160 << 10;  // > half an SM's shared memory: one block per SM
-
-// variant: 1 = v1; L = the library's dequantize_4bit_on_sms (v5, clusters of 2
-// for an even k); 2 = v2, U = 4, streaming stores; 3 = v2, U = 4,
-// plain stores; 4 = v2, U = 2, streaming; 5 = v5 (32-bit indices, pair table). cluster: launch as clusters of
-// 2 blocks (whole pairs of SMs of a GPC, as cuBLAS's 2-CTA clusters need them).
-int g_variant = 1;
-const cuda::Context* g_ctx_ptr = nullptr;
-const cuda::Context& g_ctx() { return *g_ctx_ptr; }
-bool g_cluster = false;
-
-template <class Kern>
-void launch_side(Kern kern, int k, cudaStream_t s, const cuda::DeviceQuantized4bit& q, __nv_bfloat16* out) {
-  const std::size_t K = std::size_t(q.cols()), units = std::size_t(q.rows()) / 16 * (K / 64);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(k));
-  cfg.blockDim = dim3(kWarps * 32);
-  cfg.dynamicSmemBytes = kSideSmem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = g_cluster ? 1 : 0;
-  QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, q.packed.data(), units, K,
-                                      cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
-                                      cuda::detail::decode_table(q), cuda::detail::map_param(q), out));
-}
+// L: the library's launch (clusters of 2 blocks for an even k); 5: the same kernel as single blocks.
+// (Run 1's first side kernel, variant 1, is in commit 5dfd57a; v2, the loads hoisted, in 1214534.)
+bool g_clusters = true;
+const cuda::Context* g_ctx = nullptr;
 
 void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cudaStream_t s) {
-  switch (g_variant) {
-    case 1: return launch_side(dq_side1_kernel, k, s, q, out);
-    case 'L' - '0': return cuda::dequantize_4bit_on_sms(g_ctx(), q, out, k, s);
-    case 2: return launch_side(dq_side2_kernel<4, true>, k, s, q, out);
-    case 3: return launch_side(dq_side2_kernel<4, false>, k, s, q, out);
-    case 5: {
-      const unsigned K = unsigned(q.cols()), units = unsigned(q.rows() / 16) * (K / 64);
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(unsigned(k));
-      cfg.blockDim = dim3(kWarps * 32);
-      cfg.dynamicSmemBytes = kSideSmem;
-      cfg.stream = s;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = g_cluster ? 1 : 0;
-      QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, dq_side5_kernel, q.packed.data(), units, K,
-                                          cuda::detail::log2_exact(q.blocksize), cuda::detail::absmax_view(q),
-                                          cuda::detail::decode_table(q), cuda::detail::map_param(q), out));
-      return;
-    }
-    default: return launch_side(dq_side2_kernel<2, true>, k, s, q, out);
-  }
-}
-
-cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {
-  cuda::DeviceQuantized4bit c;
-  c.type = q.type, c.blocksize = q.blocksize, c.shape = q.shape, c.dtype = q.dtype, c.code = q.code;
-  c.double_quant = q.double_quant, c.offset = q.offset, c.nested_blocksize = q.nested_blocksize;
-  c.nested_code = q.nested_code, c.layout = q.layout;
-  auto cp = [&](auto& dst, const auto& src) {
-    using T = std::remove_reference_t<decltype(*src.data())>;
-    dst = DeviceBuffer<std::remove_const_t<T>>(src.size());
-    if (src.size())
-      QLORA_CUDA_CHECK(
-          cudaMemcpyAsync(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()));
-  };
-  cp(c.packed, q.packed);
-  cp(c.absmax, q.absmax);
-  cp(c.qabsmax, q.qabsmax);
-  cp(c.absmax2, q.absmax2);
-  return c;
+  cuda::dequantize_4bit_on_sms(*g_ctx, q, out, k, s, g_clusters);
 }
 
 std::vector<int> int_list(const char* env, std::vector<int> def) {
@@ -343,14 +64,6 @@ std::vector<int> int_list(const char* env, std::vector<int> def) {
   return v;
 }
 
-void gemm_on(cublasHandle_t h, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
-             __nv_bfloat16* y) {
-  const float alpha = 1.0f, beta = 0.0f;
-  QLORA_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
-                                  CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -358,18 +71,8 @@ int main(int argc, char** argv) {
   cuda::Context ctx(0);
   const int sms = ctx.sm_count();
   std::printf("device: %s, %d SMs, L2 %d MB\n", ctx.name().c_str(), sms, ctx.props().l2CacheSize >> 20);
-  g_ctx_ptr = &ctx;
-  QLORA_CUDA_CHECK(
-      cudaFuncSetAttribute(dq_side1_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
-  QLORA_CUDA_CHECK(
-      cudaFuncSetAttribute(dq_side2_kernel<4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
-  QLORA_CUDA_CHECK(cudaFuncSetAttribute(dq_side2_kernel<4, false>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
-  QLORA_CUDA_CHECK(
-      cudaFuncSetAttribute(dq_side2_kernel<2, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
-  QLORA_CUDA_CHECK(
-      cudaFuncSetAttribute(dq_side5_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSideSmem));
-  std::vector<std::string> variants = {"1", "2", "2c", "3c", "4c", "L"};
+  g_ctx = &ctx;
+  std::vector<std::string> variants = {"5", "L"};
   if (const char* e = std::getenv("OV_VARIANTS")) {
     variants.clear();
     std::istringstream in(e);
@@ -437,16 +140,15 @@ int main(int argc, char** argv) {
       QLORA_CUBLAS_CHECK(cublasSetWorkspace(h, ws.data(), ws.bytes()));
       QLORA_CUBLAS_CHECK(cublasSetSmCountTarget(h, sms - k));
       {
-        const PairTiming p = time_graph_pair(
-            ctx, base, [&](int i) { gemm_on(h, x.data(), M, K, wb[i % nbf].data(), N, y.data()); });
+        const PairTiming p = time_graph_pair(ctx, base, [&](int i) {
+          cuda::gemm_bf16_on(h, x.data(), M, K, wb[i % nbf].data(), N, y.data());
+        });
         report("ov/carve_" + std::to_string(k) + "/" + suffix, p.best_b,
                fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); cuBLAS targeting %.0f SMs",
                    p.ratio_median, p.ratio_min, p.ratio_max, double(sms - k)));
       }
       for (const std::string& v : variants) {
-        g_variant = v[0] - '0';
-        g_cluster = v.size() > 1 && v[1] == 'c';
-        if (g_cluster && k % 2) continue;
+        g_clusters = v == "L";
         if (k == ks[0] || (k == 2 && ks[0] != 2)) {  // the side dequantizer gives the library's values
           cuda::dequantize_4bit(ctx, wq[1], scratch[0].data());
           QLORA_CUDA_CHECK(cudaMemsetAsync(scratch[1].data(), 0xff, scratch[1].bytes(), ctx.stream()));
@@ -483,7 +185,7 @@ int main(int argc, char** argv) {
           QLORA_CUDA_CHECK(cudaStreamWaitEvent(side, before[cur], 0));
           dq_side(wq[(i + 1) % nq], k, scratch[nxt].data(), side);
           QLORA_CUDA_CHECK(cudaEventRecord(ready[nxt], side));
-          gemm_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
+          cuda::gemm_bf16_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
           if (i == calls - 1) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[nxt], 0));  // join
         };
         {

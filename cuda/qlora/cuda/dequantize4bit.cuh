@@ -360,9 +360,10 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
 
 // All of q (tiles layout) into out (N·K bf16, 16-byte aligned) on `sms` SMs only, on `stream`: the
 // side dequantizer of Matmul4Chain (matmul4chain.cuh), which runs it beside a cuBLAS product told to
-// leave those SMs free. Values identical to dequantize_4bit's.
+// leave those SMs free. Values identical to dequantize_4bit's. clusters = false launches single
+// blocks even for an even count (a lab comparison).
 inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, __nv_bfloat16* out,
-                                   int sms, cudaStream_t stream) {
+                                   int sms, cudaStream_t stream, bool clusters = true) {
   QLORA_CHECK(q.layout == Packed4Layout::Tiles && q.shape.size() == 2,
               "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
               q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(),
@@ -401,7 +402,7 @@ inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = (sms % 2 == 0 && ctx.props().major >= 9) ? 1 : 0;
+  cfg.numAttrs = (clusters && sms % 2 == 0 && ctx.props().major >= 9) ? 1 : 0;
   QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, detail::dequantize4_tiles_sms_kernel, q.packed.data(), units, K,
                                       detail::log2_exact(q.blocksize), detail::absmax_view(q),
                                       detail::decode_table(q), detail::map_param(q), out));

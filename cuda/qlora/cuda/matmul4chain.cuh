@@ -22,7 +22,8 @@
 // cuBLAS kernel than ctx's, so y can differ from matmul_4bit's in the last bf16 bit.
 // Products that matmul_4bit would not take through dequantize + cuBLAS (GEMV and sm90 window) go to
 // matmul_4bit and prefetch nothing: the side dequantizer would take SMs those kernels use.
-// The weight named as `next` must stay alive, unchanged, until the call that uses it (or finish()).
+// The weight named as `next` must stay alive, unchanged, until the call that uses it (or finish());
+// the Context must outlive the chain.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
@@ -31,6 +32,7 @@
 #include "qlora/cuda/buffer.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
+#include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
 
@@ -85,6 +87,7 @@ class Matmul4Chain {
     QLORA_CHECK(w.shape.size() == 2, "cuda::Matmul4Chain: weight has ", w.shape.size(),
                 " dimensions, expected 2");
     const Context& ctx = *ctx_;
+    ctx.activate();
     if (matmul_4bit_path(ctx, w, x, M, y) != Matmul4Path::DequantCublas) {
       join_pending();
       return matmul_4bit(ctx, w, x, M, y, scratch_[slot_], accumulate);
@@ -117,7 +120,7 @@ class Matmul4Chain {
       pending_ = next;
       pending_packed_ = next->packed.data();
       side_joined_ = false;
-      gemm_on(carved_, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
+      gemm_bf16_on(carved_, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
       slot_ = nxt;
     } else {
       gemm_bf16(ctx, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
@@ -132,13 +135,6 @@ class Matmul4Chain {
   }
 
  private:
-  static void gemm_on(cublasHandle_t h, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
-                      __nv_bfloat16* y, float beta) {
-    const float alpha = 1.0f;
-    QLORA_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
-                                    CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
-                                    CUBLAS_GEMM_DEFAULT));
-  }
   // ctx's stream waits for the last prefetch, so its scratch may be reused or dropped.
   void join_pending() {
     if (!side_joined_) {

@@ -144,19 +144,13 @@ int main(int argc, char** argv) {
       Ms.push_back(m);
     }
   }
-  const std::size_t rotate_bytes = std::size_t(512) << 20;
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;
     const std::string shape = std::to_string(N) + "x" + std::to_string(K);
     const std::size_t nk = std::size_t(N) * K;
     // bf16 weights (the baseline) and their NF4 + double-quant copies
-    const int nbf =
-        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
-    std::vector<DeviceBuffer<__nv_bfloat16>> wb;
-    for (int i = 0; i < nbf; ++i) {
-      wb.emplace_back(nk);
-      fill(ctx, wb.back().data(), nk, 100 + i, 0.05f);
-    }
+    const int nbf = benchutil::rotation_copies(2 * nk);
+    auto wb = benchutil::random_weights(ctx, nk, nbf);
     std::vector<cuda::DeviceQuantized4bit> wq;
     {
       const quant::Quant4Config cfg{quant::Quant4Type::NF4, 64, true};
@@ -169,8 +163,7 @@ int main(int argc, char** argv) {
              "bf16 in, NF4 + double quant out; includes the offset read-back and the NaN check");
     }
     const std::size_t qbytes = wq[0].weight_bytes();
-    const int nq =
-        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + qbytes - 1) / qbytes)));
+    const int nq = benchutil::rotation_copies(qbytes);
     for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
     // wq: the tiles layout LoraLinear<..., Cuda> keeps its 4-bit weights in (layout4bit.cuh); wr: the
     // same bytes in bitsandbytes' rows, for the lab rows (and the streaming kernel, which reads rows)

@@ -35,6 +35,24 @@ inline void fill(const cuda::Context& ctx, __nv_bfloat16* p, std::size_t n, std:
   QLORA_CUDA_CHECK_LAUNCH("fill_uniform");
 }
 
+// How many copies of an operand of `bytes` bytes the benchmarks rotate through: together at least
+// 512 MiB (2 to 64 copies), so that no call finds its operand in the L2 the call before left.
+inline int rotation_copies(std::size_t bytes) {
+  const std::size_t rotate_bytes = std::size_t(512) << 20;
+  return int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + bytes - 1) / bytes)));
+}
+
+// `copies` random bf16 weights of n values each (uniform in ±0.025, seeds 100, 101, ...).
+inline std::vector<cuda::DeviceBuffer<__nv_bfloat16>> random_weights(const cuda::Context& ctx, std::size_t n,
+                                                                     int copies) {
+  std::vector<cuda::DeviceBuffer<__nv_bfloat16>> w;
+  for (int i = 0; i < copies; ++i) {
+    w.emplace_back(n);
+    fill(ctx, w.back().data(), n, 100 + i, 0.05f);
+  }
+  return w;
+}
+
 // A copy of q in new device memory (the benchmarks rotate through copies, so no call finds its
 // weight in the L2 the call before left).
 inline cuda::DeviceQuantized4bit clone(const cuda::Context& ctx, const cuda::DeviceQuantized4bit& q) {

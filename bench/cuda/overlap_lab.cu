@@ -34,13 +34,7 @@
 #include "qlora/cuda/quantize4bit.cuh"
 
 using namespace qlora;
-using benchutil::clone;
-using benchutil::fill;
-using benchutil::fmt;
-using benchutil::PairTiming;
-using benchutil::report;
-using benchutil::time_graph;
-using benchutil::time_graph_pair;
+using namespace qlora::benchutil;  // clone, fill, fmt, report, time_graph, time_graph_pair, PairTiming
 using cuda::DeviceBuffer;
 
 namespace {
@@ -96,24 +90,17 @@ int main(int argc, char** argv) {
   }
   const int M = int_list("OV_M", {4096})[0];
   const std::vector<int> ks = int_list("OV_KS", {2, 4, 8});
-  const std::size_t rotate_bytes = std::size_t(512) << 20;
 
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;
     const std::string suffix = std::to_string(N) + "x" + std::to_string(K) + "/m" + std::to_string(M);
     const std::size_t nk = std::size_t(N) * K;
-    const int nbf =
-        int(std::min<std::size_t>(64, std::max<std::size_t>(2, (rotate_bytes + 2 * nk - 1) / (2 * nk))));
-    std::vector<DeviceBuffer<__nv_bfloat16>> wb;
-    for (int i = 0; i < nbf; ++i) {
-      wb.emplace_back(nk);
-      fill(ctx, wb.back().data(), nk, 100 + i, 0.05f);
-    }
+    const int nbf = rotation_copies(2 * nk);
+    auto wb = random_weights(ctx, nk, nbf);
     std::vector<cuda::DeviceQuantized4bit> wq;
     wq.push_back(cuda::quantize_4bit(ctx, wb[0].data(), {N, K},
                                      quant::Quant4Config{quant::Quant4Type::NF4, 64, true}));
-    const int nq = int(std::min<std::size_t>(
-        64, std::max<std::size_t>(2, (rotate_bytes + wq[0].weight_bytes() - 1) / wq[0].weight_bytes())));
+    const int nq = rotation_copies(wq[0].weight_bytes());
     for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
     for (auto& w : wq) cuda::use_gemv_layout(ctx, w);
     DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N), yref(std::size_t(M) * N);

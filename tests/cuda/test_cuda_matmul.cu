@@ -270,8 +270,10 @@ TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound
 // Matmul4Chain: products of distinct weights (two shapes) in a chain, each weight dequantized on the
 // side during the product before, each y within the bound of its own weight (a product with the wrong
 // weight, or with a scratch still being written, would be far off); a `next` that is not the next
-// weight used; accumulate; a small M (the GEMV path, no prefetch) in the middle; and the same chain
-// captured in a graph and replayed gives the eager y bit for bit.
+// weight used; accumulate; a small M (the GEMV path, no prefetch) in the middle; the count of prefetches
+// used (so a chain that never prefetched would fail); the same chain captured in a graph and replayed
+// gives the eager y bit for bit; a prefetch pending across the start of a capture is refused. On 3 side
+// SMs (single blocks) and 4 (clusters of 2).
 TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
@@ -310,66 +312,86 @@ TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "
       if (dys.size() == c)
         dys.push_back(cudatest::upload_bf16(y0s[c]));
       else
-        QLORA_CUDA_CHECK(cudaMemcpy(dys[c].data(), y0s[c].data(), dys[c].bytes(), cudaMemcpyHostToDevice));
+        QLORA_CUDA_CHECK(cudaMemcpyAsync(dys[c].data(), y0s[c].data(), dys[c].bytes(), cudaMemcpyHostToDevice,
+                                         ctx.stream()));
+    ctx.synchronize();
   };
   for (std::size_t c = 0; c < calls.size(); ++c)
     y0s.push_back(cudatest::to_bf16(
         cudatest::gaussian(std::size_t(calls[c].M) * layers[calls[c].layer].N, 90 + c, 0.5f)));
-  reset_y();
-  cuda::Matmul4Chain chain(ctx, 3);
-  auto run = [&] {
+  for (int sms : {3, 4}) {  // single blocks; clusters of 2 (the default count)
+    INFO("side SMs " << sms);
+    reset_y();
+    cuda::Matmul4Chain chain(ctx, sms);
+    auto run = [&] {
+      for (std::size_t c = 0; c < calls.size(); ++c) {
+        const Call& k = calls[c];
+        chain.matmul(layers[k.layer].d, dx.data(), k.M, dys[c].data(),
+                     k.next >= 0 ? &layers[k.next].d : nullptr, k.acc);
+      }
+      chain.finish();
+    };
+    run();
+    ctx.synchronize();
+    REQUIRE(chain.prefetches_used() == 3);  // calls 1, 2 and 6 (call 3's prefetch was layer 4, call 4 a GEMV)
+    std::vector<std::vector<bf16>> eager;
     for (std::size_t c = 0; c < calls.size(); ++c) {
       const Call& k = calls[c];
-      chain.matmul(layers[k.layer].d, dx.data(), k.M, dys[c].data(),
-                   k.next >= 0 ? &layers[k.next].d : nullptr, k.acc);
-    }
-    chain.finish();
-  };
-  run();
-  ctx.synchronize();
-  std::vector<std::vector<bf16>> eager;
-  for (std::size_t c = 0; c < calls.size(); ++c) {
-    const Call& k = calls[c];
-    const Layer& l = layers[k.layer];
-    const auto y = cudatest::download_bf16(dys[c]);
-    eager.push_back(y);
-    double worst = 0;
-    for (int m = 0; m < k.M; ++m)
-      for (int n = 0; n < l.N; ++n) {
-        double ref = k.acc ? double(to_float(y0s[c][std::size_t(m) * l.N + n])) : 0.0, scale = std::fabs(ref);
-        for (int j = 0; j < K; ++j) {
-          const double p = double(to_float(xb[std::size_t(m) * K + j])) * double(l.w[std::size_t(n) * K + j]);
-          ref += p;
-          scale += std::fabs(p);
-        }
-        const double got = to_float(y[std::size_t(m) * l.N + n]);
-        worst = std::max(worst, std::isfinite(got) ? std::fabs(got - ref) / scale : INFINITY);
-      }
-    INFO("call " << c << ": layer " << k.layer << " M " << k.M << " accumulate " << k.acc);
-    REQUIRE(worst <= std::ldexp(1.0, -8) * 1.01);
-  }
-  // the same calls captured in a graph (after the eager warm-up above), replayed twice
-  reset_y();
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
-  run();
-  QLORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
-  QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int r = 0; r < 2; ++r) {
-    reset_y();
-    QLORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
-    ctx.synchronize();
-    for (std::size_t c = 0; c < calls.size(); ++c) {
-      INFO("graph replay " << r << ", call " << c);
+      const Layer& l = layers[k.layer];
       const auto y = cudatest::download_bf16(dys[c]);
-      std::size_t differ = 0;
-      for (std::size_t i = 0; i < y.size(); ++i) differ += y[i].bits != eager[c][i].bits;
-      REQUIRE(differ == 0);
+      eager.push_back(y);
+      double worst = 0;
+      for (int m = 0; m < k.M; ++m)
+        for (int n = 0; n < l.N; ++n) {
+          double ref = k.acc ? double(to_float(y0s[c][std::size_t(m) * l.N + n])) : 0.0,
+                 scale = std::fabs(ref);
+          for (int j = 0; j < K; ++j) {
+            const double p =
+                double(to_float(xb[std::size_t(m) * K + j])) * double(l.w[std::size_t(n) * K + j]);
+            ref += p;
+            scale += std::fabs(p);
+          }
+          const double got = to_float(y[std::size_t(m) * l.N + n]);
+          worst = std::max(worst, std::isfinite(got) ? std::fabs(got - ref) / scale : INFINITY);
+        }
+      INFO("call " << c << ": layer " << k.layer << " M " << k.M << " accumulate " << k.acc);
+      REQUIRE(worst <= std::ldexp(1.0, -8) * 1.01);
     }
+    // the same calls captured in a graph (after the eager warm-up above), replayed twice
+    reset_y();
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+    run();
+    QLORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
+    QLORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    REQUIRE(chain.prefetches_used() == 6);
+    for (int r = 0; r < 2; ++r) {
+      reset_y();
+      QLORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
+      ctx.synchronize();
+      for (std::size_t c = 0; c < calls.size(); ++c) {
+        INFO("graph replay " << r << ", call " << c);
+        const auto y = cudatest::download_bf16(dys[c]);
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < y.size(); ++i) differ += y[i].bits != eager[c][i].bits;
+        REQUIRE(differ == 0);
+      }
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    // a prefetch pending across cudaStreamBeginCapture is refused before anything is enqueued
+    chain.matmul(layers[0].d, dx.data(), 300, dys[0].data(), &layers[1].d);
+    QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+    REQUIRE_THROWS_WITH(chain.matmul(layers[1].d, dx.data(), 300, dys[1].data()),
+                        Catch::Contains("call finish() before cudaStreamBeginCapture"));
+    REQUIRE_THROWS_WITH(chain.finish(), Catch::Contains("issued outside a graph capture"));
+    cudaGraph_t empty;
+    QLORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &empty));
+    cudaGraphDestroy(empty);
+    chain.finish();
+    ctx.synchronize();
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
   REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, 0), Catch::Contains("0 side SMs asked for"));
   REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, ctx.sm_count()), Catch::Contains("side SMs asked for"));
 }

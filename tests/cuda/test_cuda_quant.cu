@@ -129,7 +129,8 @@ TEST_CASE("cuda dequantize_4bit equals the CPU values bit for bit", "[cuda][quan
           cuda::DeviceBuffer<float> of(n);
           cuda::DeviceBuffer<__nv_bfloat16> ob(n);
           cuda::DeviceBuffer<__half> oh(n);
-          QLORA_CUDA_CHECK(cudaMemset(ob.data(), 0xff, ob.bytes()));  // poison: NaN where nothing is written
+          QLORA_CUDA_CHECK(
+              cudaMemsetAsync(ob.data(), 0xff, ob.bytes(), ctx.stream()));  // NaN where nothing is written
           cuda::dequantize_4bit(ctx, d, of.data());
           cuda::dequantize_4bit(ctx, d, ob.data());
           cuda::dequantize_4bit(ctx, d, oh.data());
@@ -174,7 +175,8 @@ TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda]
 }
 // The side dequantizer of Matmul4Chain (a grid of k one-block-per-SM blocks, tiles layout) writes
 // the CPU's values bit for bit, on one SM and on several, for both codes, both absmax forms and
-// blocksizes 64 to 4096; it refuses the rows layout and SM counts outside the device.
+// blocksizes 32 to 4096, single blocks and clusters of 2 (an even count); it refuses the rows layout and SM
+// counts outside the device.
 TEST_CASE("cuda dequantize_4bit_on_sms equals the CPU values bit for bit", "[cuda][quant]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
@@ -185,9 +187,9 @@ TEST_CASE("cuda dequantize_4bit_on_sms equals the CPU values bit for bit", "[cud
     int sms;
   };
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
-  for (const C& c :
-       {C{16, 64, 64, NF4, true, 1}, C{272, 640, 64, NF4, true, 3}, C{1024, 1024, 128, FP4, false, 7},
-        C{96, 4096, 4096, NF4, false, 2}, C{2048, 2048, 64, FP4, true, ctx.sm_count()}}) {
+  for (const C& c : {C{16, 64, 64, NF4, true, 1}, C{272, 640, 64, NF4, true, 3},
+                     C{1024, 1024, 128, FP4, false, 7}, C{96, 4096, 4096, NF4, false, 2},
+                     C{48, 192, 32, FP4, true, 4}, C{2048, 2048, 64, FP4, true, ctx.sm_count()}}) {
     INFO("N " << c.N << " K " << c.K << " bs " << c.bs << " " << quant::quant4_name(c.type) << " dq " << c.dq
               << " sms " << c.sms);
     const std::size_t n = std::size_t(c.N) * c.K;
@@ -198,7 +200,8 @@ TEST_CASE("cuda dequantize_4bit_on_sms equals the CPU values bit for bit", "[cud
     std::vector<bf16> want(n);
     quant::dequantize(q, want.data());
     cuda::DeviceBuffer<__nv_bfloat16> out(n);
-    QLORA_CUDA_CHECK(cudaMemset(out.data(), 0xff, out.bytes()));  // NaN where nothing is written
+    QLORA_CUDA_CHECK(
+        cudaMemsetAsync(out.data(), 0xff, out.bytes(), ctx.stream()));  // NaN where nothing is written
     cuda::dequantize_4bit_on_sms(ctx, d, out.data(), c.sms, ctx.stream());
     const auto got = cudatest::download_bf16(out);
     for (std::size_t i = 0; i < n; ++i) {

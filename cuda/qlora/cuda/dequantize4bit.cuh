@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "qlora/cuda/codes4bit.cuh"
 #include "qlora/cuda/context.cuh"
@@ -196,9 +197,9 @@ __global__ void __launch_bounds__(256)
 }
 
 // The tiles-layout dequantizer for running beside another kernel on a few SMs (Matmul4Chain,
-// matmul4chain.cuh): one block of 32 warps per SM, whose dynamic shared memory keeps any other block
-// off its SM, so a grid of k blocks occupies exactly k SMs. With few SMs each SM's rate is what
-// counts, and a first version (3 dependent loads per unit, 64-bit index arithmetic, a shift, mask and
+// matmul4chain.cuh): one block of 32 warps per SM, whose registers and shared memory leave no room for
+// any other block on its SM, so a grid of k blocks occupies exactly k SMs. With few SMs each SM's rate is
+// what counts, and a first version (3 dependent loads per unit, 64-bit index arithmetic, a shift, mask and
 // load per value: ~300 SASS instructions per unit and warp) moved 30 GB/s per SM on an H100. Here a warp
 // issues every load of 4 units first (packed bytes, absmax codes, nested absmax: one memory latency
 // per 4 units), a unit's index arithmetic is 32-bit and done once, the codes come from a byte-indexed
@@ -358,35 +359,48 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
 }
 
-// All of q (tiles layout) into out (N·K bf16, 16-byte aligned) on `sms` SMs only, on `stream`: the
-// side dequantizer of Matmul4Chain (matmul4chain.cuh), which runs it beside a cuBLAS product told to
-// leave those SMs free. Values identical to dequantize_4bit's. clusters = false launches single
-// blocks even for an even count (a lab comparison).
-inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, __nv_bfloat16* out,
-                                   int sms, cudaStream_t stream, bool clusters = true) {
-  QLORA_CHECK(q.layout == Packed4Layout::Tiles && q.shape.size() == 2,
-              "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
-              q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(),
-              " dimensions");
+// Whether dequantize_4bit_on_sms takes q (and on how many SMs): throws qlora::Error naming what is
+// wrong. Matmul4Chain checks the next weight with it before it enqueues anything.
+inline void check_dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, int sms) {
+  QLORA_CHECK(
+      q.layout == Packed4Layout::Tiles && q.shape.size() == 2 && q.rows() % 16 == 0 && q.cols() % 64 == 0,
+      "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
+      q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(), " dimensions",
+      q.shape.size() == 2 ? ", shape (" + std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + ")"
+                          : std::string());
   QLORA_CHECK(sms >= 1 && sms <= ctx.sm_count(), "cuda::dequantize_4bit_on_sms: ", sms,
               " SMs asked for, the device has ", ctx.sm_count());
   QLORA_CHECK(q.packed.size() == std::size_t(q.numel()) / 2, "cuda::dequantize_4bit_on_sms: packed has ",
               q.packed.size(), " bytes, expected ", q.numel() / 2);
   QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit_on_sms: nested blocksize ",
               q.nested_blocksize, ", expected 256");
+  QLORA_CHECK(q.numel() / 32 < (std::int64_t(1) << 32) && q.cols() < (std::int64_t(1) << 32),
+              "cuda::dequantize_4bit_on_sms: shape (", q.rows(), ", ", q.cols(),
+              "), expected fewer than 2^37 values and 2^32 columns (32-bit unit indices)");
+  quant::check_blocksize4(q.blocksize);
+}
+
+// All of q (tiles layout) into out (N·K bf16, 16-byte aligned) on `sms` SMs only, on `stream`: the
+// side dequantizer of Matmul4Chain (matmul4chain.cuh), which runs it beside a cuBLAS product told to
+// leave those SMs free. Values identical to dequantize_4bit's. clusters = false launches single
+// blocks even for an even count (a lab comparison).
+inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, __nv_bfloat16* out,
+                                   int sms, cudaStream_t stream, bool clusters = true) {
+  check_dequantize_4bit_on_sms(ctx, q, sms);
   QLORA_CHECK((reinterpret_cast<std::uintptr_t>(out) & 15) == 0,
               "cuda::dequantize_4bit_on_sms: the output must be 16-byte aligned");
-  quant::check_blocksize4(q.blocksize);
   ctx.activate();
-  // more than half the SM's shared memory (so no second block of any kernel fits beside it), at
-  // least the 2 KB a warp stages, at most what a block may opt in to
-  const int per_sm = int(ctx.props().sharedMemPerMultiprocessor),
-            opt_in = int(ctx.props().sharedMemPerBlockOptin);
-  const int smem = std::min(opt_in - 2048, std::max(detail::kSmDequantWarps * 2048, per_sm / 2 + 1024));
+  // All the shared memory a block may have (the kernel needs 64 KB and has little use for L1): with
+  // it, and 1024 threads at 64 registers filling the register file, no block of another kernel can
+  // share the SM.
+  cudaFuncAttributes fa{};
+  QLORA_CUDA_CHECK(cudaFuncGetAttributes(&fa, detail::dequantize4_tiles_sms_kernel));
+  const int smem = int(ctx.props().sharedMemPerBlockOptin) - int(fa.sharedSizeBytes);
+  QLORA_CHECK(smem >= detail::kSmDequantWarps * 2048, "cuda::dequantize_4bit_on_sms: ", smem,
+              " bytes of shared memory for a block on this device, expected at least ",
+              detail::kSmDequantWarps * 2048);
   QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::dequantize4_tiles_sms_kernel,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  QLORA_CHECK(q.numel() / 32 < (std::int64_t(1) << 32), "cuda::dequantize_4bit_on_sms: ", q.numel(),
-              " values, expected fewer than 2^37 (32-bit unit indices)");
   const unsigned K = unsigned(q.cols()), units = unsigned(q.rows() / 16) * (K / 64);
   // An even count goes as clusters of 2 blocks (sm_90): each takes two SMs of one GPC, so every GPC
   // keeps an even number of free SMs for the 2-block clusters cuBLAS's Hopper GEMMs launch; single

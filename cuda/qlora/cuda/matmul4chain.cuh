@@ -16,7 +16,8 @@
 //   chain.matmul(w1, x1, M, y1, &w2);            // y1 = x1·W1ᵀ; W2 dequantizes meanwhile
 //   chain.matmul(w2, x2, M, y2, &w3);            // uses W2's prefetched copy
 //   chain.matmul(w3, x3, M, y3);                 // nothing next
-//   chain.finish();                              // the side stream joins ctx's (graph capture needs it)
+//   chain.finish();                              // the side stream joins ctx's (before a graph capture
+//                                                // begins or ends, and before launching its graph)
 //
 // Results: each product is cuBLAS on dequantize_4bit's values; the carved handle may choose another
 // cuBLAS kernel than ctx's, so y can differ from matmul_4bit's in the last bf16 bit.
@@ -80,68 +81,95 @@ class Matmul4Chain {
 
   int side_sms() const { return side_sms_; }
 
-  // y (M, N) = x (M, K) · Wᵀ (+ y with accumulate); then, if `next` is given and this product goes
-  // through dequantize + cuBLAS, dequantizes *next on the side while cuBLAS multiplies.
+  // y (M, N) = x (M, K) · Wᵀ (+ y with accumulate); then, if `next` is given (in the tiles layout) and
+  // this product goes through dequantize + cuBLAS, dequantizes *next on the side while cuBLAS
+  // multiplies. A `next` the side dequantizer cannot take throws before anything is enqueued.
   void matmul(const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M, __nv_bfloat16* y,
               const DeviceQuantized4bit* next = nullptr, bool accumulate = false) {
     QLORA_CHECK(w.shape.size() == 2, "cuda::Matmul4Chain: weight has ", w.shape.size(),
                 " dimensions, expected 2");
     const Context& ctx = *ctx_;
     ctx.activate();
+    const unsigned long long capture = capture_id();
+    QLORA_CHECK(!pending_ || pending_capture_ == capture, "cuda::Matmul4Chain: a prefetch issued ",
+                pending_capture_ ? "inside a graph capture" : "outside a graph capture",
+                " is pending in a call made ", capture ? "inside a graph capture" : "outside one",
+                "; call finish() before cudaStreamBeginCapture, before cudaStreamEndCapture and before "
+                "launching a graph captured from this chain");
     if (matmul_4bit_path(ctx, w, x, M, y) != Matmul4Path::DequantCublas) {
       join_pending();
       return matmul_4bit(ctx, w, x, M, y, scratch_[slot_], accumulate);
     }
+    const bool prefetch = next && next->shape.size() == 2 && next->layout == Packed4Layout::Tiles;
+    if (prefetch) check_dequantize_4bit_on_sms(ctx, *next, side_sms_);
     const int N = int(w.shape[0]), K = int(w.shape[1]);
-    const std::size_t need = std::size_t(N) * std::size_t(K);
     if (pending_ == &w && pending_packed_ == w.packed.data()) {  // prefetched by the call before
       QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready_[slot_], 0));
       pending_ = nullptr;
-      side_joined_ = true;
+      ++prefetches_used_;
     } else {
       join_pending();
-      if (scratch_[slot_].size() < need) scratch_[slot_] = DeviceBuffer<__nv_bfloat16>(need);
+      reserve(std::size_t(w.numel()), capture);
       dequantize_4bit(ctx, w, scratch_[slot_].data());
     }
     const __nv_bfloat16* wd = scratch_[slot_].data();
-    const bool prefetch = next && next->shape.size() == 2 && next->layout == Packed4Layout::Tiles;
-    if (prefetch) {
-      const int nxt = 1 - slot_;
-      const std::size_t need_next = std::size_t(next->numel());
-      // scratch_[nxt] was last read by a product before this point of ctx's stream
-      if (scratch_[nxt].size() < need_next) {
-        QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));  // its old memory may still be read
-        scratch_[nxt] = DeviceBuffer<__nv_bfloat16>(need_next);
-      }
-      QLORA_CUDA_CHECK(cudaEventRecord(free_[nxt], ctx.stream()));
-      QLORA_CUDA_CHECK(cudaStreamWaitEvent(side_, free_[nxt], 0));
-      dequantize_4bit_on_sms(ctx, *next, scratch_[nxt].data(), side_sms_, side_);
-      QLORA_CUDA_CHECK(cudaEventRecord(ready_[nxt], side_));
-      pending_ = next;
-      pending_packed_ = next->packed.data();
-      side_joined_ = false;
-      gemm_bf16_on(carved_, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
-      slot_ = nxt;
-    } else {
-      gemm_bf16(ctx, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
-    }
+    if (!prefetch) return gemm_bf16(ctx, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
+    reserve(std::size_t(next->numel()), capture);
+    const int nxt = 1 - slot_;
+    // scratch_[nxt] was last read by a product enqueued on ctx's stream before this point
+    QLORA_CUDA_CHECK(cudaEventRecord(free_[nxt], ctx.stream()));
+    QLORA_CUDA_CHECK(cudaStreamWaitEvent(side_, free_[nxt], 0));
+    dequantize_4bit_on_sms(ctx, *next, scratch_[nxt].data(), side_sms_, side_);
+    QLORA_CUDA_CHECK(cudaEventRecord(ready_[nxt], side_));
+    // the state first: if the product below throws, the chain still knows where the prefetch went
+    slot_ = nxt;
+    pending_ = next;
+    pending_packed_ = next->packed.data();
+    pending_capture_ = capture;
+    gemm_bf16_on(carved_, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
   }
 
-  // ctx's stream waits for the side stream (a prefetch nobody used is dropped). Call it before the end
-  // of a graph capture, and before the weight named as `next` is freed or changed.
+  // ctx's stream waits for the side stream (a prefetch nobody used is dropped). Call it before
+  // cudaStreamBeginCapture and cudaStreamEndCapture, before launching a graph captured from this chain
+  // (the graph writes both scratches), and before the weight named as `next` is freed or changed.
+  // A graph captured from the chain holds its scratches and cuBLAS workspace: replay it only while the
+  // chain lives and its scratches have not grown (run the same calls once before capturing).
   void finish() {
+    QLORA_CHECK(!pending_ || pending_capture_ == capture_id(),
+                "cuda::Matmul4Chain::finish: the pending prefetch was issued ",
+                pending_capture_ ? "inside a graph capture" : "outside a graph capture",
+                "; call finish() on the same side of cudaStreamBeginCapture / cudaStreamEndCapture");
     join_pending();
-    pending_ = nullptr;
   }
+
+  // Products that used a weight dequantized on the side during the product before (host calls, a
+  // capture's included).
+  long long prefetches_used() const { return prefetches_used_; }
 
  private:
+  // The id of the graph capture ctx's stream is in, 0 when it is in none.
+  unsigned long long capture_id() const {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    unsigned long long id = 0;
+    QLORA_CUDA_CHECK(cudaStreamGetCaptureInfo(ctx_->stream(), &st, &id));
+    return st == cudaStreamCaptureStatusActive ? id : 0;
+  }
   // ctx's stream waits for the last prefetch, so its scratch may be reused or dropped.
   void join_pending() {
-    if (!side_joined_) {
-      QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), ready_[slot_], 0));
-      side_joined_ = true;
-    }
+    if (pending_) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), ready_[slot_], 0));
     pending_ = nullptr;
+  }
+  // Both scratches hold at least n values (the same size, so that which of the two a call uses does
+  // not decide whether it must grow). Growing waits for both streams: the old buffers may still be
+  // read or written; it cannot happen inside a graph capture.
+  void reserve(std::size_t n, unsigned long long capture) {
+    if (scratch_[0].size() >= n && scratch_[1].size() >= n) return;
+    QLORA_CHECK(capture == 0, "cuda::Matmul4Chain: its scratch must grow to ", n,
+                " values inside a graph capture (it holds ", scratch_[0].size(),
+                "); run the same calls once before capturing them");
+    QLORA_CUDA_CHECK(cudaStreamSynchronize(side_));
+    QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));
+    for (auto& b : scratch_) b = DeviceBuffer<__nv_bfloat16>(n);
   }
   void release() noexcept {
     if (carved_) cublasDestroy(carved_);
@@ -162,10 +190,12 @@ class Matmul4Chain {
   cudaEvent_t free_[2] = {nullptr, nullptr}, ready_[2] = {nullptr, nullptr};
   DeviceBuffer<unsigned char> workspace_;
   DeviceBuffer<__nv_bfloat16> scratch_[2];
-  int slot_ = 0;                                  // the scratch the next product reads
-  const DeviceQuantized4bit* pending_ = nullptr;  // the weight prefetched into scratch_[slot_]
+  int slot_ = 0;  // the scratch the next product reads
+  const DeviceQuantized4bit* pending_ =
+      nullptr;  // the weight prefetched into scratch_[slot_], not yet joined
   const std::uint8_t* pending_packed_ = nullptr;
-  bool side_joined_ = true;  // no side work since ctx's stream last waited for it
+  unsigned long long pending_capture_ = 0;  // the capture that prefetch was issued in (0: none)
+  long long prefetches_used_ = 0;
 };
 
 }  // namespace cuda

@@ -305,6 +305,22 @@ TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "
       {3, 300, 4, false}, {4, 8, 0, false},   {0, 300, 1, true}, {1, 300, -1, false}};
   const auto xb = cudatest::to_bf16(cudatest::gaussian(std::size_t(300) * K, 77, 1.0f));
   auto dx = cudatest::upload_bf16(xb);
+  // max over outputs of |y - ref| / sum |x·w| (plus |y0| with accumulate), ref in double
+  auto worst_error = [&](const Layer& l, const std::vector<bf16>& y, int M, const std::vector<bf16>* y0) {
+    double worst = 0;
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < l.N; ++n) {
+        double ref = y0 ? double(to_float((*y0)[std::size_t(m) * l.N + n])) : 0.0, scale = std::fabs(ref);
+        for (int j = 0; j < K; ++j) {
+          const double p = double(to_float(xb[std::size_t(m) * K + j])) * double(l.w[std::size_t(n) * K + j]);
+          ref += p;
+          scale += std::fabs(p);
+        }
+        const double got = to_float(y[std::size_t(m) * l.N + n]);
+        worst = std::max(worst, std::isfinite(got) ? std::fabs(got - ref) / scale : INFINITY);
+      }
+    return worst;
+  };
   std::vector<std::vector<bf16>> y0s;
   std::vector<cuda::DeviceBuffer<__nv_bfloat16>> dys;
   auto reset_y = [&] {  // into the same buffers: the graph below writes where it was captured
@@ -340,20 +356,7 @@ TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "
       const Layer& l = layers[k.layer];
       const auto y = cudatest::download_bf16(dys[c]);
       eager.push_back(y);
-      double worst = 0;
-      for (int m = 0; m < k.M; ++m)
-        for (int n = 0; n < l.N; ++n) {
-          double ref = k.acc ? double(to_float(y0s[c][std::size_t(m) * l.N + n])) : 0.0,
-                 scale = std::fabs(ref);
-          for (int j = 0; j < K; ++j) {
-            const double p =
-                double(to_float(xb[std::size_t(m) * K + j])) * double(l.w[std::size_t(n) * K + j]);
-            ref += p;
-            scale += std::fabs(p);
-          }
-          const double got = to_float(y[std::size_t(m) * l.N + n]);
-          worst = std::max(worst, std::isfinite(got) ? std::fabs(got - ref) / scale : INFINITY);
-        }
+      const double worst = worst_error(l, y, k.M, k.acc ? &y0s[c] : nullptr);
       INFO("call " << c << ": layer " << k.layer << " M " << k.M << " accumulate " << k.acc);
       REQUIRE(worst <= std::ldexp(1.0, -8) * 1.01);
     }
@@ -391,6 +394,25 @@ TEST_CASE("cuda Matmul4Chain: each product meets the bound of its own weight", "
     cudaGraphDestroy(empty);
     chain.finish();
     ctx.synchronize();
+  }
+  {  // growth while a prefetched weight waits in its scratch: layer 1 (768 rows) prefetches layer 3
+     // (768), whose call prefetches layer 0 (1024): both scratches grow there, keeping layer 3's values
+    cuda::Matmul4Chain grow(ctx, 4);
+    const int seq[3] = {1, 3, 0};
+    std::vector<cuda::DeviceBuffer<__nv_bfloat16>> ys;
+    for (int i = 0; i < 3; ++i) {
+      ys.emplace_back(std::size_t(300) * layers[seq[i]].N);
+      grow.matmul(layers[seq[i]].d, dx.data(), 300, ys.back().data(),
+                  i < 2 ? &layers[seq[i + 1]].d : nullptr);
+    }
+    grow.finish();
+    ctx.synchronize();
+    REQUIRE(grow.prefetches_used() == 2);
+    for (int i = 0; i < 3; ++i) {
+      INFO("growing chain, call " << i << ": layer " << seq[i]);
+      REQUIRE(worst_error(layers[seq[i]], cudatest::download_bf16(ys[i]), 300, nullptr) <=
+              std::ldexp(1.0, -8) * 1.01);
+    }
   }
   REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, 0), Catch::Contains("0 side SMs asked for"));
   REQUIRE_THROWS_WITH(cuda::Matmul4Chain(ctx, ctx.sm_count()), Catch::Contains("side SMs asked for"));

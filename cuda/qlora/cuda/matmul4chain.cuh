@@ -28,6 +28,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "qlora/cuda/buffer.cuh"
@@ -103,18 +104,19 @@ class Matmul4Chain {
     const bool prefetch = next && next->shape.size() == 2 && next->layout == Packed4Layout::Tiles;
     if (prefetch) check_dequantize_4bit_on_sms(ctx, *next, side_sms_);
     const int N = int(w.shape[0]), K = int(w.shape[1]);
+    const std::size_t need = std::max<std::size_t>(w.numel(), prefetch ? next->numel() : 0);
     if (pending_ == &w && pending_packed_ == w.packed.data()) {  // prefetched by the call before
       QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready_[slot_], 0));
       pending_ = nullptr;
       ++prefetches_used_;
+      reserve(need, capture, true);
     } else {
       join_pending();
-      reserve(std::size_t(w.numel()), capture);
+      reserve(need, capture, false);
       dequantize_4bit(ctx, w, scratch_[slot_].data());
     }
     const __nv_bfloat16* wd = scratch_[slot_].data();
     if (!prefetch) return gemm_bf16(ctx, x, M, K, wd, N, y, accumulate ? 1.0f : 0.0f);
-    reserve(std::size_t(next->numel()), capture);
     const int nxt = 1 - slot_;
     // scratch_[nxt] was last read by a product enqueued on ctx's stream before this point
     QLORA_CUDA_CHECK(cudaEventRecord(free_[nxt], ctx.stream()));
@@ -160,16 +162,25 @@ class Matmul4Chain {
     pending_ = nullptr;
   }
   // Both scratches hold at least n values (the same size, so that which of the two a call uses does
-  // not decide whether it must grow). Growing waits for both streams: the old buffers may still be
-  // read or written; it cannot happen inside a graph capture.
-  void reserve(std::size_t n, unsigned long long capture) {
+  // not decide whether it must grow); keep: the current one's values move to its new buffer (a
+  // prefetched weight). Growing waits for both streams, since the old buffers may still be read or
+  // written, so it cannot happen inside a graph capture.
+  void reserve(std::size_t n, unsigned long long capture, bool keep) {
     if (scratch_[0].size() >= n && scratch_[1].size() >= n) return;
     QLORA_CHECK(capture == 0, "cuda::Matmul4Chain: its scratch must grow to ", n,
                 " values inside a graph capture (it holds ", scratch_[0].size(),
                 "); run the same calls once before capturing them");
     QLORA_CUDA_CHECK(cudaStreamSynchronize(side_));
     QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));
-    for (auto& b : scratch_) b = DeviceBuffer<__nv_bfloat16>(n);
+    for (int i = 0; i < 2; ++i) {
+      DeviceBuffer<__nv_bfloat16> b(n);
+      if (keep && i == slot_ && scratch_[i].size()) {
+        QLORA_CUDA_CHECK(cudaMemcpyAsync(b.data(), scratch_[i].data(), scratch_[i].bytes(),
+                                         cudaMemcpyDeviceToDevice, ctx_->stream()));
+        QLORA_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));
+      }
+      scratch_[i] = std::move(b);
+    }
   }
   void release() noexcept {
     if (carved_) cublasDestroy(carved_);

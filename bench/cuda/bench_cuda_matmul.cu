@@ -282,15 +282,13 @@ int main(int argc, char** argv) {
           const PairTiming p = time_graph_pair(
               ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
               [&](int i) {
-                chain.matmul(wq[i % nq], x.data(), M, y.data(), &wq[(i + 1) % nq]);
-                cudaStreamCaptureStatus st;
-                QLORA_CUDA_CHECK(cudaStreamIsCapturing(ctx.stream(), &st));
-                if (i == calls - 1 || st != cudaStreamCaptureStatusActive)
-                  chain.finish();  // join the side stream
+                benchutil::chain_call(ctx, chain, wq[i % nq], &wq[(i + 1) % nq], x.data(), M, y.data(), i,
+                                      calls);
               },
               calls);
-          report((sms == cuda::kChainSideSms ? "matmul_chain/cuda/nf4dq/" : "matmul_chain_lab/cuda/nf4dq/") +
-                     suffix + (sms == cuda::kChainSideSms ? "" : "/sms" + std::to_string(sms)),
+          const bool lab = sms != cuda::kChainSideSms;
+          report((lab ? "matmul_chain_lab/cuda/nf4dq/" + suffix + "/sms" + std::to_string(sms)
+                      : "matmul_chain/cuda/nf4dq/" + suffix),
                  p.best_b,
                  fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); a chain of "
                      "products, "

@@ -12,7 +12,7 @@
 //   dq_cublas      dequantize (whole GPU) + cuBLAS, the path matmul_4bit takes today
 //   carve_k        cuBLAS bf16 alone, targeting sm_count - k SMs (what the carve-out costs)
 //   dq_only_k      the side dequantizer alone on k SMs (µs per weight; must fit in the product's time)
-//   chain_k        the pipelined chain of 30 products (weights rotated): per product
+//   chain_k        the chain of 30 products (weights rotated) through Matmul4Chain: per product
 // Usage: overlap_lab [csv]; OV_SHAPES="14336x4096,4096x4096", OV_M=4096, OV_KS="2,4,8",
 // OV_VARIANTS="5,L" (the side kernel as single blocks; as the library launches it).
 #include <cublas_v2.h>
@@ -31,22 +31,18 @@
 #include "qlora/cuda/gemm_bf16.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
+#include "qlora/cuda/matmul4chain.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 
 using namespace qlora;
-using namespace qlora::benchutil;  // clone, fill, fmt, report, time_graph, time_graph_pair, PairTiming
+using namespace qlora::benchutil;  // chain_call, clone, fill, fmt, report, time_graph, time_graph_pair
 using cuda::DeviceBuffer;
 
 namespace {
 
-// L: the library's launch (clusters of 2 blocks for an even k); 5: the same kernel as single blocks.
-// (Run 1's first side kernel, variant 1, is in commit 5dfd57a; v2, the loads hoisted, in 1214534.)
-bool g_clusters = true;
-const cuda::Context* g_ctx = nullptr;
-
-void dq_side(const cuda::DeviceQuantized4bit& q, int k, __nv_bfloat16* out, cudaStream_t s) {
-  cuda::dequantize_4bit_on_sms(*g_ctx, q, out, k, s, g_clusters);
-}
+// Variants of the side dequantizer: L, the library's launch (clusters of 2 blocks for an even k); 5, the
+// same kernel as single blocks. (Run 1's first side kernel is in commit 5dfd57a; v2, the loads
+// hoisted, in 1214534.)
 
 std::vector<int> int_list(const char* env, std::vector<int> def) {
   const char* e = std::getenv(env);
@@ -65,7 +61,6 @@ int main(int argc, char** argv) {
   cuda::Context ctx(0);
   const int sms = ctx.sm_count();
   std::printf("device: %s, %d SMs, L2 %d MB\n", ctx.name().c_str(), sms, ctx.props().l2CacheSize >> 20);
-  g_ctx = &ctx;
   std::vector<std::string> variants = {"5", "L"};
   if (const char* e = std::getenv("OV_VARIANTS")) {
     variants.clear();
@@ -73,10 +68,6 @@ int main(int argc, char** argv) {
     for (std::string item; std::getline(in, item, ',');)
       if (!item.empty()) variants.push_back(item);
   }
-  int lo = 0, hi = 0;
-  QLORA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
-  cudaStream_t side;
-  QLORA_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, hi));
   DeviceBuffer<unsigned char> ws(std::size_t(32) << 20);
 
   std::vector<std::pair<int, int>> shapes = {{14336, 4096}, {4096, 4096}};
@@ -103,7 +94,7 @@ int main(int argc, char** argv) {
     const int nq = rotation_copies(wq[0].weight_bytes());
     for (int i = 1; i < nq; ++i) wq.push_back(clone(ctx, wq[0]));
     for (auto& w : wq) cuda::use_gemv_layout(ctx, w);
-    DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N), yref(std::size_t(M) * N);
+    DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K), y(std::size_t(M) * N);
     fill(ctx, x.data(), x.size(), 7, 2.0f);
     DeviceBuffer<__nv_bfloat16> scratch[2] = {DeviceBuffer<__nv_bfloat16>(nk),
                                               DeviceBuffer<__nv_bfloat16>(nk)};
@@ -135,11 +126,11 @@ int main(int argc, char** argv) {
                    p.ratio_median, p.ratio_min, p.ratio_max, double(sms - k)));
       }
       for (const std::string& v : variants) {
-        g_clusters = v == "L";
-        if (k == ks[0] || (k == 2 && ks[0] != 2)) {  // the side dequantizer gives the library's values
+        const bool clusters = v == "L";
+        if (k == ks[0]) {  // the side dequantizer gives the library's values
           cuda::dequantize_4bit(ctx, wq[1], scratch[0].data());
           QLORA_CUDA_CHECK(cudaMemsetAsync(scratch[1].data(), 0xff, scratch[1].bytes(), ctx.stream()));
-          dq_side(wq[1], k, scratch[1].data(), ctx.stream());
+          cuda::dequantize_4bit_on_sms(ctx, wq[1], scratch[1].data(), k, ctx.stream(), clusters);
           const auto a = scratch[0].to_host(ctx.stream()), b = scratch[1].to_host(ctx.stream());
           std::size_t bad = 0;
           for (std::size_t i = 0; i < nk; ++i) bad += std::memcmp(&a[i], &b[i], 2) != 0;
@@ -147,48 +138,29 @@ int main(int argc, char** argv) {
                       v.c_str(), k, bad, nk);
         }
         {
-          const double us =
-              time_graph(ctx, [&](int i) { dq_side(wq[i % nq], k, scratch[0].data(), ctx.stream()); });
+          const double us = time_graph(ctx, [&](int i) {
+            cuda::dequantize_4bit_on_sms(ctx, wq[i % nq], scratch[0].data(), k, ctx.stream(), clusters);
+          });
           report("ov/dq_only_" + std::to_string(k) + "_v" + v + "/" + suffix, us,
                  fmt("%.3f TB/s on %.0f SMs (read + write)", (wq[0].weight_bytes() + 2.0 * nk) / us * 1e-6,
                      double(k)));
         }
-        // the chain: call i multiplies with scratch[i % 2] (dequantized during call i - 1) while the side
-        // stream dequantizes weight i + 1 into scratch[(i + 1) % 2]; call 0 dequantizes its own first
-        cudaEvent_t before[2], ready[2];
-        for (int j = 0; j < 2; ++j) {
-          QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&before[j], cudaEventDisableTiming));
-          QLORA_CUDA_CHECK(cudaEventCreateWithFlags(&ready[j], cudaEventDisableTiming));
-        }
-        const int calls = 30;
-        auto chain = [&](int i) {
-          const int cur = i % 2, nxt = (i + 1) % 2;
-          if (i == 0)
-            cuda::dequantize_4bit(ctx, wq[0], scratch[0].data());
-          else
-            QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[cur], 0));
-          // scratch[nxt] was read by call i - 1, done in stream order before this point
-          QLORA_CUDA_CHECK(cudaEventRecord(before[cur], ctx.stream()));
-          QLORA_CUDA_CHECK(cudaStreamWaitEvent(side, before[cur], 0));
-          dq_side(wq[(i + 1) % nq], k, scratch[nxt].data(), side);
-          QLORA_CUDA_CHECK(cudaEventRecord(ready[nxt], side));
-          cuda::gemm_bf16_on(h, x.data(), M, K, scratch[cur].data(), N, y.data());
-          if (i == calls - 1) QLORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ready[nxt], 0));  // join
-        };
-        {
-          const PairTiming p = time_graph_pair(ctx, base, chain, calls);
+        {  // the chain of 30 products through Matmul4Chain, this variant's launch
+          cuda::Matmul4Chain chain(ctx, k, clusters);
+          const int calls = 30;
+          const PairTiming p = time_graph_pair(
+              ctx, base,
+              [&](int i) {
+                chain_call(ctx, chain, wq[i % nq], &wq[(i + 1) % nq], x.data(), M, y.data(), i, calls);
+              },
+              calls);
           report("ov/chain_" + std::to_string(k) + "_v" + v + "/" + suffix, p.best_b,
                  fmt("%.3fx cuBLAS bf16 (median of 11, spread %.3f-%.3f); %.0f TFLOP/s", p.ratio_median,
                      p.ratio_min, p.ratio_max, flops / p.best_b * 1e-6));
-        }
-        for (int j = 0; j < 2; ++j) {
-          cudaEventDestroy(before[j]);
-          cudaEventDestroy(ready[j]);
         }
       }
       cublasDestroy(h);
     }
   }
-  cudaStreamDestroy(side);
   return 0;
 }

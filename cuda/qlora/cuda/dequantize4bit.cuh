@@ -15,6 +15,7 @@
 
 #include "qlora/cuda/codes4bit.cuh"
 #include "qlora/cuda/context.cuh"
+#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
 
 namespace qlora {
@@ -362,12 +363,12 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
 // Whether dequantize_4bit_on_sms takes q (and on how many SMs): throws qlora::Error naming what is
 // wrong. Matmul4Chain checks the next weight with it before it enqueues anything.
 inline void check_dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, int sms) {
-  QLORA_CHECK(
-      q.layout == Packed4Layout::Tiles && q.shape.size() == 2 && q.rows() % 16 == 0 && q.cols() % 64 == 0,
-      "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
-      q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(), " dimensions",
-      q.shape.size() == 2 ? ", shape (" + std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + ")"
-                          : std::string());
+  QLORA_CHECK(q.layout == Packed4Layout::Tiles && tiles_supported(q),
+              "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
+              q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(), " dimensions",
+              q.shape.size() == 2
+                  ? ", shape (" + std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + ")"
+                  : std::string());
   QLORA_CHECK(sms >= 1 && sms <= ctx.sm_count(), "cuda::dequantize_4bit_on_sms: ", sms,
               " SMs asked for, the device has ", ctx.sm_count());
   QLORA_CHECK(q.packed.size() == std::size_t(q.numel()) / 2, "cuda::dequantize_4bit_on_sms: packed has ",

@@ -50,8 +50,10 @@ constexpr int kChainSideSms = 4;
 
 class Matmul4Chain {
  public:
-  // side_sms: SMs for the dequantizer of the next weight (the product targets the rest).
-  explicit Matmul4Chain(const Context& ctx, int side_sms = kChainSideSms) : ctx_(&ctx), side_sms_(side_sms) {
+  // side_sms: SMs for the dequantizer of the next weight (the product targets the rest); clusters:
+  // dequantize_4bit_on_sms's launch (false: single blocks even for an even count, a lab comparison).
+  explicit Matmul4Chain(const Context& ctx, int side_sms = kChainSideSms, bool clusters = true)
+      : ctx_(&ctx), side_sms_(side_sms), clusters_(clusters) {
     QLORA_CHECK(side_sms >= 1 && side_sms < ctx.sm_count(), "cuda::Matmul4Chain: ", side_sms,
                 " side SMs asked for, expected 1 to ", ctx.sm_count() - 1);
     ctx.activate();
@@ -92,11 +94,7 @@ class Matmul4Chain {
     const Context& ctx = *ctx_;
     ctx.activate();
     const unsigned long long capture = capture_id();
-    QLORA_CHECK(!pending_ || pending_capture_ == capture, "cuda::Matmul4Chain: a prefetch issued ",
-                pending_capture_ ? "inside a graph capture" : "outside a graph capture",
-                " is pending in a call made ", capture ? "inside a graph capture" : "outside one",
-                "; call finish() before cudaStreamBeginCapture, before cudaStreamEndCapture and before "
-                "launching a graph captured from this chain");
+    check_capture("matmul", capture);
     if (matmul_4bit_path(ctx, w, x, M, y) != Matmul4Path::DequantCublas) {
       join_pending();
       return matmul_4bit(ctx, w, x, M, y, scratch_[slot_], accumulate);
@@ -121,7 +119,7 @@ class Matmul4Chain {
     // scratch_[nxt] was last read by a product enqueued on ctx's stream before this point
     QLORA_CUDA_CHECK(cudaEventRecord(free_[nxt], ctx.stream()));
     QLORA_CUDA_CHECK(cudaStreamWaitEvent(side_, free_[nxt], 0));
-    dequantize_4bit_on_sms(ctx, *next, scratch_[nxt].data(), side_sms_, side_);
+    dequantize_4bit_on_sms(ctx, *next, scratch_[nxt].data(), side_sms_, side_, clusters_);
     QLORA_CUDA_CHECK(cudaEventRecord(ready_[nxt], side_));
     // the state first: if the product below throws, the chain still knows where the prefetch went
     slot_ = nxt;
@@ -137,10 +135,7 @@ class Matmul4Chain {
   // A graph captured from the chain holds its scratches and cuBLAS workspace: replay it only while the
   // chain lives and its scratches have not grown (run the same calls once before capturing).
   void finish() {
-    QLORA_CHECK(!pending_ || pending_capture_ == capture_id(),
-                "cuda::Matmul4Chain::finish: the pending prefetch was issued ",
-                pending_capture_ ? "inside a graph capture" : "outside a graph capture",
-                "; call finish() on the same side of cudaStreamBeginCapture / cudaStreamEndCapture");
+    check_capture("finish", capture_id());
     join_pending();
   }
 
@@ -155,6 +150,15 @@ class Matmul4Chain {
     unsigned long long id = 0;
     QLORA_CUDA_CHECK(cudaStreamGetCaptureInfo(ctx_->stream(), &st, &id));
     return st == cudaStreamCaptureStatusActive ? id : 0;
+  }
+  // A pending prefetch belongs to the capture (or the absence of one) it was issued in: waiting on it
+  // from another is invalid in CUDA and would leave the graph without that weight's dequantization.
+  void check_capture(const char* who, unsigned long long capture) const {
+    QLORA_CHECK(!pending_ || pending_capture_ == capture, "cuda::Matmul4Chain::", who, ": a prefetch issued ",
+                pending_capture_ ? "inside a graph capture" : "outside a graph capture",
+                " is pending in a call made ", capture ? "inside a graph capture" : "outside one",
+                "; call finish() before cudaStreamBeginCapture, before cudaStreamEndCapture and before "
+                "launching a graph captured from this chain");
   }
   // ctx's stream waits for the last prefetch, so its scratch may be reused or dropped.
   void join_pending() {
@@ -196,6 +200,7 @@ class Matmul4Chain {
 
   const Context* ctx_;
   int side_sms_;
+  bool clusters_;
   cudaStream_t side_ = nullptr;
   cublasHandle_t carved_ = nullptr;
   cudaEvent_t free_[2] = {nullptr, nullptr}, ready_[2] = {nullptr, nullptr};

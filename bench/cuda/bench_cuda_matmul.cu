@@ -325,9 +325,11 @@ int main(int argc, char** argv) {
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
         // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options
         auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
-                       cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true) {
+                       cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true,
+                       int early_kb = -1, int max_blocks = 0) {
           const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned);
+            cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
+                            early_kb, max_blocks);
           });
           report("gemv_lab/cuda/nf4dq/" + suffix + "/" + name, us,
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
@@ -345,6 +347,14 @@ int main(int argc, char** argv) {
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
+        if (M <= 16) {  // weight loads (and L2 prefetches of KB per warp) before the PDL wait; grid caps
+          for (int kb : {0, 4, 16, 1024})
+            row("grouped_early" + std::to_string(kb), wq, cuda::GemvKernel::Grouped, 0, true, true, kb);
+          for (int mb : {128, 112})
+            row("grouped_grid" + std::to_string(mb), wq, cuda::GemvKernel::Grouped, 0, true, true, -1, mb);
+          row("grouped_early1024_grid128", wq, cuda::GemvKernel::Grouped, 0, true, true, 1024, 128);
+          row("grouped", wq, cuda::GemvKernel::Grouped);  // again: the drift over the rows above
+        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
           const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
           row(k + "_nopdl", wq, kern, 0, false);           // plain launches

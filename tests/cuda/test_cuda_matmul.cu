@@ -208,8 +208,12 @@ TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for 
 
 // The table's place in shared memory changes how a lookup's address is formed, not what it reads:
 // the 64 KB-aligned table (the default up to 16 tokens) and the plain one give y bit for bit. Above
-// 16 tokens both calls take the plain table, so the cases stay at M ≤ 16.
-TEST_CASE("cuda gemv_4bit: the aligned and the plain table give the same y", "[cuda][matmul]") {
+// 16 tokens both calls take the plain table, so the cases stay at M ≤ 16. The lab's other options
+// move loads and split the work otherwise, and must not change y either: weight loads and L2
+// prefetches before the PDL wait (early_kb 0 and 1024) and a capped grid (7 blocks: several tiles
+// per block, and other splits of a block's work over its warps).
+TEST_CASE("cuda gemv_4bit: the aligned and the plain table, early loads and a capped grid give the same y",
+          "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
@@ -226,19 +230,32 @@ TEST_CASE("cuda gemv_4bit: the aligned and the plain table give the same y", "[c
     for (auto kernel : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
       if (kernel == cuda::GemvKernel::Grouped && !cuda::gemv_grouped_supported(c.blocksize, c.K)) continue;
       INFO("N " << c.N << " K " << c.K << " M " << c.M << " kernel " << int(kernel));
-      QLORA_CUDA_CHECK(cudaMemset(y1.data(), 0xff, y1.size() * 2));  // NaN poison
-      QLORA_CUDA_CHECK(cudaMemset(y2.data(), 0xff, y2.size() * 2));
+      QLORA_CUDA_CHECK(cudaMemsetAsync(y1.data(), 0xff, y1.size() * 2, ctx.stream()));  // NaN poison
       cuda::gemv_4bit(ctx, dw, dx.data(), c.M, y1.data(), false, kernel, 0, true, true);
-      cuda::gemv_4bit(ctx, dw, dx.data(), c.M, y2.data(), false, kernel, 0, true, false);
-      ctx.synchronize();
-      const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
-      std::size_t differ = 0, nan = 0;
-      for (std::size_t i = 0; i < a.size(); ++i) {
-        differ += a[i].bits != b[i].bits;
-        nan += (a[i].bits & 0x7fff) > 0x7f80;
-      }
+      ctx.synchronize();  // download_bf16 copies on the legacy stream, which does not wait for ctx's
+      const auto a = cudatest::download_bf16(y1);
+      std::size_t nan = 0;
+      for (const auto v : a) nan += (v.bits & 0x7fff) > 0x7f80;
       REQUIRE(nan == 0);
-      REQUIRE(differ == 0);
+      struct Variant {
+        const char* name;
+        bool aligned;
+        int early_kb, max_blocks;
+      };
+      for (const Variant v :
+           {Variant{"plain table", false, -1, 0}, Variant{"early loads", true, 0, 0},
+            Variant{"early loads + L2 prefetch", true, 1024, 0}, Variant{"grid of 7", true, -1, 7},
+            Variant{"prefetch, grid of 7", true, 1024, 7}}) {
+        INFO("variant " << v.name);
+        QLORA_CUDA_CHECK(cudaMemsetAsync(y2.data(), 0xff, y2.size() * 2, ctx.stream()));
+        cuda::gemv_4bit(ctx, dw, dx.data(), c.M, y2.data(), false, kernel, 0, true, v.aligned, v.early_kb,
+                        v.max_blocks);
+        ctx.synchronize();
+        const auto b = cudatest::download_bf16(y2);
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < a.size(); ++i) differ += a[i].bits != b[i].bits;
+        REQUIRE(differ == 0);
+      }
     }
   }
 }

@@ -374,12 +374,31 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   // The first group's loads fly while the table is filled; launched with PDL, they come after the
   // wait instead (the kernel before may have written the weights: a requantize, a layout change),
   // and the table fill is what overlaps the kernel before.
+  // early_kb >= 0 (lab): the weight's loads start before the wait as well. W and its absmax are
+  // never written by a kernel that lets this one start early: only the GEMV kernels call
+  // pdl_launch_dependents, and they write y alone; any other kernel before triggers this launch at
+  // its end, its writes done. early_kb > 0 also has each warp prefetch up to early_kb KB of the rest
+  // of its range (and its tiles' absmax codes) into L2: a block that starts while the kernel before
+  // is still finishing on other SMs fills the bandwidth that kernel's tail leaves unused.
   GroupLoads L;
   pdl_launch_dependents();
-  if (!a.pdl && gb < ge) issue(L);
+  const bool early = !a.pdl || a.early_kb >= 0;
+  if (early && gb < ge) issue(L);
+  if (a.pdl && a.early_kb > 0 && TL && gb + 1 < ge) {
+    const std::uint8_t* base = a.packed + (std::size_t(tile_begin) * KC + std::size_t(gb + 1) * 4) * 512;
+    const std::uint32_t bytes =
+        std::uint32_t(min(std::int64_t(ge - gb - 1) * 2048, std::int64_t(a.early_kb) * 1024));
+    for (std::uint32_t o = std::uint32_t(lane) * 16384; o < bytes; o += 32 * 16384)
+      bulk_prefetch_l2(base + o, min(16384u, bytes - o));
+    if (DQ) {  // the absmax codes of the warp's tiles: 16 rows × KC bytes each, contiguous
+      const std::uint8_t* cb = a.am.qabsmax + std::size_t(tile_begin + gb / KG) * 16 * KC;
+      const int cbytes = ((ge - 1) / KG - gb / KG + 1) * 16 * KC;
+      for (int o = lane * 128; o < cbytes; o += 32 * 128) prefetch_l2(cb + o);
+    }
+  }
   fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
-  pdl_wait();  // every load of x, W and absmax, and every store, come after
-  if (a.pdl && gb < ge) issue(L);
+  pdl_wait();  // every load of x and every store come after (and W's, unless early)
+  if (!early && gb < ge) issue(L);
   __syncthreads();
 
   float acc[NT][4];
@@ -443,7 +462,8 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
   QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
               " bytes of shared memory)");
-  const int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
+  int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
+  if (args.max_blocks > 0) grid = std::min(grid, args.max_blocks);
   cudaError_t e = cudaSuccess;
   if (args.pdl) {
     cudaLaunchConfig_t cfg = {};
@@ -535,10 +555,14 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // aligned_lut (the register-fed kernels, M ≤ 16 where the block fits the device's shared memory):
 // the pair table at a 64 KB boundary (AlignedLut); false keeps it anywhere (PlainLut: the lab, and
 // the test that both give the same y).
+// early_kb (lab; the grouped kernel under PDL): -1 issues every load after griddepcontrol.wait; 0
+// issues each warp's first weight loads before it; > 0 also prefetches up to early_kb KB of each
+// warp's range into L2 before it (tiles layout). max_blocks (lab): caps the persistent grid.
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,
-               int stage_k = 0, bool pdl = true, bool aligned_lut = true) {
+               int stage_k = 0, bool pdl = true, bool aligned_lut = true, int early_kb = -1,
+               int max_blocks = 0) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
               "), blocksize ", w.blocksize, ", M = ", M,
               " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
@@ -567,6 +591,8 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
   args.accumulate = accumulate;
   args.pdl = pdl && ctx.props().major >= 9;
   args.aligned_lut = aligned_lut;  // taken up to 16 tokens where the block fits (dispatch_flags)
+  args.early_kb = early_kb;
+  args.max_blocks = max_blocks;
   const bool dq = w.double_quant;
   // Auto: where each was faster on an H200 (docs/performance.md, "CUDA (H200)"): the grouped kernel
   // up to 16 tokens (at 4096, 11008 and 14336 rows it matched or beat the streaming kernel at every

@@ -28,6 +28,8 @@ struct GemvArgs {
   bool pdl;          // register-fed kernels: launched as programmatic dependent launches (sm_90)
   bool accumulate;   // y += x · Wᵀ instead of y = x · Wᵀ
   bool aligned_lut;  // register-fed kernels: the table at a 64 KB boundary where it applies (AlignedLut)
+  int early_kb;      // grouped kernel under PDL: -1 all loads after the wait; >= 0 see gemv_4bit
+  int max_blocks;    // register-fed kernels: at most this many persistent blocks (0: as many as fit)
   Code16Param code;
   Code256Param map;
 };
@@ -75,6 +77,20 @@ __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// A hint that the 128-byte line at p be brought into L2 (no fault, no result; may be dropped).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// bytes (a multiple of 16) at the 16-byte aligned p brought into L2 by the copy engine (sm_90).
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, std::uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  for (std::uint32_t o = 0; o < bytes; o += 128) prefetch_l2(static_cast<const char*>(p) + o);
+#endif
+}
+
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -347,19 +347,15 @@ int main(int argc, char** argv) {
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
-        if (M <= 16) {  // weight loads (and L2 prefetches of KB per warp) before the PDL wait; grid caps
-          for (int kb : {0, 4, 16, 1024})
+        if (M <= 16)  // weight loads (and L2 prefetches of 4 KB per warp) before the PDL wait
+          for (int kb : {0, 4})
             row("grouped_early" + std::to_string(kb), wq, cuda::GemvKernel::Grouped, 0, true, true, kb);
-          for (int mb : {128, 112})
-            row("grouped_grid" + std::to_string(mb), wq, cuda::GemvKernel::Grouped, 0, true, true, -1, mb);
-          row("grouped_early1024_grid128", wq, cuda::GemvKernel::Grouped, 0, true, true, 1024, 128);
-          row("grouped", wq, cuda::GemvKernel::Grouped);  // again: the drift over the rows above
-        }
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
           const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
           row(k + "_nopdl", wq, kern, 0, false);           // plain launches
           row(k + "_plainlut", wq, kern, 0, true, false);  // the table anywhere in shared memory
           row(k + "_rows", wr, kern);                      // bitsandbytes' rows
+          row(k + "_fullgrid", wq, kern, 0, true, true, -1, ctx.sm_count());  // a block on every SM
         }
       }
     }

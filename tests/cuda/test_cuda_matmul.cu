@@ -209,11 +209,12 @@ TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for 
 // The table's place in shared memory changes how a lookup's address is formed, not what it reads:
 // the 64 KB-aligned table (the default up to 16 tokens) and the plain one give y bit for bit. Above
 // 16 tokens both calls take the plain table, so the cases stay at M ≤ 16. The lab's other options
-// move loads and split the work otherwise, and must not change y either: weight loads and L2
-// prefetches before the PDL wait (early_kb 0 and 1024) and a capped grid (7 blocks: several tiles
-// per block, and other splits of a block's work over its warps).
-TEST_CASE("cuda gemv_4bit: the aligned and the plain table, early loads and a capped grid give the same y",
-          "[cuda][matmul]") {
+// move loads, and must not change y either: weight loads and L2 prefetches before the PDL wait
+// (early_kb 0 and 1024). A grid of another size (max_blocks: 7, several tiles per block) splits the
+// work otherwise, so partial sums are added in another order: y may differ there by one bf16 step.
+TEST_CASE(
+    "cuda gemv_4bit: the aligned and the plain table and early loads give the same y; other grids agree",
+    "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
   auto& ctx = cudatest::context();
   const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
@@ -252,9 +253,14 @@ TEST_CASE("cuda gemv_4bit: the aligned and the plain table, early loads and a ca
                         v.max_blocks);
         ctx.synchronize();
         const auto b = cudatest::download_bf16(y2);
-        std::size_t differ = 0;
-        for (std::size_t i = 0; i < a.size(); ++i) differ += a[i].bits != b[i].bits;
-        REQUIRE(differ == 0);
+        std::size_t differ = 0, far = 0;
+        for (std::size_t i = 0; i < a.size(); ++i) {
+          differ += a[i].bits != b[i].bits;
+          far += std::abs(int(a[i].bits) - int(b[i].bits)) > 1;  // more than one bf16 step (or a sign)
+        }
+        if (v.max_blocks == 0) REQUIRE(differ == 0);
+        REQUIRE(far == 0);
+        REQUIRE(differ <= a.size() / 100);
       }
     }
   }

@@ -462,8 +462,16 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   QLORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
   QLORA_CHECK(per_sm > 0, "cuda::gemv_4bit: the kernel does not fit on an SM (", smem,
               " bytes of shared memory)");
-  int grid = std::min(args.tiles, ctx.sm_count() * per_sm);
-  if (args.max_blocks > 0) grid = std::min(grid, args.max_blocks);
+  // The fewest blocks that keep the largest share of tiles a block gets on a full grid: 896 tiles
+  // (14336 rows) on 132 SMs are 7 tiles on 128 blocks rather than 6 or 7 on 132. Measured on an H100
+  // (docs/performance.md, thirteenth session): 14336x4096 M = 1 13.5 against 14.2-14.7 µs, 4096x4096
+  // 7.05 against 7.7. The slowest block does 7 tiles either way; why fewer blocks end sooner was not
+  // isolated (fewer of them share the bandwidth; the idle SMs start the next kernel's blocks early).
+  // max_blocks (lab) > 0: exactly that many blocks where they fit, unbalanced (the full grid: sm_count).
+  const int fit = std::min(args.tiles, ctx.sm_count() * per_sm);
+  const int per_block = (args.tiles + fit - 1) / fit;
+  const int grid =
+      args.max_blocks > 0 ? std::min(fit, args.max_blocks) : (args.tiles + per_block - 1) / per_block;
   cudaError_t e = cudaSuccess;
   if (args.pdl) {
     cudaLaunchConfig_t cfg = {};
@@ -557,7 +565,8 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // the test that both give the same y).
 // early_kb (lab; the grouped kernel under PDL): -1 issues every load after griddepcontrol.wait; 0
 // issues each warp's first weight loads before it; > 0 also prefetches up to early_kb KB of each
-// warp's range into L2 before it (tiles layout). max_blocks (lab): caps the persistent grid.
+// warp's range into L2 before it (tiles layout). max_blocks (lab): the persistent grid's size, in
+// place of the fewest blocks that take the tiles in as few steps as a full grid (launch_persistent).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,

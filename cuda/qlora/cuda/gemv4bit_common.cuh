@@ -29,7 +29,7 @@ struct GemvArgs {
   bool accumulate;   // y += x · Wᵀ instead of y = x · Wᵀ
   bool aligned_lut;  // register-fed kernels: the table at a 64 KB boundary where it applies (AlignedLut)
   int early_kb;      // grouped kernel under PDL: -1 all loads after the wait; >= 0 see gemv_4bit
-  int max_blocks;    // register-fed kernels: at most this many persistent blocks (0: as many as fit)
+  int max_blocks;    // register-fed kernels: this many persistent blocks (0: launch_persistent's choice)
   Code16Param code;
   Code256Param map;
 };

@@ -29,7 +29,6 @@
 #include "qlora/cuda/gemv4bit.cuh"
 #include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/matmul4bit.cuh"
-#include "qlora/cuda/matmul4chain.cuh"
 #include "qlora/cuda/quantize4bit.cuh"
 #include "qlora/cuda/quantize8bit.cuh"
 
@@ -271,30 +270,6 @@ int main(int argc, char** argv) {
             "matmul_paired/cuda/nf4dq/" + suffix, p.best_b,
             fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); best cuBLAS %.2f us",
                 p.ratio_median, p.ratio_min, p.ratio_max, p.best_a));
-      }
-      if (M >= 512 &&
-          cuda::matmul_4bit_path(ctx, wq[0], x.data(), M, y.data()) == cuda::Matmul4Path::DequantCublas) {
-        // the 30 calls as a chain (Matmul4Chain): each call's dequantization of the next weight runs on
-        // kChainSideSms SMs beside its product; paired with cuBLAS bf16 as above
-        for (int sms : {cuda::kChainSideSms, 2 * cuda::kChainSideSms}) {  // the default, then a lab row
-          cuda::Matmul4Chain chain(ctx, sms);
-          const int calls = 30;
-          const PairTiming p = time_graph_pair(
-              ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
-              [&](int i) {
-                benchutil::chain_call(ctx, chain, wq[i % nq], &wq[(i + 1) % nq], x.data(), M, y.data(), i,
-                                      calls);
-              },
-              calls);
-          const bool lab = sms != cuda::kChainSideSms;
-          report((lab ? "matmul_chain_lab/cuda/nf4dq/" + suffix + "/sms" + std::to_string(sms)
-                      : "matmul_chain/cuda/nf4dq/" + suffix),
-                 p.best_b,
-                 fmt("%.3fx cuBLAS bf16: median of 11 alternating rounds (spread %.3f-%.3f); a chain of "
-                     "products, "
-                     "the next weight dequantized on %.0f SMs beside each",
-                     p.ratio_median, p.ratio_min, p.ratio_max, double(sms)));
-        }
       }
       if (M > 32) {  // lab: the large-M paths, each forced (matmul_4bit's rows above pick one of them)
         const double us_dq = time_graph(

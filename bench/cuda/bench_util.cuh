@@ -167,18 +167,6 @@ inline PairTiming time_graph_pair(const cuda::Context& ctx, const std::function<
   return t;
 }
 
-// Call i of `calls` of a CallGraph through a chain of products (cuda::Matmul4Chain): y = x · wᵀ,
-// prefetching `next`. The chain's side stream joins ctx's at the last call, and after CallGraph's
-// warm-up call (made outside the capture), so no prefetch crosses the capture's start.
-template <class Chain, class W, class T>
-void chain_call(const cuda::Context& ctx, Chain& chain, const W& w, const W* next, const T* x, int M, T* y,
-                int i, int calls) {
-  chain.matmul(w, x, M, y, next);
-  cudaStreamCaptureStatus st;
-  QLORA_CUDA_CHECK(cudaStreamIsCapturing(ctx.stream(), &st));
-  if (i == calls - 1 || st != cudaStreamCaptureStatusActive) chain.finish();
-}
-
 // Best of `reps` timed calls, after one untimed (module loading), of fn, a quantizer that
 // synchronizes itself (it reads its NaN check back), so it cannot go into a graph; in microseconds.
 // Its result lives until after the stop event: the free is not timed, the allocation is.

@@ -173,55 +173,6 @@ TEST_CASE("cuda dequantize_4bit_range equals the whole tensor's values", "[cuda]
   REQUIRE_THROWS_WITH(cuda::dequantize_4bit_range(ctx, d, n - 8, 16, out.data()),
                       Catch::Contains("of 64040 values"));
 }
-// The side dequantizer of Matmul4Chain (a grid of k one-block-per-SM blocks, tiles layout) writes
-// the CPU's values bit for bit, on one SM and on several, for both codes, both absmax forms and
-// blocksizes 32 to 4096, single blocks and clusters of 2 (an even count); it refuses the rows layout and SM
-// counts outside the device.
-TEST_CASE("cuda dequantize_4bit_on_sms equals the CPU values bit for bit", "[cuda][quant]") {
-  QLORA_REQUIRE_CUDA_OR_SKIP();
-  auto& ctx = cudatest::context();
-  struct C {
-    int N, K, bs;
-    quant::Quant4Type type;
-    bool dq;
-    int sms;
-  };
-  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
-  for (const C& c : {C{16, 64, 64, NF4, true, 1}, C{272, 640, 64, NF4, true, 3},
-                     C{1024, 1024, 128, FP4, false, 7}, C{96, 4096, 4096, NF4, false, 2},
-                     C{48, 192, 32, FP4, true, 4}, C{2048, 2048, 64, FP4, true, ctx.sm_count()}}) {
-    INFO("N " << c.N << " K " << c.K << " bs " << c.bs << " " << quant::quant4_name(c.type) << " dq " << c.dq
-              << " sms " << c.sms);
-    const std::size_t n = std::size_t(c.N) * c.K;
-    const auto x = probe_data(n, c.bs, 40 + c.N);
-    const auto q = quant::quantize_4bit(x.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.bs, c.dq});
-    auto d = cuda::to_device(q, ctx);
-    cuda::use_gemv_layout(ctx, d);
-    std::vector<bf16> want(n);
-    quant::dequantize(q, want.data());
-    cuda::DeviceBuffer<__nv_bfloat16> out(n);
-    QLORA_CUDA_CHECK(
-        cudaMemsetAsync(out.data(), 0xff, out.bytes(), ctx.stream()));  // NaN where nothing is written
-    cuda::dequantize_4bit_on_sms(ctx, d, out.data(), c.sms, ctx.stream());
-    const auto got = cudatest::download_bf16(out);
-    for (std::size_t i = 0; i < n; ++i) {
-      INFO("element " << i);
-      REQUIRE(got[i].bits == want[i].bits);
-    }
-  }
-  const auto x = probe_data(64 * 64, 64, 3);
-  const auto q = quant::quantize_4bit(x.data(), {64, 64}, quant::Quant4Config{});
-  auto rows = cuda::to_device(q, ctx);
-  cuda::DeviceBuffer<__nv_bfloat16> out(64 * 64);
-  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_on_sms(ctx, rows, out.data(), 2, ctx.stream()),
-                      Catch::Contains("tiles layout") && Catch::Contains("got rows"));
-  cuda::use_gemv_layout(ctx, rows);
-  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_on_sms(ctx, rows, out.data(), 0, ctx.stream()),
-                      Catch::Contains("0 SMs asked for"));
-  REQUIRE_THROWS_WITH(cuda::dequantize_4bit_on_sms(ctx, rows, out.data(), ctx.sm_count() + 1, ctx.stream()),
-                      Catch::Contains("SMs asked for"));
-}
-
 // The tiles layout (quantized4bit.cuh) is a permutation of the packed bytes: there and back gives
 // the same bytes, to_host returns bitsandbytes' order, and dequantization (whole tensor and whole-tile
 // ranges) gives the rows layout's values bit for bit.

@@ -11,11 +11,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include "qlora/cuda/codes4bit.cuh"
 #include "qlora/cuda/context.cuh"
-#include "qlora/cuda/layout4bit.cuh"
 #include "qlora/cuda/quantized4bit.cuh"
 
 namespace qlora {
@@ -197,90 +195,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// The tiles-layout dequantizer for running beside another kernel on a few SMs (Matmul4Chain,
-// matmul4chain.cuh): one block of 32 warps per SM, whose registers and shared memory leave no room for
-// any other block on its SM, so a grid of k blocks occupies exactly k SMs. With few SMs each SM's rate is
-// what counts, and a first version (3 dependent loads per unit, 64-bit index arithmetic, a shift, mask and
-// load per value: ~300 SASS instructions per unit and warp) moved 30 GB/s per SM on an H100. Here a warp
-// issues every load of 4 units first (packed bytes, absmax codes, nested absmax: one memory latency
-// per 4 units), a unit's index arithmetic is 32-bit and done once, the codes come from a byte-indexed
-// table of value pairs (one 8-byte shared load per packed byte; ~7 instructions per byte), and each
-// staged unit is stored with the streaming hint (the product reads W back from DRAM; x should keep
-// L2). Same arithmetic as the kernels above: bit for bit their values. bf16 out.
-constexpr int kSmDequantWarps = 32;
-constexpr int kSmDequantUnits = 4;  // units in flight per warp
-__global__ void __launch_bounds__(kSmDequantWarps * 32, 1)
-    dequantize4_tiles_sms_kernel(const std::uint8_t* __restrict__ packed, unsigned units, unsigned K,
-                                 int block_shift, AbsmaxView am, Code16Param code, Code256Param map,
-                                 __nv_bfloat16* __restrict__ out) {
-  constexpr int U = kSmDequantUnits;
-  extern __shared__ __align__(16) unsigned char sms_smem[];
-  __shared__ float2 s_pair[256];  // byte b -> (code[b >> 4], code[b & 15]): the high nibble is first
-  __shared__ float s_map[256];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x < 256) {
-    s_pair[threadIdx.x] = make_float2(code.v[threadIdx.x >> 4], code.v[threadIdx.x & 15]);
-    if (!am.absmax) s_map[threadIdx.x] = map.v[threadIdx.x];
-  }
-  __syncthreads();
-  __nv_bfloat16* s = reinterpret_cast<__nv_bfloat16*>(sms_smem) + warp * 16 * 64;  // one 16 × 64 unit
-  const unsigned KC = K / 64, warps = gridDim.x * kSmDequantWarps;
-  const int g = lane >> 2, t = lane & 3;
-  for (unsigned u0 = blockIdx.x * kSmDequantWarps + warp; u0 < units; u0 += U * warps) {
-    uint4 v[U];
-    float a2[U][2];  // absmax, or the nested absmax of its code
-    unsigned c[U][2];
-    std::size_t base[U];  // the unit's first output element: row 16 · tile, column 64 · kc
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      const unsigned unit = min(u0 + p * warps, units - 1);  // past the end: the last unit again, unused
-      v[p] = __ldcs(reinterpret_cast<const uint4*>(packed + std::size_t(unit) * 512) + lane);
-      const unsigned tile = unit / KC, k = (unit - tile * KC) * 64;
-      base[p] = std::size_t(tile) * 16 * K + k;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // row g, then row g + 8
-        const std::size_t b = (base[p] + std::size_t(g + 8 * h) * K + 16 * t) >> block_shift;
-        if (am.absmax) {
-          a2[p][h] = __ldg(am.absmax + b);
-          c[p][h] = 0;
-        } else {
-          c[p][h] = __ldg(am.qabsmax + b);
-          a2[p][h] = __ldg(am.absmax2 + (b >> am.nested_shift));
-        }
-      }
-    }
-#pragma unroll
-    for (int p = 0; p < U; ++p) {
-      if (u0 + p * warps >= units) break;
-      const std::uint32_t w[4] = {v[p].x, v[p].y, v[p].z, v[p].w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float amax = am.absmax ? a2[p][h] : nested_absmax(s_map[c[p][h]], a2[p][h], am.offset);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const std::uint32_t word = w[2 * h + q];
-          uint4 o;
-          std::uint32_t* ou = reinterpret_cast<std::uint32_t*>(&o);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {  // byte j: values 2j (high nibble) and 2j + 1, code · absmax in fp32
-            const float2 cv = s_pair[(word >> (8 * j)) & 0xffu];
-            const __nv_bfloat162 hv = __floats2bfloat162_rn(__fmul_rn(cv.x, amax), __fmul_rn(cv.y, amax));
-            ou[j] = *reinterpret_cast<const std::uint32_t*>(&hv);
-          }
-          *reinterpret_cast<uint4*>(s + (g + 8 * h) * 64 + 16 * t + 8 * q) = o;
-        }
-      }
-      __syncwarp();
-      __nv_bfloat16* dst = out + base[p] + std::size_t(lane / 8) * K + (lane % 8) * 8;
-#pragma unroll
-      for (int i = 0; i < 4; ++i)  // 8 16-byte chunks a row, 4 rows per store instruction
-        __stcs(reinterpret_cast<uint4*>(dst + std::size_t(4 * i) * K),
-               *reinterpret_cast<const uint4*>(s + (i * 4 + lane / 8) * 64 + (lane % 8) * 8));
-      __syncwarp();
-    }
-  }
-}
-
 // The grid of a grid-stride kernel of 256 threads: `blocks` (what the work needs), at most as many as
 // are resident on the device at once (more would run in waves; measured slower, docs/performance.md).
 template <class Kernel>
@@ -358,70 +272,6 @@ void dequantize_4bit_range(const Context& ctx, const DeviceQuantized4bit& q, std
       <<<grid, 256, 0, s>>>(q.packed.data(), first, count, detail::log2_exact(q.blocksize),
                             detail::absmax_view(q), detail::decode_table(q), detail::map_param(q), out);
   QLORA_CUDA_CHECK_LAUNCH("dequantize4_kernel");
-}
-
-// Whether dequantize_4bit_on_sms takes q (and on how many SMs): throws qlora::Error naming what is
-// wrong. Matmul4Chain checks the next weight with it before it enqueues anything.
-inline void check_dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, int sms) {
-  QLORA_CHECK(q.layout == Packed4Layout::Tiles && tiles_supported(q),
-              "cuda::dequantize_4bit_on_sms: expected a matrix in the tiles layout (use_gemv_layout), got ",
-              q.layout == Packed4Layout::Tiles ? "tiles" : "rows", " layout, ", q.shape.size(), " dimensions",
-              q.shape.size() == 2
-                  ? ", shape (" + std::to_string(q.rows()) + ", " + std::to_string(q.cols()) + ")"
-                  : std::string());
-  QLORA_CHECK(sms >= 1 && sms <= ctx.sm_count(), "cuda::dequantize_4bit_on_sms: ", sms,
-              " SMs asked for, the device has ", ctx.sm_count());
-  QLORA_CHECK(q.packed.size() == std::size_t(q.numel()) / 2, "cuda::dequantize_4bit_on_sms: packed has ",
-              q.packed.size(), " bytes, expected ", q.numel() / 2);
-  QLORA_CHECK(q.nested_blocksize == 256 || !q.double_quant, "cuda::dequantize_4bit_on_sms: nested blocksize ",
-              q.nested_blocksize, ", expected 256");
-  QLORA_CHECK(q.numel() / 32 < (std::int64_t(1) << 32) && q.cols() < (std::int64_t(1) << 32),
-              "cuda::dequantize_4bit_on_sms: shape (", q.rows(), ", ", q.cols(),
-              "), expected fewer than 2^37 values and 2^32 columns (32-bit unit indices)");
-  quant::check_blocksize4(q.blocksize);
-}
-
-// All of q (tiles layout) into out (N·K bf16, 16-byte aligned) on `sms` SMs only, on `stream`: the
-// side dequantizer of Matmul4Chain (matmul4chain.cuh), which runs it beside a cuBLAS product told to
-// leave those SMs free. Values identical to dequantize_4bit's. clusters = false launches single
-// blocks even for an even count (a lab comparison).
-inline void dequantize_4bit_on_sms(const Context& ctx, const DeviceQuantized4bit& q, __nv_bfloat16* out,
-                                   int sms, cudaStream_t stream, bool clusters = true) {
-  check_dequantize_4bit_on_sms(ctx, q, sms);
-  QLORA_CHECK((reinterpret_cast<std::uintptr_t>(out) & 15) == 0,
-              "cuda::dequantize_4bit_on_sms: the output must be 16-byte aligned");
-  ctx.activate();
-  // All the shared memory a block may have (the kernel needs 64 KB and has little use for L1): with
-  // it, and 1024 threads at 64 registers filling the register file, no block of another kernel can
-  // share the SM.
-  cudaFuncAttributes fa{};
-  QLORA_CUDA_CHECK(cudaFuncGetAttributes(&fa, detail::dequantize4_tiles_sms_kernel));
-  const int smem = int(ctx.props().sharedMemPerBlockOptin) - int(fa.sharedSizeBytes);
-  QLORA_CHECK(smem >= detail::kSmDequantWarps * 2048, "cuda::dequantize_4bit_on_sms: ", smem,
-              " bytes of shared memory for a block on this device, expected at least ",
-              detail::kSmDequantWarps * 2048);
-  QLORA_CUDA_CHECK(cudaFuncSetAttribute(detail::dequantize4_tiles_sms_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const unsigned K = unsigned(q.cols()), units = unsigned(q.rows() / 16) * (K / 64);
-  // An even count goes as clusters of 2 blocks (sm_90): each takes two SMs of one GPC, so every GPC
-  // keeps an even number of free SMs for the 2-block clusters cuBLAS's Hopper GEMMs launch; single
-  // blocks could leave an odd SM per GPC that no cluster can use.
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(sms));
-  cfg.blockDim = dim3(detail::kSmDequantWarps * 32);
-  cfg.dynamicSmemBytes = std::size_t(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = (clusters && sms % 2 == 0 && ctx.props().major >= 9) ? 1 : 0;
-  QLORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, detail::dequantize4_tiles_sms_kernel, q.packed.data(), units, K,
-                                      detail::log2_exact(q.blocksize), detail::absmax_view(q),
-                                      detail::decode_table(q), detail::map_param(q), out));
-  QLORA_CUDA_CHECK_LAUNCH("dequantize4_tiles_sms_kernel");
 }
 
 // All of q: out holds numel() values.

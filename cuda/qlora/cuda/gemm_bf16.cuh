@@ -13,25 +13,18 @@ namespace qlora {
 namespace cuda {
 
 // beta = 0: y = x·Wᵀ; beta = 1: y += x·Wᵀ. ldy: y's row stride (default N; larger when y is a
-// column slice of a wider matrix). On a cuBLAS handle of the caller's (its stream and workspace):
-// Matmul4Chain's handle that leaves SMs free, say.
-inline void gemm_bf16_on(cublasHandle_t handle, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w,
-                         int N, __nv_bfloat16* y, float beta = 0.0f, int ldy = 0) {
+// column slice of a wider matrix).
+inline void gemm_bf16(const Context& ctx, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
+                      __nv_bfloat16* y, float beta = 0.0f, int ldy = 0) {
   if (ldy == 0) ldy = N;
   QLORA_CHECK(ldy >= N, "cuda::gemm_bf16: row stride ", ldy, " of y is less than its ", N, " columns");
   QLORA_CHECK(M >= 0 && N >= 0 && K >= 0, "cuda::gemm_bf16: negative size M=", M, " N=", N, " K=", K);
   if (M == 0 || N == 0) return;
-  const float alpha = 1.0f;
-  QLORA_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K, x,
-                                  CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, ldy, CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
-}
-
-// The same on the context's handle.
-inline void gemm_bf16(const Context& ctx, const __nv_bfloat16* x, int M, int K, const __nv_bfloat16* w, int N,
-                      __nv_bfloat16* y, float beta = 0.0f, int ldy = 0) {
   ctx.activate();
-  gemm_bf16_on(ctx.cublas(), x, M, K, w, N, y, beta, ldy);
+  const float alpha = 1.0f;
+  QLORA_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w, CUDA_R_16BF, K,
+                                  x, CUDA_R_16BF, K, &beta, y, CUDA_R_16BF, ldy, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace cuda

@@ -30,8 +30,9 @@
 // - Streaming: a warp issues the loads of U units (weights, absmax codes, nested absmax, its x
 //   slices) before it computes the first of them; its position advances by pointer increments.
 //   (A cp.async ring through shared memory measured slower here: more instructions per unit.)
-// - Work split: one persistent block per SM (occupancy permitting); block b owns a contiguous range
-//   of 16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp.
+// - Work split: persistent blocks, at most one per SM (occupancy permitting), as few as take the
+//   tiles in as many steps as a full grid (launch_persistent); block b owns a contiguous range of
+//   16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp.
 //   A warp stores the tiles it holds whole itself, and leaves its partial sums of the first and
 //   last tile it shares in shared memory (two slots); after the block's barrier those are added in
 //   warp order (deterministic) and written as bf16.

@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
         // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options
         auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
                        cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true,
-                       int early_kb = 0, int max_blocks = 0) {
+                       int early_kb = -1, int max_blocks = 0) {
           const double us = time_graph(ctx, [&](int i) {
             cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
                             early_kb, max_blocks);
@@ -322,16 +322,15 @@ int main(int argc, char** argv) {
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");
         row("grouped", wq, cuda::GemvKernel::Grouped);
-        if (M <= 16) {  // every load after the PDL wait; with L2 prefetches of 4 KB per warp before it
-          row("grouped_late", wq, cuda::GemvKernel::Grouped, 0, true, true, -1);
-          row("grouped_early4", wq, cuda::GemvKernel::Grouped, 0, true, true, 4);
-        }
+        if (M <= 16)  // the first weight loads before the PDL wait (and L2 prefetches of 4 KB per warp)
+          for (int kb : {0, 4})
+            row("grouped_early" + std::to_string(kb), wq, cuda::GemvKernel::Grouped, 0, true, true, kb);
         for (auto kern : {cuda::GemvKernel::Registers, cuda::GemvKernel::Grouped}) {
           const std::string k = kern == cuda::GemvKernel::Grouped ? "grouped" : "registers";
           row(k + "_nopdl", wq, kern, 0, false);           // plain launches
           row(k + "_plainlut", wq, kern, 0, true, false);  // the table anywhere in shared memory
           row(k + "_rows", wr, kern);                      // bitsandbytes' rows
-          row(k + "_fullgrid", wq, kern, 0, true, true, 0, ctx.sm_count());  // a block on every SM
+          row(k + "_fullgrid", wq, kern, 0, true, true, -1, ctx.sm_count());  // a block on every SM
         }
       }
     }

@@ -208,9 +208,9 @@ TEST_CASE("cuda matmul_4bit: the tiles layout gives the rows layout's y bit for 
 // The table's place in shared memory changes how a lookup's address is formed, not what it reads:
 // the 64 KB-aligned table (the default up to 16 tokens) and the plain one give y bit for bit. Above
 // 16 tokens both calls take the plain table, so the cases stay at M ≤ 16. The lab's other options
-// move loads, and must not change y either: every load after the PDL wait (early_kb -1), L2
-// prefetches before it (1024). A grid of another size (max_blocks: 7, several tiles per block) splits the
-// work otherwise, so partial sums are added in another order: y may differ there by one bf16 step.
+// move loads, and must not change y either: the first weight loads before the PDL wait (early_kb
+// 0), and L2 prefetches too (1024). A grid of another size (max_blocks: 7, several tiles per block) splits
+// the work otherwise, so partial sums are added in another order: y may differ there by one bf16 step.
 TEST_CASE(
     "cuda gemv_4bit: the aligned and the plain table and early loads give the same y; other grids agree",
     "[cuda][matmul]") {
@@ -243,7 +243,7 @@ TEST_CASE(
         int early_kb, max_blocks;
       };
       for (const Variant v :
-           {Variant{"plain table", false, 0, 0}, Variant{"late loads", true, -1, 0},
+           {Variant{"plain table", false, -1, 0}, Variant{"early loads", true, 0, 0},
             Variant{"early loads + L2 prefetch", true, 1024, 0}, Variant{"grid of 7", true, -1, 7},
             Variant{"prefetch, grid of 7", true, 1024, 7}}) {
         INFO("variant " << v.name);

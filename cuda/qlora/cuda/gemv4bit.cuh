@@ -372,15 +372,16 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
     }
   };
 
-  // The first group's weight loads fly while the table is filled, also under PDL (early_kb >= 0,
-  // the default), where they start before griddepcontrol.wait: W and its absmax are never written by
-  // a kernel that lets this one start early. Only the GEMV kernels call pdl_launch_dependents, and
-  // they write y alone; any other kernel before triggers this launch at its end, its writes done (a
-  // requantize or a layout change of W included). x, which the kernel before may write, is read
-  // after the wait. early_kb = -1 (lab) puts every load after the wait, as before the thirteenth
-  // session; early_kb > 0 (lab) also has each warp prefetch up to early_kb KB of the rest of its
-  // range (and its tiles' absmax codes) into L2, for a block that starts while the kernel before is
-  // still finishing on other SMs (measured slower from 16 KB up).
+  // The first group's loads fly while the table is filled; launched with PDL, they come after the
+  // wait by default (early_kb = -1), and the table fill is what overlaps the kernel before.
+  // early_kb >= 0 (lab) issues the first group's weight loads before griddepcontrol.wait. That is
+  // safe: W and its absmax are never written by a kernel that lets this one start early. Only the
+  // GEMV kernels call pdl_launch_dependents, and they write y alone; any other kernel before
+  // triggers this launch at its end, its writes done (a requantize or a layout change of W
+  // included); x, which the kernel before may write, is still read after the wait. Measured 0.2 µs
+  // faster at M = 1 and mixed at M = 16 (docs/performance.md, thirteenth session), so not the
+  // default. early_kb > 0 (lab) also has each warp prefetch up to early_kb KB of the rest of its
+  // range (and its tiles' absmax codes) into L2 before the wait (measured slower from 16 KB up).
   GroupLoads L;
   pdl_launch_dependents();
   const bool early = !a.pdl || a.early_kb >= 0;
@@ -564,15 +565,15 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // aligned_lut (the register-fed kernels, M ≤ 16 where the block fits the device's shared memory):
 // the pair table at a 64 KB boundary (AlignedLut); false keeps it anywhere (PlainLut: the lab, and
 // the test that both give the same y).
-// early_kb (the grouped kernel under PDL): 0 (default) issues each warp's first weight loads before
-// griddepcontrol.wait (measured 0.2 µs faster at M = 1, docs/performance.md); -1 (lab) issues every
-// load after it; > 0 (lab) also prefetches up to early_kb KB of each warp's range into L2 before it
-// (tiles layout; measured slower from 16 KB up). max_blocks (lab): the persistent grid's size, in
-// place of the fewest blocks that take the tiles in as few steps as a full grid (launch_persistent).
+// early_kb (lab; the grouped kernel under PDL): -1 (default) issues every load after
+// griddepcontrol.wait; 0 issues each warp's first weight loads before it (0.2 µs faster at M = 1,
+// mixed at M = 16: docs/performance.md); > 0 also prefetches up to early_kb KB of each warp's range
+// into L2 before it (tiles layout; measured slower from 16 KB up). max_blocks (lab): the persistent grid's
+// size, in place of the fewest blocks that take the tiles in as few steps as a full grid (launch_persistent).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,
-               int stage_k = 0, bool pdl = true, bool aligned_lut = true, int early_kb = 0,
+               int stage_k = 0, bool pdl = true, bool aligned_lut = true, int early_kb = -1,
                int max_blocks = 0) {
   QLORA_CHECK(gemv_4bit_supported(w, M), "cuda::gemv_4bit: unsupported shape (", w.rows(), ", ", w.cols(),
               "), blocksize ", w.blocksize, ", M = ", M,

@@ -28,7 +28,7 @@ struct GemvArgs {
   bool pdl;          // register-fed kernels: launched as programmatic dependent launches (sm_90)
   bool accumulate;   // y += x · Wᵀ instead of y = x · Wᵀ
   bool aligned_lut;  // register-fed kernels: the table at a 64 KB boundary where it applies (AlignedLut)
-  int early_kb;      // grouped kernel under PDL: weight loads before the wait (>= 0), see gemv_4bit
+  int early_kb;      // grouped kernel under PDL: -1 all loads after the wait; >= 0 see gemv_4bit
   int max_blocks;    // register-fed kernels: this many persistent blocks (0: launch_persistent's choice)
   Code16Param code;
   Code256Param map;

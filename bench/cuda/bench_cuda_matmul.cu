@@ -262,7 +262,7 @@ int main(int argc, char** argv) {
               default: return "; dequantize + cuBLAS";
             }
           }());
-      if (M >= 512) {  // the ratio to cuBLAS bf16 timed in alternation (time_graph_pair): the target's figure
+      {  // the ratio to cuBLAS bf16 timed in alternation (time_graph_pair): the targets' figure
         const PairTiming p = time_graph_pair(
             ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
             [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); });
@@ -298,16 +298,23 @@ int main(int argc, char** argv) {
                  rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
         };
         lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
-        // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options
+        // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options,
+        // timed in alternation with matmul_4bit's own choice (time_graph_pair): two rows timed seconds
+        // apart drift by up to 0.5 µs at M = 1 (thirteenth session), as much as the options move it
         auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
                        cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true,
                        int early_kb = -1, int max_blocks = 0) {
-          const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
-                            early_kb, max_blocks);
-          });
-          report("gemv_lab/cuda/nf4dq/" + suffix + "/" + name, us,
-                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
+          const PairTiming p = time_graph_pair(
+              ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); },
+              [&](int i) {
+                cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
+                                early_kb, max_blocks);
+              });
+          report(
+              "gemv_lab/cuda/nf4dq/" + suffix + "/" + name, p.best_b,
+              rate(p.best_b, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16; %.3fx matmul_4bit's (median of "
+                                            "11 alternating rounds, spread %.3f-%.3f)",
+                                            p.best_b / t_bf16, p.ratio_median, p.ratio_min, p.ratio_max));
         };
         if (M > 32) {  // the GEMV in two calls of ≤ 32 tokens (the second finds much of W in L2)
           const double us = time_graph(ctx, [&](int i) {

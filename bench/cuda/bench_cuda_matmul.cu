@@ -133,16 +133,23 @@ int main(int argc, char** argv) {
       shapes.emplace_back(n, k);
     }
   }
-  if (const char* e = std::getenv("QLORA_BENCH_MS")) {
-    Ms.clear();
+  // A comma-separated list of positive integers in the environment variable `name`, if it is set.
+  auto env_ints = [](const char* name, std::vector<int>& out) {
+    const char* e = std::getenv(name);
+    if (!e) return;
+    out.clear();
     std::istringstream in(e);
     for (std::string item; std::getline(in, item, ',');) {
       if (item.empty()) continue;
-      const int m = std::atoi(item.c_str());
-      QLORA_CHECK(m > 0, "QLORA_BENCH_MS: item '", item, "', expected a positive token count");
-      Ms.push_back(m);
+      const int v = std::atoi(item.c_str());
+      QLORA_CHECK(v > 0, name, ": item '", item, "', expected a positive integer");
+      out.push_back(v);
     }
-  }
+  };
+  env_ints("QLORA_BENCH_MS", Ms);
+  // Lab: GEMV grids to time beside the default, QLORA_BENCH_GRIDS="96,112,120" (rows *_grid<n>).
+  std::vector<int> grids;
+  env_ints("QLORA_BENCH_GRIDS", grids);
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;
     const std::string shape = std::to_string(N) + "x" + std::to_string(K);
@@ -338,6 +345,7 @@ int main(int argc, char** argv) {
           row(k + "_plainlut", wq, kern, 0, true, false);  // the table anywhere in shared memory
           row(k + "_rows", wr, kern);                      // bitsandbytes' rows
           row(k + "_fullgrid", wq, kern, 0, true, true, -1, ctx.sm_count());  // a block on every SM
+          for (int g : grids) row(k + "_grid" + std::to_string(g), wq, kern, 0, true, true, -1, g);
         }
       }
     }

@@ -30,7 +30,7 @@
 // - Streaming: a warp issues the loads of U units (weights, absmax codes, nested absmax, its x
 //   slices) before it computes the first of them; its position advances by pointer increments.
 //   (A cp.async ring through shared memory measured slower here: more instructions per unit.)
-// - Work split: persistent blocks, at most one per SM (occupancy permitting), as few as take the
+// - Work split: persistent blocks, at most as many as fit at once (one per SM here), as few as take the
 //   tiles in as many steps as a full grid (launch_persistent); block b owns a contiguous range of
 //   16-row tiles; its (tile, unit) pairs are cut into W contiguous equal ranges, one per warp.
 //   A warp stores the tiles it holds whole itself, and leaves its partial sums of the first and
@@ -374,14 +374,16 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
 
   // The first group's loads fly while the table is filled; launched with PDL, they come after the
   // wait by default (early_kb = -1), and the table fill is what overlaps the kernel before.
-  // early_kb >= 0 (lab) issues the first group's weight loads before griddepcontrol.wait. That is
-  // safe: W and its absmax are never written by a kernel that lets this one start early. Only the
-  // GEMV kernels call pdl_launch_dependents, and they write y alone; any other kernel before
-  // triggers this launch at its end, its writes done (a requantize or a layout change of W
-  // included); x, which the kernel before may write, is still read after the wait. Measured 0.2 µs
-  // faster at M = 1 and mixed at M = 16 (docs/performance.md, thirteenth session), so not the
+  // early_kb >= 0 (lab) issues the first group's loads of W and its absmax before
+  // griddepcontrol.wait. Only the wait promises that the kernels before have written memory, so
+  // this needs W and its absmax left unwritten by every kernel of the stream's PDL chain since its
+  // last full dependency (a non-PDL launch boundary, an event, a synchronization). This library's
+  // own kernels keep that (only the GEMV kernels trigger early, and they write y alone), a user's
+  // kernel that triggers early and writes W would not; x is read after the wait either way. The
+  // run-1 figures (0.2 µs at M = 1, ±0.3 at M = 16) are inside the run's drift, so not the
   // default. early_kb > 0 (lab) also has each warp prefetch up to early_kb KB of the rest of its
-  // range (and its tiles' absmax codes) into L2 before the wait (measured slower from 16 KB up).
+  // range (and its tiles' absmax codes) into L2 before the wait (slower at 14336x4096, faster at
+  // 4096x4096 M = 1 in run 1).
   GroupLoads L;
   pdl_launch_dependents();
   const bool early = !a.pdl || a.early_kb >= 0;
@@ -394,8 +396,9 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
       bulk_prefetch_l2(base + o, min(16384u, bytes - o));
     if (DQ) {  // the absmax codes of the warp's tiles: 16 rows × KC bytes each, contiguous
       const std::uint8_t* cb = a.am.qabsmax + std::size_t(tile_begin + gb / KG) * 16 * KC;
-      const int cbytes = ((ge - 1) / KG - gb / KG + 1) * 16 * KC;
-      for (int o = lane * 128; o < cbytes; o += 32 * 128) prefetch_l2(cb + o);
+      const int lead = int(reinterpret_cast<std::uintptr_t>(cb) & 127);  // from the first whole line
+      const int cbytes = ((ge - 1) / KG - gb / KG + 1) * 16 * KC + lead;
+      for (int o = lane * 128; o < cbytes; o += 32 * 128) prefetch_l2(cb - lead + o);
     }
   }
   fill_tables<DQ>(s_lut, s_map, a, tid, kGemvThreads);
@@ -453,8 +456,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   reduce_partials<NT>(a, s_slot, s_first, tile_begin, tile_end, groups, KG, tid);
 }
 
-// One persistent block per SM (as many as fit), each owning a contiguous range of tiles: the
-// launch of both register-fed kernels.
+// Persistent blocks (at most as many as fit at once; launch_persistent's choice below), each owning
+// a contiguous range of tiles: the launch of both register-fed kernels.
 template <class Kernel>
 void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, int nt, bool aligned,
                        const char* name) {
@@ -469,7 +472,8 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   // (docs/performance.md, thirteenth session): 14336x4096 M = 1 13.5 against 14.2-14.7 µs, 4096x4096
   // 7.05 against 7.7. The slowest block does 7 tiles either way; why fewer blocks end sooner was not
   // isolated (fewer of them share the bandwidth; the idle SMs start the next kernel's blocks early).
-  // max_blocks (lab) > 0: exactly that many blocks where they fit, unbalanced (the full grid: sm_count).
+  // max_blocks (lab) > 0: exactly that many blocks where they fit, unbalanced (the full grid:
+  // sm_count · blocks per SM).
   const int fit = std::min(args.tiles, ctx.sm_count() * per_sm);
   const int per_block = (args.tiles + fit - 1) / fit;
   const int grid =
@@ -560,15 +564,17 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // pdl (the two register-fed kernels, sm_90): launched as a programmatic dependent launch, so that the
 // launch and the table fill overlap the end of the kernel before on the stream; every access to
 // memory waits for that kernel to finish (griddepcontrol.wait), so the result and the ordering are
-// a plain launch's. Measured 0.2–2.3 µs faster per call in back-to-back GEMVs, the most on small
-// matrices (docs/performance.md); false launches plainly (the benchmarks' lab).
+// a plain launch's (unless early_kb >= 0, below). Measured 0.2–2.3 µs faster per call in back-to-back
+// GEMVs, the most on small matrices (docs/performance.md); false launches plainly (the benchmarks'
+// lab).
 // aligned_lut (the register-fed kernels, M ≤ 16 where the block fits the device's shared memory):
 // the pair table at a 64 KB boundary (AlignedLut); false keeps it anywhere (PlainLut: the lab, and
 // the test that both give the same y).
 // early_kb (lab; the grouped kernel under PDL): -1 (default) issues every load after
-// griddepcontrol.wait; 0 issues each warp's first weight loads before it (0.2 µs faster at M = 1,
-// mixed at M = 16: docs/performance.md); > 0 also prefetches up to early_kb KB of each warp's range
-// into L2 before it (tiles layout; measured slower from 16 KB up). max_blocks (lab): the persistent grid's
+// griddepcontrol.wait; 0 issues each warp's first loads of W and its absmax before it; > 0 also
+// prefetches up to early_kb KB of each warp's range into L2 before it (tiles layout). Only for a W
+// that no kernel of the stream's PDL chain writes (gemv4g_kernel says why); effects measured within
+// the run's drift (docs/performance.md, thirteenth session). max_blocks (lab): the persistent grid's
 // size, in place of the fewest blocks that take the tiles in as few steps as a full grid (launch_persistent).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
@@ -579,6 +585,9 @@ void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bflo
               "), blocksize ", w.blocksize, ", M = ", M,
               " (needs N % 16 == 0, K % 64 == 0, blocksize >= 64, M <= 64)");
   QLORA_CHECK((reinterpret_cast<std::uintptr_t>(x) & 15) == 0, "cuda::gemv_4bit: x is not 16-byte aligned");
+  QLORA_CHECK(early_kb >= -1 && early_kb <= (1 << 20), "cuda::gemv_4bit: early_kb ", early_kb,
+              " outside [-1, 1048576]");
+  QLORA_CHECK(max_blocks >= 0, "cuda::gemv_4bit: max_blocks ", max_blocks, " is negative");
   const bool stream_ok =
       detail::gemv_stream_supported(ctx, w.blocksize, w.double_quant, w.nested_blocksize, w.cols());
   const bool tl = w.layout == Packed4Layout::Tiles;

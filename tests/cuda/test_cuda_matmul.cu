@@ -480,7 +480,8 @@ __global__ void slow_fill(__nv_bfloat16* x, const __nv_bfloat16* src, int n, flo
 // gemv_4bit launches its register-fed kernels as programmatic dependent launches on sm_90: they may
 // start while the kernel before is running. Chains where each kernel reads what the one before wrote
 // (a producer of x, then y1 = W1·x, then y2 = W2·y1, all on one stream, and the same chain replayed
-// from a CUDA graph) must give the y of plain launches run one at a time, bit for bit. W1 has 64
+// from a CUDA graph) must give the y of plain launches run one at a time, bit for bit, also with the
+// lab option that loads W before the wait (W is written by no kernel of the chain). W1 has 64
 // tiles, so on a 132-SM GPU the second GEMV's blocks find free SMs while the first one runs.
 TEST_CASE("cuda gemv_4bit: PDL launches wait for the kernel before them", "[cuda][matmul]") {
   QLORA_REQUIRE_CUDA_OR_SKIP();
@@ -499,14 +500,16 @@ TEST_CASE("cuda gemv_4bit: PDL launches wait for the kernel before them", "[cuda
     cuda::DeviceBuffer<__nv_bfloat16> x(std::size_t(M) * K1), y1(std::size_t(M) * N1);
     std::vector<cuda::DeviceBuffer<__nv_bfloat16>> y2;
     for (int i = 0; i < kIters; ++i) y2.emplace_back(std::size_t(M) * N2);
-    auto chain = [&](bool pdl, bool one_at_a_time) {
+    auto chain = [&](bool pdl, bool one_at_a_time, int early_kb = -1) {
       for (int i = 0; i < kIters; ++i) {
         slow_fill<<<8, 256, 0, ctx.stream()>>>(x.data(), src.data(), M * K1, 0.25f * float(i + 1), 20000);
         QLORA_CUDA_CHECK_LAUNCH("slow_fill");
         if (one_at_a_time) ctx.synchronize();
-        cuda::gemv_4bit(ctx, w1, x.data(), M, y1.data(), false, cuda::GemvKernel::Auto, 0, pdl);
+        cuda::gemv_4bit(ctx, w1, x.data(), M, y1.data(), false, cuda::GemvKernel::Auto, 0, pdl, true,
+                        early_kb);
         if (one_at_a_time) ctx.synchronize();
-        cuda::gemv_4bit(ctx, w2, y1.data(), M, y2[i].data(), false, cuda::GemvKernel::Auto, 0, pdl);
+        cuda::gemv_4bit(ctx, w2, y1.data(), M, y2[i].data(), false, cuda::GemvKernel::Auto, 0, pdl, true,
+                        early_kb);
         if (one_at_a_time) ctx.synchronize();
       }
     };
@@ -524,6 +527,11 @@ TEST_CASE("cuda gemv_4bit: PDL launches wait for the kernel before them", "[cuda
     REQUIRE(want[0] != want[1]);  // each iteration's x differs, so a stale read would show
     chain(true, false);
     CHECK(results() == want);
+    for (int early_kb : {0, 1024}) {  // W's first loads (and L2 prefetches) before the wait; x still after
+      INFO("early_kb " << early_kb);
+      chain(true, false, early_kb);
+      CHECK(results() == want);
+    }
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     QLORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));

@@ -295,43 +295,42 @@ int main(int argc, char** argv) {
                    us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
           }
       }
-      if (M <= 64) {  // kernel lab: the register-fed kernel (loads in flight per warp U, blocks per SM B)
-        auto lab = [&](auto u_tag, auto b_tag, const char* name) {
-          constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
-          const double us = time_graph(ctx, [&](int i) {
-            cuda::gemv_4bit<U, B>(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Registers);
-          });
-          report(std::string("gemv_lab/cuda/nf4dq/") + suffix + "/registers_" + name, us,
-                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        };
-        lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
-        // one lab row: `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options,
-        // timed in alternation with matmul_4bit's own choice (time_graph_pair): two rows timed seconds
-        // apart drift by up to 0.5 µs at M = 1 (thirteenth session), as much as the options move it
-        auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
-                       cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true,
-                       int early_kb = -1, int max_blocks = 0) {
+      if (M <= 64) {  // kernel lab: the GEMV's kernels and options, forced
+        // one lab row, `fn` timed in alternation with matmul_4bit's own choice (time_graph_pair): two
+        // rows timed seconds apart drift by up to 0.5 µs at M = 1 (thirteenth session), as much as
+        // the options move it
+        auto paired = [&](const std::string& name, const std::function<void(int)>& fn) {
           const PairTiming p = time_graph_pair(
-              ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); },
-              [&](int i) {
-                cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
-                                early_kb, max_blocks);
-              });
+              ctx, [&](int i) { cuda::matmul_4bit(ctx, wq[i % nq], x.data(), M, y.data(), scratch); }, fn);
           report(
               "gemv_lab/cuda/nf4dq/" + suffix + "/" + name, p.best_b,
               rate(p.best_b, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16; %.3fx matmul_4bit's (median of "
                                             "11 alternating rounds, spread %.3f-%.3f)",
                                             p.best_b / t_bf16, p.ratio_median, p.ratio_min, p.ratio_max));
         };
-        if (M > 32) {  // the GEMV in two calls of ≤ 32 tokens (the second finds much of W in L2)
-          const double us = time_graph(ctx, [&](int i) {
+        // the register-fed kernel with U loads in flight per warp and B blocks per SM
+        auto lab = [&](auto u_tag, auto b_tag, const char* name) {
+          constexpr int U = decltype(u_tag)::value, B = decltype(b_tag)::value;
+          paired(std::string("registers_") + name, [&](int i) {
+            cuda::gemv_4bit<U, B>(ctx, wq[i % nq], x.data(), M, y.data(), false, cuda::GemvKernel::Registers);
+          });
+        };
+        lab(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{}, "u4_b1");
+        // `kern` on the weights `w` (tiles wq or rows wr), with gemv_4bit's lab options
+        auto row = [&](const std::string& name, const std::vector<cuda::DeviceQuantized4bit>& w,
+                       cuda::GemvKernel kern, int stage_k = 0, bool pdl = true, bool aligned = true,
+                       int early_kb = -1, int max_blocks = 0) {
+          paired(name, [&](int i) {
+            cuda::gemv_4bit(ctx, w[i % nq], x.data(), M, y.data(), false, kern, stage_k, pdl, aligned,
+                            early_kb, max_blocks);
+          });
+        };
+        if (M > 32)  // the GEMV in two calls of ≤ 32 tokens (the second finds much of W in L2)
+          paired("halves", [&](int i) {
             cuda::gemv_4bit(ctx, wq[i % nq], x.data(), 32, y.data());
             cuda::gemv_4bit(ctx, wq[i % nq], x.data() + std::size_t(32) * K, M - 32,
                             y.data() + std::size_t(32) * N);
           });
-          report("gemv_lab/cuda/nf4dq/" + suffix + "/halves", us,
-                 rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
-        }
         for (int sk : {1024, 2048, 4096})  // the streaming kernel (rows only), by values of K per stage
           row("stream_k" + std::to_string(sk), wr, cuda::GemvKernel::Stream, sk);
         if (M <= 8) lab(std::integral_constant<int, 2>{}, std::integral_constant<int, 2>{}, "u2_b2");

@@ -8,7 +8,8 @@
 // contiguous range, no registers held while the bytes travel) that signal the same barrier;
 // consumers wait on the phase's parity. Plain cp.async copies (4/8/16 bytes) can join the same
 // phase through cp_async_arrive, which adds a pending arrival that fires when the thread's earlier
-// cp.async copies have landed.
+// cp.async copies have landed. Also the L2 prefetch hints (a line, or a bulk range on the copy
+// engine).
 #include <cstdint>
 
 namespace qlora {
@@ -88,6 +89,20 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, std::u
       : "memory");
 }
 #endif
+
+// A hint that the 128-byte line at p be brought into L2 (no fault, no result; may be dropped).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// bytes (a multiple of 16) at the 16-byte aligned p brought into L2 by the copy engine (sm_90).
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, std::uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  for (std::uint32_t o = 0; o < bytes; o += 128) prefetch_l2(static_cast<const char*>(p) + o);
+#endif
+}
 
 // A 4-byte cp.async (both addresses 4-byte aligned).
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {

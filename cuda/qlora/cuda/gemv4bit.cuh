@@ -42,6 +42,7 @@
 #include <string>
 #include <type_traits>
 
+#include "qlora/cuda/async_copy.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
 #include "qlora/cuda/gemv4bit_common.cuh"

@@ -38,14 +38,19 @@ inline std::vector<qlora::bf16> to_bf16(const std::vector<float>& x) {
 }
 
 // qlora::bf16 and __nv_bfloat16 are both 16-bit patterns; copies go through the bits.
+// cudaMemcpy runs on the legacy default stream, which does not wait for the context's non-blocking
+// stream: both copies synchronize the device first, so they see (and are seen by) all work before.
 inline qlora::cuda::DeviceBuffer<__nv_bfloat16> upload_bf16(const std::vector<qlora::bf16>& h) {
   qlora::cuda::DeviceBuffer<__nv_bfloat16> d(h.size());
   static_assert(sizeof(qlora::bf16) == sizeof(__nv_bfloat16), "bf16 layout");
+  QLORA_CUDA_CHECK(cudaDeviceSynchronize());
   QLORA_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+  QLORA_CUDA_CHECK(cudaDeviceSynchronize());
   return d;
 }
 inline std::vector<qlora::bf16> download_bf16(const qlora::cuda::DeviceBuffer<__nv_bfloat16>& d) {
   std::vector<qlora::bf16> h(d.size());
+  QLORA_CUDA_CHECK(cudaDeviceSynchronize());
   QLORA_CUDA_CHECK(cudaMemcpy(h.data(), d.data(), h.size() * 2, cudaMemcpyDeviceToHost));
   return h;
 }

@@ -150,10 +150,6 @@ int main(int argc, char** argv) {
   // Lab: GEMV grids to time beside the default, QLORA_BENCH_GRIDS="96,112,120" (rows *_grid<n>).
   std::vector<int> grids;
   env_ints("QLORA_BENCH_GRIDS", grids);
-  // Lab: row chunks of the dequantize + cuBLAS path at M ≥ 1024, QLORA_BENCH_CHUNKS="1024,2048"
-  // (rows gemm4_lab/.../chunk<R>, bf16_chunk<R>, dequantize_lab/.../chunk<R>).
-  std::vector<int> chunks = {1024, 2048};
-  env_ints("QLORA_BENCH_CHUNKS", chunks);
   for (const auto& nk_pair : shapes) {
     const int N = nk_pair.first, K = nk_pair.second;
     const std::string shape = std::to_string(N) + "x" + std::to_string(K);
@@ -299,43 +295,6 @@ int main(int argc, char** argv) {
                    us, rate(us, bytes_q) + fmt("; %.2fx the time of cuBLAS bf16", us / t_bf16));
           }
       }
-      if (M >= 1024)  // lab: the dequantize + cuBLAS path in row chunks (matmul_4bit_dequant's chunk_rows)
-        for (int R : chunks) {
-          if (R >= N || (R % 16) != 0) continue;
-          const std::string r = std::to_string(R);
-          // `fn` timed in alternation with cuBLAS bf16 on the whole W
-          auto vs_bf16 = [&](const std::string& name, const std::function<void(int)>& fn) {
-            const PairTiming p = time_graph_pair(
-                ctx, [&](int i) { cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data(), N, y.data()); },
-                fn);
-            report("gemm4_lab/cuda/nf4dq/" + suffix + "/" + name, p.best_b,
-                   rate(p.best_b, bytes_q) +
-                       fmt("; %.3fx cuBLAS bf16 (median of 11 alternating rounds, spread %.3f-%.3f)",
-                           p.ratio_median, p.ratio_min, p.ratio_max));
-          };
-          // the product: dequantize a chunk into the chunk-sized scratch, multiply it, next chunk
-          DeviceBuffer<__nv_bfloat16> chunk_scratch(std::size_t(R) * K);
-          vs_bf16("chunk" + r, [&](int i) {
-            cuda::matmul_4bit_dequant(ctx, wq[i % nq], x.data(), M, y.data(), chunk_scratch, false, R);
-          });
-          // its two halves apart: cuBLAS bf16 on the same row chunks of a bf16 W (what chunking costs
-          // the GEMM), and the chunks' dequantization alone into the one chunk-sized scratch (what it
-          // costs when the bytes land in L2; the whole weight's row above is `dequantize/`)
-          vs_bf16("bf16_chunk" + r, [&](int i) {
-            for (int n0 = 0; n0 < N; n0 += R)
-              cuda::gemm_bf16(ctx, x.data(), M, K, wb[i % nbf].data() + std::size_t(n0) * K,
-                              std::min(R, N - n0), y.data() + n0, 0.0f, N);
-          });
-          const double us_d = time_graph(ctx, [&](int i) {
-            for (int n0 = 0; n0 < N; n0 += R)
-              cuda::dequantize_4bit_range(ctx, wq[i % nq], std::size_t(n0) * K,
-                                          std::size_t(std::min(R, N - n0)) * K, chunk_scratch.data());
-          });
-          const double bytes = double(qbytes) + 2.0 * nk;
-          report("dequantize_lab/cuda/nf4dq/" + shape + "/chunk" + r, us_d,
-                 fmt("%.3f TB/s = %.0f%% of copy; %d-row chunks into one %.1f MB scratch (L2)",
-                     bytes / us_d * 1e-6, 100.0 * bytes / us_d * 1e-6 / copy_tbs, R, 2.0 * R * K * 1e-6));
-        }
       if (M <= 64) {  // kernel lab: the GEMV's kernels and options, forced
         // one lab row, `fn` timed in alternation with matmul_4bit's own choice (time_graph_pair): two
         // rows timed seconds apart drift by up to 0.5 µs at M = 1 (thirteenth session), as much as

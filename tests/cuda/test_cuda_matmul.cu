@@ -31,11 +31,11 @@ struct Errors {
   double max_scaled = 0, rel_norm = 0;
 };
 
-// force_cublas: dequantize + cuBLAS (in chunks of chunk_rows rows if > 0); kernel: a GEMV kernel forced;
-// sm90: gemm_4bit_sm90 on the tiles layout; else matmul_4bit's own choice.
+// force_cublas: dequantize + cuBLAS; kernel: a GEMV kernel forced; sm90: gemm_4bit_sm90 on the tiles
+// layout; else matmul_4bit's own choice.
 Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
                     cuda::GemvKernel kernel = cuda::GemvKernel::Auto, bool sm90 = false,
-                    cuda::Gemm4Sm90Variant variant = {}, int chunk_rows = 0) {
+                    cuda::Gemm4Sm90Variant variant = {}) {
   auto& ctx = cudatest::context();
   const auto wf = cudatest::gaussian(std::size_t(c.N) * c.K, 11 + c.N + c.K + c.M, 0.02f);
   const auto q = quant::quantize_4bit(wf.data(), {c.N, c.K}, quant::Quant4Config{c.type, c.blocksize, c.dq});
@@ -51,7 +51,9 @@ Errors check_matmul(const Case& c, bool accumulate, bool force_cublas,
       cudatest::upload_bf16(accumulate ? y0 : std::vector<bf16>(y0.size(), bf16{0xffff}));  // NaN poison
   cuda::DeviceBuffer<__nv_bfloat16> scratch;
   if (force_cublas) {
-    cuda::matmul_4bit_dequant(ctx, dw, dx.data(), c.M, dy.data(), scratch, accumulate, chunk_rows);
+    scratch = cuda::DeviceBuffer<__nv_bfloat16>(std::size_t(c.N) * c.K);
+    cuda::dequantize_4bit(ctx, dw, scratch.data());
+    cuda::gemm_bf16(ctx, dx.data(), c.M, c.K, scratch.data(), c.N, dy.data(), accumulate ? 1.0f : 0.0f);
   } else if (sm90) {
     cuda::gemm_4bit_sm90(ctx, dw, dx.data(), c.M, dy.data(), accumulate, variant);
   } else if (kernel != cuda::GemvKernel::Auto) {
@@ -302,67 +304,6 @@ TEST_CASE("cuda dequantize + cuBLAS path on the same shapes meets the same bound
     INFO("M " << M);
     REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
   }
-}
-
-// The same path in row chunks (a lab option of matmul_4bit_dequant): chunks that divide N, a last
-// chunk shorter than the others, a chunk of more rows than N, with and without accumulate.
-TEST_CASE("cuda dequantize + cuBLAS path in row chunks meets the same bound", "[cuda][matmul]") {
-  QLORA_REQUIRE_CUDA_OR_SKIP();
-  const auto NF4 = quant::Quant4Type::NF4, FP4 = quant::Quant4Type::FP4;
-  struct ChunkCase {
-    Case c;
-    int rows;
-  };
-  for (const auto& cc : std::vector<ChunkCase>{{{1024, 1024, 300, 64, NF4, true}, 256},
-                                               {{1000, 1024, 70, 64, NF4, true}, 256},
-                                               {{520, 768, 33, 128, FP4, false}, 104},
-                                               {{256, 512, 100, 64, NF4, true}, 4096}})
-    for (bool acc : {false, true}) {
-      const auto& c = cc.c;
-      INFO("N " << c.N << " K " << c.K << " M " << c.M << " chunk " << cc.rows << " accumulate " << acc);
-      const auto e = check_matmul(c, acc, true, cuda::GemvKernel::Auto, false, {}, cc.rows);
-      std::printf("dequantize + cuBLAS in %d-row chunks N=%d K=%d M=%d acc=%d: max scaled error %.3g\n",
-                  cc.rows, c.N, c.K, c.M, int(acc), e.max_scaled);
-      REQUIRE(e.max_scaled <= std::ldexp(1.0, -8) * 1.01);
-      REQUIRE(e.rel_norm < 5e-3);
-    }
-}
-
-// In the tiles layout the chunks are whole 16-row tiles: the chunked y agrees with the unchunked one
-// (the same bf16 weights; cuBLAS may sum in another order for the narrower products), and a chunk
-// that is not a multiple of 16 rows is refused with the dequantizer's message.
-TEST_CASE("cuda dequantize + cuBLAS in row chunks: tiles layout", "[cuda][matmul]") {
-  QLORA_REQUIRE_CUDA_OR_SKIP();
-  auto& ctx = cudatest::context();
-  const int N = 1040, K = 1024, M = 200;
-  const auto wf = cudatest::gaussian(std::size_t(N) * K, 51, 0.02f);
-  auto dw = cuda::to_device(quant::quantize_4bit(wf.data(), {N, K}, quant::Quant4Config{}), ctx);
-  cuda::set_layout(ctx, dw, cuda::Packed4Layout::Tiles);
-  auto dx = cudatest::upload_bf16(cudatest::to_bf16(cudatest::gaussian(std::size_t(M) * K, 52, 1.0f)));
-  cuda::DeviceBuffer<__nv_bfloat16> y1(std::size_t(M) * N), y2(std::size_t(M) * N), scratch;
-  cuda::matmul_4bit_dequant(ctx, dw, dx.data(), M, y1.data(), scratch);
-  QLORA_CUDA_CHECK(cudaMemset(y2.data(), 0xff, y2.size() * 2));  // NaN poison
-  cuda::DeviceBuffer<__nv_bfloat16> small;
-  cuda::matmul_4bit_dequant(ctx, dw, dx.data(), M, y2.data(), small, false, 320);  // 3 chunks + 80 rows
-  ctx.synchronize();
-  REQUIRE(small.size() == std::size_t(320) * K);
-  const auto a = cudatest::download_bf16(y1), b = cudatest::download_bf16(y2);
-  double num = 0, den = 0;
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double u = to_float(b[i]), v = to_float(a[i]);
-    bad += !std::isfinite(u);
-    num += (u - v) * (u - v);
-    den += v * v;
-  }
-  std::printf("dequantize + cuBLAS, tiles layout, 320-row chunks against whole: rel norm %.3g\n",
-              std::sqrt(num / den));
-  REQUIRE(bad == 0);
-  REQUIRE(std::sqrt(num / den) < 1e-3);
-  REQUIRE_THROWS_WITH(cuda::matmul_4bit_dequant(ctx, dw, dx.data(), M, y2.data(), small, false, 40),
-                      Catch::Contains("whole 16-row tiles"));
-  REQUIRE_THROWS_WITH(cuda::matmul_4bit_dequant(ctx, dw, dx.data(), M, y2.data(), small, false, -16),
-                      Catch::Contains("chunk_rows -16 is negative"));
 }
 
 // The Hopper kernel (wgmma, W decoded in registers), each variant, on shapes that exercise a partial

@@ -15,8 +15,6 @@
 // ran slower: 1.26–1.32x the bf16 time at M = 4096 against 1.14x unsliced.
 #include <cuda_bf16.h>
 
-#include <algorithm>
-
 #include "qlora/cuda/buffer.cuh"
 #include "qlora/cuda/context.cuh"
 #include "qlora/cuda/dequantize4bit.cuh"
@@ -73,36 +71,16 @@ inline Matmul4Path matmul_4bit_path(const Context& ctx, const DeviceQuantized4bi
 
 // y (M, N) = x (M, K) · Wᵀ through the dequantized scratch (any M; matmul_4bit's path above 64
 // tokens, and above 32 on weights under kGemvTwiceMinValues values).
-//
-// chunk_rows > 0 (lab, fourteenth session): W in row chunks of that many rows, each dequantized into
-// a scratch of chunk_rows × K values and multiplied by cuBLAS into its columns of y (ldy = N) before
-// the next, one after the other on the context's stream. The point is where the dequantized bytes
-// go: a whole 14336×4096 weight is 117 MB, more than the 50 MB L2, so dequantize_4bit writes it to
-// DRAM (60 µs, 9% of the M = 4096 product), while a 16 MB chunk can be written into L2 and read back
-// from there by its GEMM. Nothing runs concurrently (the overlapped slices tried on the H200
-// found cuBLAS leaves no SM free; docs/performance.md). Tiles-layout weights need chunk_rows a
-// multiple of 16.
 inline void matmul_4bit_dequant(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x,
                                 int M, __nv_bfloat16* y, DeviceBuffer<__nv_bfloat16>& scratch,
-                                bool accumulate = false, int chunk_rows = 0) {
+                                bool accumulate = false) {
   QLORA_CHECK(w.shape.size() == 2, "cuda::matmul_4bit: weight has ", w.shape.size(),
               " dimensions, expected 2");
   const int N = int(w.shape[0]), K = int(w.shape[1]);
-  QLORA_CHECK(chunk_rows >= 0, "cuda::matmul_4bit_dequant: chunk_rows ", chunk_rows, " is negative");
-  const int rows = chunk_rows == 0 ? N : std::min(chunk_rows, N);
-  const std::size_t need = std::size_t(rows) * std::size_t(K);
+  const std::size_t need = std::size_t(N) * std::size_t(K);
   if (scratch.size() < need) scratch = DeviceBuffer<__nv_bfloat16>(need);
-  const float beta = accumulate ? 1.0f : 0.0f;
-  if (rows == N) {
-    dequantize_4bit(ctx, w, scratch.data());
-    gemm_bf16(ctx, x, M, K, scratch.data(), N, y, beta);
-    return;
-  }
-  for (int n0 = 0; n0 < N; n0 += rows) {
-    const int n = std::min(rows, N - n0);
-    dequantize_4bit_range(ctx, w, std::size_t(n0) * K, std::size_t(n) * K, scratch.data());
-    gemm_bf16(ctx, x, M, K, scratch.data(), n, y + n0, beta, N);  // y[:, n0, n0 + n)
-  }
+  dequantize_4bit(ctx, w, scratch.data());
+  gemm_bf16(ctx, x, M, K, scratch.data(), N, y, accumulate ? 1.0f : 0.0f);
 }
 
 // x: (M, K), y: (M, N) device pointers; W: (N, K).

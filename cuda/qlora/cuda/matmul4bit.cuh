@@ -12,7 +12,10 @@
 // Tried and measured slower (docs/performance.md, "CUDA (H200)"): cutting the large-M product into
 // row slices, each dequantized on a second stream while cuBLAS multiplied the one before. cuBLAS's
 // large tiles leave no SM room for the dequantizer, so nothing overlapped, and the smaller GEMMs
-// ran slower: 1.26–1.32x the bf16 time at M = 4096 against 1.14x unsliced.
+// ran slower: 1.26–1.32x the bf16 time at M = 4096 against 1.14x unsliced. And on an H100
+// (fourteenth session), the slices one after the other on one stream, each small enough that its bf16
+// copy could stay in L2: 1.16–1.28x against 1.095x at 14336x4096; the slices' dequantization took
+// longer than the whole weight's (75–112 µs against 60), not shorter.
 #include <cuda_bf16.h>
 
 #include "qlora/cuda/buffer.cuh"

@@ -380,11 +380,12 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv4g_kernel(const GemvArgs 
   // this needs W and its absmax left unwritten by every kernel of the stream's PDL chain since its
   // last full dependency (a non-PDL launch boundary, an event, a synchronization). This library's
   // own kernels keep that (only the GEMV kernels trigger early, and they write y alone), a user's
-  // kernel that triggers early and writes W would not; x is read after the wait either way. The
-  // run-1 figures (0.2 µs at M = 1, ±0.3 at M = 16) are inside the run's drift, so not the
-  // default. early_kb > 0 (lab) also has each warp prefetch up to early_kb KB of the rest of its
-  // range (and its tiles' absmax codes) into L2 before the wait (slower at 14336x4096, faster at
-  // 4096x4096 M = 1 in run 1).
+  // kernel that triggers early and writes W would not; x is read after the wait either way. Timed in
+  // alternation with the default (fourteenth session): 0.3-2.3% faster in 6 of 9 cases, 0.5-3.5%
+  // slower in 3, so not the default. early_kb > 0 (lab) also has each warp prefetch up to early_kb
+  // KB of the rest of its range (and its tiles' absmax codes) into L2 before the wait (slower at
+  // 14336x4096, faster at 4096x4096 M = 1 in the thirteenth session; 4 KB slower everywhere in the
+  // fourteenth).
   GroupLoads L;
   pdl_launch_dependents();
   const bool early = !a.pdl || a.early_kb >= 0;
@@ -471,7 +472,9 @@ void launch_persistent(const Context& ctx, Kernel kernel, const GemvArgs& args, 
   // The fewest blocks that keep the largest share of tiles a block gets on a full grid: 896 tiles
   // (14336 rows) on 132 SMs are 7 tiles on 128 blocks rather than 6 or 7 on 132. Measured on an H100
   // (docs/performance.md, thirteenth session): 14336x4096 M = 1 13.5 against 14.2-14.7 µs, 4096x4096
-  // 7.05 against 7.7. The slowest block does 7 tiles either way; why fewer blocks end sooner was not
+  // 7.05 against 7.7; as the default (fourteenth session, paired rows) the full grid took 2.5-14%
+  // longer at every shape and token count measured, 96-120 blocks too (at 11008 rows, 120 and the
+  // balanced 115 tie). The slowest block does 7 tiles either way; why fewer blocks end sooner was not
   // isolated (fewer of them share the bandwidth; the idle SMs start the next kernel's blocks early).
   // max_blocks (lab) > 0: exactly that many blocks where they fit, unbalanced (the full grid:
   // sm_count · blocks per SM).
@@ -574,9 +577,10 @@ inline bool gemv_grouped_supported(int blocksize, std::int64_t K) { return block
 // early_kb (lab; the grouped kernel under PDL): -1 (default) issues every load after
 // griddepcontrol.wait; 0 issues each warp's first loads of W and its absmax before it; > 0 also
 // prefetches up to early_kb KB of each warp's range into L2 before it (tiles layout). Only for a W
-// that no kernel of the stream's PDL chain writes (gemv4g_kernel says why); effects measured within
-// the run's drift (docs/performance.md, thirteenth session). max_blocks (lab): the persistent grid's
-// size, in place of the fewest blocks that take the tiles in as few steps as a full grid (launch_persistent).
+// that no kernel of the stream's PDL chain writes (gemv4g_kernel says why); measured from 2.3%
+// faster to 3.5% slower (docs/performance.md, fourteenth session). max_blocks (lab): the persistent
+// grid's size, in place of the fewest blocks that take the tiles in as few steps as a full grid
+// (launch_persistent).
 template <int U = 4, int MINB = 1>
 void gemv_4bit(const Context& ctx, const DeviceQuantized4bit& w, const __nv_bfloat16* x, int M,
                __nv_bfloat16* y, bool accumulate = false, GemvKernel kernel = GemvKernel::Auto,
